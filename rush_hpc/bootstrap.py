@@ -1,0 +1,141 @@
+"""What every launched worker runs first, whatever launched it (local, SSH, SLURM, a script).
+
+connect -> check environment -> import modules -> verify + unpickle the loop -> register ->
+heartbeat -> run the loop -> terminated | failed. Any error on the way is recorded in Redis (the
+worker's hash and the network log) and printed to stderr, so the controller can show it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import Any
+
+from .config import RedisConfig
+from .credentials import CREDENTIALS_ENV, read_credentials, resolve_secret
+from .exceptions import ConfigError, RushError
+from .heartbeat import Heartbeat
+from .logs import RedisLogHandler
+from .payload import load_meta, load_payload
+from .worker import RushWorker
+
+logger = logging.getLogger(__name__)
+
+# Signals that mean "stop soon": SLURM's --signal before the time limit, scancel, a polite kill.
+GRACEFUL_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+
+
+def _launch_context() -> dict[str, Any]:
+    """What the environment tells about how this worker was started."""
+    env = os.environ
+    job_id = env.get("SLURM_JOB_ID")
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
+    return {"launcher": env.get("RUSH_HPC_LAUNCHER", "script"), "job_id": job_id,
+            "node": env.get("SLURMD_NODENAME")}
+
+
+def _credentials() -> tuple[RedisConfig, bytes | None]:
+    if os.environ.get(CREDENTIALS_ENV):
+        return read_credentials(os.environ[CREDENTIALS_ENV])
+    config = RedisConfig.from_env()
+    if config is None:
+        raise ConfigError(f"the worker needs Redis credentials: set {CREDENTIALS_ENV} to a credentials "
+                          "file, or RUSH_HPC_URL (and RUSH_HPC_SECRET)")
+    return config, resolve_secret(create=False)
+
+
+def _record_failure(rush: RushWorker, stage: str, error: BaseException) -> None:
+    message = f"{stage}: {type(error).__name__}: {error}"
+    trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    print(f"rush-hpc worker {rush.worker_id}: {message}", file=sys.stderr, flush=True)
+    try:
+        rush.set_state("failed", ("", "launched", "running"), reason=message,
+                       traceback=trace, ended_at=f"{time.time():.3f}")
+        logger.error("worker %s failed: %s\n%s", rush.worker_id, message, trace)
+    except Exception as redis_error:  # noqa: BLE001 - best effort, Redis may be the problem
+        print(f"rush-hpc worker {rush.worker_id}: could not record the failure in Redis: {redis_error}",
+              file=sys.stderr, flush=True)
+
+
+def _release_running_tasks(rush: RushWorker, reason: str) -> None:
+    """Nothing stays running when a worker ends: requeue (retries left) or fail its tasks."""
+    released = rush._scripts["RELEASE_WORKER_TASKS"](
+        keys=[rush.keys.running, rush.keys.queued, rush.keys.failed],
+        args=[rush.keys.task_prefix, rush.worker_id, rush.codec.encode({"message": reason})])
+    if len(released) > 1:
+        logger.warning("worker %s ended with %d running task(s): %s", rush.worker_id,
+                       len(released) - 1, reason)
+
+
+def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,
+               secret: bytes | None = None, *, in_process: bool = False) -> int:
+    """Run one worker to its end; returns the process exit code (0 terminated, 1 failed)."""
+    if config is None:
+        config, secret = _credentials()
+    rush = RushWorker(network, config=config, worker_id=worker_id, secret=secret)
+    root = logging.getLogger()
+    handler: RedisLogHandler | None = None
+    try:
+        meta = load_meta(rush)
+        settings = meta.get("settings", {})
+        level = logging.getLevelName(str(settings.get("log_level", "INFO")).upper())
+        handler = RedisLogHandler(rush.redis, rush.keys.log, worker_id, level=level)
+        root.addHandler(handler)
+        if root.level > level or root.level == logging.NOTSET:
+            root.setLevel(level)
+        loop, _ = load_payload(rush, meta)
+    except BaseException as error:  # noqa: BLE001 - every bootstrap error goes to Redis
+        _record_failure(rush, "worker bootstrap failed", error)
+        if handler:
+            root.removeHandler(handler)
+        return 1
+
+    period = settings.get("heartbeat_period")
+    expire = settings.get("heartbeat_expire")
+    heartbeat = Heartbeat(rush, period, expire) if period else None
+    if not in_process:
+        for signum in GRACEFUL_SIGNALS:
+            signal.signal(signum, lambda signum, frame: _on_signal(rush, signum))
+    rush.register(**_launch_context(), heartbeat_period=period, heartbeat_expire=expire)
+    if heartbeat:
+        heartbeat.start()
+        rush._heartbeat = heartbeat
+    code = 0
+    try:
+        loop(rush)
+        rush.set_state("terminated", ("running",), ended_at=f"{time.time():.3f}")
+        logger.info("worker %s terminated", worker_id)
+        _release_running_tasks(rush, f"worker {worker_id} terminated while the task was running")
+    except BaseException as error:  # noqa: BLE001
+        _record_failure(rush, "worker loop raised", error)
+        _release_running_tasks(rush, f"worker {worker_id} failed: {type(error).__name__}: {error}")
+        code = 1
+    finally:
+        if heartbeat:
+            heartbeat.stop()
+        root.removeHandler(handler)
+        rush.close()
+    return code
+
+
+def _on_signal(rush: RushWorker, signum: int) -> None:
+    logger.warning("worker %s got %s: terminating after the current task", rush.worker_id,
+                   signal.Signals(signum).name)
+    rush.terminate()
+
+
+def main(network: str, worker_id: str) -> None:
+    """Process entry point (``rush-hpc worker`` / ``python -m rush_hpc worker``)."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code = run_worker(network, worker_id)
+    except RushError as error:
+        print(f"rush-hpc worker {worker_id}: {error}", file=sys.stderr, flush=True)
+        code = 2
+    sys.exit(code)

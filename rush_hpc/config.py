@@ -1,0 +1,166 @@
+"""How to reach Redis: ``RedisConfig``, built from a URL, keyword arguments or the environment.
+
+The password never leaves this object in clear text unless a caller asks for it explicitly
+(``to_url(show_secrets=True)``, ``to_dict()`` for a worker's credentials file): ``repr``, ``str``
+and every error message show ``***`` instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
+
+from .exceptions import ConfigError
+
+REDACTED = "***"
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisConfig:
+    """Connection settings of one Redis database.
+
+    ``ssl=True`` (or a ``rediss://`` URL) turns on TLS; ``ssl_ca_certs`` names the CA that signed the
+    server certificate, ``ssl_certfile``/``ssl_keyfile`` a client certificate for mutual TLS, and
+    ``ssl_cert_reqs="none"`` skips verification (not recommended).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+    ssl: bool = False
+    ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_cert_reqs: str = "required"
+    socket_timeout: float | None = 60.0
+    socket_connect_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise ConfigError(f"Redis port must be an integer in 1..65535, got {self.port!r}")
+        if self.ssl_cert_reqs not in ("required", "optional", "none"):
+            raise ConfigError("ssl_cert_reqs must be 'required', 'optional' or 'none', "
+                              f"got {self.ssl_cert_reqs!r}")
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> "RedisConfig":
+        """Parse ``redis://[[user]:password@]host[:port][/db][?ssl_ca_certs=...]`` or ``rediss://...``."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ConfigError(f"Redis URL must start with redis:// or rediss://, got "
+                              f"{redact_url(url)!r} (example: redis://:password@127.0.0.1:6379/0)")
+        try:
+            port = parts.port or 6379
+        except ValueError as error:
+            raise ConfigError(f"invalid port in Redis URL {redact_url(url)!r}: {error}") from None
+        path = parts.path.lstrip("/")
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        if "db" in query:
+            path = query.pop("db")
+        try:
+            db = int(path) if path else 0
+        except ValueError:
+            raise ConfigError(f"database in Redis URL must be a number, got {path!r}") from None
+        unknown = set(query) - set(_TLS_OPTIONS)
+        if unknown:
+            raise ConfigError(f"unknown Redis URL option(s) {sorted(unknown)}; valid: {list(_TLS_OPTIONS)}")
+        values: dict[str, Any] = {
+            "host": parts.hostname or "127.0.0.1",
+            "port": port,
+            "db": db,
+            "username": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password is not None else None,
+            "ssl": parts.scheme == "rediss",
+            **query,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "RedisConfig | None":
+        """``RUSH_HPC_URL`` (or ``REDIS_URL``), with ``RUSH_HPC_REDIS_PASSWORD`` overriding the password."""
+        env = os.environ if environ is None else environ
+        url = env.get("RUSH_HPC_URL") or env.get("REDIS_URL")
+        if not url:
+            return None
+        config = cls.from_url(url)
+        if env.get("RUSH_HPC_REDIS_PASSWORD"):
+            config = dataclasses.replace(config, password=env["RUSH_HPC_REDIS_PASSWORD"])
+        return config
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RedisConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, the password included: only for a worker's 0600 credentials file."""
+        return dataclasses.asdict(self)
+
+    # -- presentation ------------------------------------------------------------------------
+    def to_url(self, show_secrets: bool = False) -> str:
+        scheme = "rediss" if self.ssl else "redis"
+        auth = ""
+        if self.username or self.password is not None:
+            password = self.password if show_secrets else REDACTED
+            user = quote(self.username or "", safe="")
+            auth = f"{user}:{quote(password or '', safe='')}@" if self.password is not None else f"{user}@"
+        query = {k: getattr(self, k) for k in _TLS_OPTIONS
+                 if getattr(self, k) and not (k == "ssl_cert_reqs" and self.ssl_cert_reqs == "required")}
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        url = f"{scheme}://{auth}{host}:{self.port}/{self.db}"
+        return f"{url}?{urlencode(query)}" if query else url
+
+    def __str__(self) -> str:
+        return self.to_url()
+
+    # -- connecting --------------------------------------------------------------------------
+    def client(self, *, socket_timeout: float | None | str = "default", decode_responses: bool = False):
+        """A redis-py client that retries transient errors with exponential backoff."""
+        import redis
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+
+        kwargs: dict[str, Any] = {}
+        if self.ssl:
+            kwargs.update(ssl=True, ssl_cert_reqs=self.ssl_cert_reqs, ssl_ca_certs=self.ssl_ca_certs,
+                          ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
+        return redis.Redis(
+            host=self.host, port=self.port, db=self.db, username=self.username,
+            password=self.password,
+            socket_timeout=self.socket_timeout if socket_timeout == "default" else socket_timeout,
+            socket_connect_timeout=self.socket_connect_timeout,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=6),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            health_check_interval=30, decode_responses=decode_responses, **kwargs,
+        )
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``; safe to log."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    return url.replace(parts.netloc, f"{user}:{REDACTED}@{netloc[-1]}", 1)
+
+
+def resolve_config(url: str | None = None, config: RedisConfig | None = None) -> RedisConfig | None:
+    """``config``, else ``url``, else the environment; None means "start an embedded Redis"."""
+    if config is not None and url is not None:
+        raise ConfigError("give either url= or config=, not both")
+    if config is not None:
+        return config
+    if url is not None:
+        return RedisConfig.from_url(url)
+    return RedisConfig.from_env()

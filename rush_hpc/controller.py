@@ -1,0 +1,529 @@
+"""``Rush``, the controller: starts workers, watches them, stops them, reads their logs.
+
+The launchers only start processes; this module owns the life of a worker as seen in Redis:
+launched -> running -> terminated | failed | killed | lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+from . import heartbeat as heartbeat_settings
+from .config import RedisConfig, resolve_config
+from .credentials import CREDENTIALS_ENV, resolve_secret, write_credentials
+from .exceptions import ConfigError, LaunchError, RushTimeoutError, WorkerStartError
+from .launchers.base import Launcher, WorkerCommand
+from .launchers.local import LocalLauncher
+from .logs import read_log
+from .network import RushNetwork
+from .payload import store_payload
+from .server import EmbeddedRedis
+from .worker import set_worker_state
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+GlobalsArg = Mapping[str, Any] | Sequence[str] | None
+_ENDED = ("terminated", "killed", "lost", "failed")
+
+
+def resolve_globals(globals_: GlobalsArg, frame_depth: int = 2) -> dict[str, Any]:
+    """``globals`` as a dict, or a list of names looked up in the caller's namespace (as in R rush)."""
+    if globals_ is None:
+        return {}
+    if isinstance(globals_, Mapping):
+        return dict(globals_)
+    if isinstance(globals_, str):
+        globals_ = [globals_]
+    frame = sys._getframe(frame_depth)
+    found: dict[str, Any] = {}
+    for name in globals_:
+        if name in frame.f_locals:
+            found[name] = frame.f_locals[name]
+        elif name in frame.f_globals:
+            found[name] = frame.f_globals[name]
+        else:
+            raise ConfigError(f"global {name!r} is not defined where start_*_workers() was called; "
+                              "pass globals={'name': value} instead")
+    return found
+
+
+class Rush(RushNetwork):
+    """The controller of a network. Create it with ``rush_hpc.rsh()``."""
+
+    def __init__(self, network: str, config: RedisConfig, secret: bytes | None,
+                 embedded: EmbeddedRedis | None = None) -> None:
+        super().__init__(network, config, secret)
+        self._embedded = embedded
+        self._launchers: dict[str, Launcher] = {}
+        self._log_dir: Path | None = None
+        self._monitor: threading.Thread | None = None
+        self._monitor_stop = threading.Event()
+
+    # -- starting workers -------------------------------------------------------------------
+    def _worker_log_dir(self, log_dir: str | Path | None) -> Path:
+        if log_dir is not None:
+            path = Path(log_dir).expanduser()
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            return path
+        if self._log_dir is None:
+            self._log_dir = Path(tempfile.mkdtemp(prefix=f"rush-hpc-{self.network}-"))
+        return self._log_dir
+
+    def store_worker_loop(self, worker_loop: Callable[..., Any], globals: GlobalsArg = None,
+                          modules: Sequence[str] = (), *, heartbeat_period: float | None = 1.0,
+                          heartbeat_expire: float | None = 5.0, log_level: str = "INFO",
+                          payload_dir: str | None = None, _frame_depth: int = 2) -> None:
+        """Serialize, sign and store the worker loop that every worker of this network runs."""
+        heartbeat_settings.validate(heartbeat_period, heartbeat_expire)
+        store_payload(self, worker_loop, resolve_globals(globals, _frame_depth + 1), modules,
+                      {"heartbeat_period": heartbeat_period, "heartbeat_expire": heartbeat_expire,
+                       "log_level": log_level}, spill_dir=payload_dir)
+
+    def _credentials_file(self, directory: Path) -> Path:
+        return write_credentials(directory / "credentials.json", self.config, self.codec_secret)
+
+    @property
+    def codec_secret(self) -> bytes | None:
+        return self.codec._secret
+
+    def start_workers(self, launcher: Launcher, n_workers: int, command: WorkerCommand,
+                      pre_info: Mapping[str, str] | None = None) -> list[str]:
+        """Register ``n_workers`` ids as launched, start them, record what the launcher reports."""
+        if not isinstance(n_workers, int) or n_workers < 1:
+            raise ConfigError(f"n_workers must be a positive integer, got {n_workers!r}")
+        worker_ids = [uuid.uuid4().hex for _ in range(n_workers)]
+        now = f"{time.time():.3f}"
+        for worker_id in worker_ids:
+            set_worker_state(self, worker_id, "launched", "", worker_id=worker_id,
+                             launcher=launcher.name, launched_at=now, **(pre_info or {}))
+        try:
+            infos = launcher.start(worker_ids, command)
+        except LaunchError as error:
+            infos = getattr(error, "infos", {})
+            self._record_infos(launcher, infos)
+            for worker_id in set(worker_ids) - set(infos):
+                set_worker_state(self, worker_id, "failed", ("launched",),
+                                 reason=f"launch failed: {error.failures.get(worker_id, error)}")
+            raise
+        except BaseException as error:
+            for worker_id in worker_ids:
+                set_worker_state(self, worker_id, "failed", ("launched",), reason=f"launch failed: {error}")
+            raise
+        self._record_infos(launcher, infos)
+        logger.info("started %d %s worker(s) in network %s", len(infos), launcher.name, self.network)
+        return worker_ids
+
+    def _record_infos(self, launcher: Launcher, infos: Mapping[str, Mapping[str, str]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for worker_id, info in infos.items():
+            self._launchers[worker_id] = launcher
+            pipe.hset(self.keys.worker(worker_id), mapping={k: v for k, v in info.items() if v is not None})
+        pipe.execute()
+
+    def start_local_workers(self, worker_loop: Callable[..., Any], n_workers: int = 1,
+                            globals: GlobalsArg = None, modules: Sequence[str] = (), *,
+                            heartbeat_period: float | None = 1.0, heartbeat_expire: float | None = 5.0,
+                            log_level: str = "INFO", log_dir: str | None = None,
+                            payload_dir: str | None = None, python: str | None = None) -> list[str]:
+        """Start ``n_workers`` worker processes on this machine; returns their ids.
+
+        Their stdout/stderr go to ``log_dir`` (a private temporary directory by default).
+        """
+        self.store_worker_loop(worker_loop, globals, modules, heartbeat_period=heartbeat_period,
+                               heartbeat_expire=heartbeat_expire, log_level=log_level,
+                               payload_dir=payload_dir, _frame_depth=2)
+        directory = self._worker_log_dir(log_dir)
+        credentials = self._credentials_file(directory)
+        command = WorkerCommand(self.network, python or sys.executable,
+                                {CREDENTIALS_ENV: str(credentials)})
+        return self.start_workers(LocalLauncher(directory), n_workers, command)
+
+    def start_ssh_workers(self, worker_loop: Callable[..., Any], hosts: Sequence[Any],
+                          n_workers: int = 1, globals: GlobalsArg = None, modules: Sequence[str] = (),
+                          *, heartbeat_period: float | None = 1.0, heartbeat_expire: float | None = 5.0,
+                          log_level: str = "INFO", payload_dir: str | None = None,
+                          **ssh_options: Any) -> list[str]:
+        """Start workers on remote hosts over SSH (see ``rush_hpc.launchers.ssh.SSHLauncher``)."""
+        from .launchers.ssh import SSHLauncher
+
+        self.store_worker_loop(worker_loop, globals, modules, heartbeat_period=heartbeat_period,
+                               heartbeat_expire=heartbeat_expire, log_level=log_level,
+                               payload_dir=payload_dir, _frame_depth=2)
+        launcher = SSHLauncher(hosts, n_workers=n_workers, network=self.network,
+                               credentials=self._credentials_blob(), **ssh_options)
+        return self.start_workers(launcher, launcher.total_workers, launcher.command())
+
+    def start_slurm_workers(self, worker_loop: Callable[..., Any], n_workers: int = 1,
+                            globals: GlobalsArg = None, modules: Sequence[str] = (), *,
+                            heartbeat_period: float | None = 1.0, heartbeat_expire: float | None = 10.0,
+                            log_level: str = "INFO", payload_dir: str | None = None,
+                            log_dir: str | None = None, **slurm_options: Any) -> list[str]:
+        """Start workers as ONE SLURM job array through submitit."""
+        from .launchers.slurm import SubmititLauncher
+
+        self.store_worker_loop(worker_loop, globals, modules, heartbeat_period=heartbeat_period,
+                               heartbeat_expire=heartbeat_expire, log_level=log_level,
+                               payload_dir=payload_dir, _frame_depth=2)
+        directory = self._worker_log_dir(log_dir)
+        launcher = SubmititLauncher(directory, **slurm_options)
+        command = WorkerCommand(self.network, launcher.python,
+                                {CREDENTIALS_ENV: str(self._credentials_file(directory))})
+        return self.start_workers(launcher, n_workers, command)
+
+    def start_sbatch_workers(self, worker_loop: Callable[..., Any], n_workers: int = 1,
+                             globals: GlobalsArg = None, modules: Sequence[str] = (), *,
+                             heartbeat_period: float | None = 1.0, heartbeat_expire: float | None = 10.0,
+                             log_level: str = "INFO", payload_dir: str | None = None,
+                             log_dir: str | None = None, **sbatch_options: Any) -> list[str]:
+        """Start workers as ONE job array from a job script template (``templates/sbatch.sh``)."""
+        from .launchers.sbatch import SbatchLauncher
+
+        self.store_worker_loop(worker_loop, globals, modules, heartbeat_period=heartbeat_period,
+                               heartbeat_expire=heartbeat_expire, log_level=log_level,
+                               payload_dir=payload_dir, _frame_depth=2)
+        directory = self._worker_log_dir(log_dir)
+        launcher = SbatchLauncher(directory, **sbatch_options)
+        command = WorkerCommand(self.network, launcher.python,
+                                {CREDENTIALS_ENV: str(self._credentials_file(directory))})
+        return self.start_workers(launcher, n_workers, command)
+
+    def sbatch_script(self, n_workers: int = 1, log_dir: str | None = None, **sbatch_options: Any) -> str:
+        """The job script ``start_sbatch_workers`` would submit (dry run; no secrets in it)."""
+        from .launchers.sbatch import SbatchLauncher
+
+        directory = Path(log_dir) if log_dir else Path("<log_dir>")
+        launcher = SbatchLauncher(directory, **sbatch_options)
+        command = WorkerCommand(self.network, launcher.python,
+                                {CREDENTIALS_ENV: str(directory / "credentials.json")})
+        return launcher.render(n_workers, command, batch_id="<batch>")
+
+    def _credentials_blob(self) -> bytes:
+        from .credentials import credentials_blob
+
+        return credentials_blob(self.config, self.codec_secret)
+
+    def worker_script(self, worker_loop: Callable[..., Any] | None = None, globals: GlobalsArg = None,
+                      modules: Sequence[str] = (), *, python: str = "python3",
+                      credentials_file: str | None = None, show_secrets: bool = False,
+                      **loop_options: Any) -> str:
+        """The shell line that starts one worker anywhere (any scheduler, any host).
+
+        With ``worker_loop`` the loop is stored first. With ``credentials_file`` the secrets are
+        written there (mode 0600) and the line only names the file; otherwise the line carries
+        ``RUSH_HPC_URL`` and ``RUSH_HPC_SECRET``, shown as ``***`` unless ``show_secrets=True``.
+        """
+        if worker_loop is not None:
+            self.store_worker_loop(worker_loop, globals, modules, _frame_depth=2, **loop_options)
+        base = ["python" if python is None else python, "-m", "rush_hpc", "worker", "--network", self.network]
+        import shlex
+
+        if credentials_file is not None:
+            write_credentials(credentials_file, self.config, self.codec_secret)
+            env = {CREDENTIALS_ENV: str(credentials_file)}
+        else:
+            secret = self.codec_secret.decode() if self.codec_secret and show_secrets else "***"
+            env = {"RUSH_HPC_URL": self.config.to_url(show_secrets=show_secrets), "RUSH_HPC_SECRET": secret}
+        return " ".join([f"{k}={shlex.quote(v)}" for k, v in env.items()] + [shlex.quote(a) for a in base])
+
+    # -- observing workers ------------------------------------------------------------------
+    def _worker_hashes(self, worker_ids: Iterable[str] | None = None) -> dict[str, dict[str, str]]:
+        ids = sorted(w.decode() for w in self.redis.smembers(self.keys.workers)) \
+            if worker_ids is None else list(worker_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for worker_id in ids:
+            pipe.hgetall(self.keys.worker(worker_id))
+        return {wid: {k.decode(): v.decode() for k, v in h.items()} for wid, h in zip(ids, pipe.execute())}
+
+    def _ids_in_state(self, *states: str) -> list[str]:
+        pipe = self.redis.pipeline(transaction=False)
+        for state in states:
+            pipe.smembers(self.keys.worker_state_set(state))
+        return sorted({w.decode() for members in pipe.execute() for w in members})
+
+    @property
+    def worker_ids(self) -> list[str]:
+        return sorted(w.decode() for w in self.redis.smembers(self.keys.workers))
+
+    @property
+    def running_worker_ids(self) -> list[str]:
+        return self._ids_in_state("running")
+
+    @property
+    def worker_info(self) -> "pd.DataFrame":
+        """One row per worker: worker_id, state, pid, hostname, launcher, host, job_id, heartbeat, ..."""
+        import pandas as pd
+
+        hashes = self._worker_hashes()
+        pipe = self.redis.pipeline(transaction=False)
+        for worker_id in hashes:
+            pipe.get(self.keys.heartbeat(worker_id))
+        beats = pipe.execute()
+        columns = ["worker_id", "state", "pid", "hostname", "launcher", "host", "job_id", "node",
+                   "python", "launched_at", "started_at", "ended_at", "heartbeat", "reason"]
+        rows = []
+        for (worker_id, info), beat in zip(hashes.items(), beats):
+            row = {c: info.get(c) for c in columns}
+            row["worker_id"] = worker_id
+            row["heartbeat"] = float(beat) if beat else None
+            rows.append(row)
+        frame = pd.DataFrame.from_records(rows, columns=columns)
+        for column in ("launched_at", "started_at", "ended_at", "heartbeat"):
+            frame[column] = pd.to_datetime(pd.to_numeric(frame[column]), unit="s")
+        return frame
+
+    def _start_failure(self, worker_id: str, info: Mapping[str, str], reason: str) -> str:
+        launcher = self._launchers.get(worker_id)
+        output = launcher.output_tail(info) if launcher else ""
+        return f"{reason}" + (f"\n--- end of its output ---\n{output}" if output else "")
+
+    def wait_for_workers(self, n: int | None = None, worker_ids: Sequence[str] | None = None,
+                         timeout: float | None = 60.0, poll: float = 0.02) -> None:
+        """Block until ``n`` workers (or all of ``worker_ids``) have registered.
+
+        Raises ``WorkerStartError`` as soon as a worker fails or exits before registering (with the
+        tail of its stderr), and ``RushTimeoutError`` (listing who is missing) after ``timeout``.
+        """
+        if n is None and worker_ids is None:
+            raise ConfigError("wait_for_workers needs n= or worker_ids=")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            hashes = self._worker_hashes(worker_ids)
+            registered = [w for w, h in hashes.items() if h.get("started_at")]
+            waiting = {w: h for w, h in hashes.items() if not h.get("started_at")}
+            failures = self._start_failures(waiting)
+            target = len(worker_ids) if worker_ids is not None else n
+            if failures:
+                details = "\n".join(f"worker {w}: {r}" for w, r in failures.items())
+                raise WorkerStartError(f"{len(failures)} worker(s) failed before registering:\n{details}",
+                                       failures)
+            if len(registered) >= (target or 0):
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                details = "\n".join(f"worker {w} ({h.get('launcher')}, {h.get('state')}): "
+                                    f"{self._start_failure(w, h, 'not registered')}"
+                                    for w, h in list(waiting.items())[:10])
+                raise RushTimeoutError(f"only {len(registered)} of {target} workers registered within "
+                                       f"{timeout} s.\n{details}")
+            time.sleep(poll)
+
+    def _start_failures(self, waiting: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+        failures = {w: self._start_failure(w, h, h.get("reason", "failed"))
+                    for w, h in waiting.items() if h.get("state") == "failed"}
+        launched = {w: h for w, h in waiting.items() if h.get("state") == "launched"}
+        for worker_id, reason in self._gone(launched).items():
+            # it may have registered in the meantime
+            if self.redis.hget(self.keys.worker(worker_id), "started_at") is None:
+                failure = self._start_failure(worker_id, launched[worker_id], reason + " before registering")
+                set_worker_state(self, worker_id, "failed", ("launched",), reason=failure,
+                                 ended_at=f"{time.time():.3f}")
+                failures[worker_id] = failure
+        return failures
+
+    def _gone(self, infos: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+        """Ask each worker's launcher which processes / jobs have ended."""
+        by_launcher: dict[int, tuple[Launcher, dict[str, Mapping[str, str]]]] = {}
+        for worker_id, info in infos.items():
+            launcher = self._launchers.get(worker_id) or _launcher_from_info(info)
+            if launcher is not None:
+                by_launcher.setdefault(id(launcher), (launcher, {}))[1][worker_id] = info
+        reasons: dict[str, str] = {}
+        for launcher, group in by_launcher.values():
+            reasons.update(launcher.gone(group))
+        return reasons
+
+    def detect_lost_workers(self) -> list[str]:
+        """Mark workers lost whose heartbeat expired or whose process / job ended; returns their ids.
+
+        Their running tasks go back to the queue (retries left) or fail with the reason.
+        """
+        hashes = self._worker_hashes(self._ids_in_state("running"))
+        pipe = self.redis.pipeline(transaction=False)
+        for worker_id in hashes:
+            pipe.exists(self.keys.heartbeat(worker_id))
+        beating = dict(zip(hashes, pipe.execute()))
+        reasons = self._gone(hashes)
+        for worker_id, info in hashes.items():
+            if worker_id not in reasons and info.get("heartbeat_expire") and not beating[worker_id]:
+                reasons[worker_id] = f"heartbeat expired (no beat for {info['heartbeat_expire']} s)"
+        lost = []
+        for worker_id, reason in reasons.items():
+            if set_worker_state(self, worker_id, "lost", ("running",), reason=reason,
+                                ended_at=f"{time.time():.3f}") is not None:
+                failed, requeued = self._release_tasks(worker_id, f"worker {worker_id} lost: {reason}")
+                logger.warning("worker %s lost (%s); %d task(s) failed, %d requeued", worker_id, reason,
+                               len(failed), len(requeued))
+                lost.append(worker_id)
+        self._start_failures(self._worker_hashes(self._ids_in_state("launched")))
+        return lost
+
+    def _release_tasks(self, worker_id: str, message: str) -> tuple[list[str], list[str]]:
+        released = [r.decode() for r in self._scripts["RELEASE_WORKER_TASKS"](
+            keys=[self.keys.running, self.keys.queued, self.keys.failed],
+            args=[self.keys.task_prefix, worker_id, self.codec.encode({"message": message})])]
+        split = released.index("|")
+        return released[:split], released[split + 1:]
+
+    def start_monitor(self, interval: float = 5.0) -> None:
+        """Run ``detect_lost_workers()`` every ``interval`` seconds in a background thread."""
+        if self._monitor is not None and self._monitor.is_alive():
+            return
+        self._monitor_stop.clear()
+
+        def watch() -> None:
+            while not self._monitor_stop.wait(interval):
+                try:
+                    self.detect_lost_workers()
+                except Exception:  # noqa: BLE001 - keep watching
+                    logger.exception("lost-worker monitor failed")
+
+        self._monitor = threading.Thread(target=watch, name=f"rush-monitor-{self.network}", daemon=True)
+        self._monitor.start()
+
+    # -- stopping workers -------------------------------------------------------------------
+    def stop_workers(self, type: str = "terminate", worker_ids: Sequence[str] | None = None,
+                     kill_grace: float = 3.0) -> None:
+        """``terminate``: ask workers to finish (``rush.terminated`` becomes True in their loop).
+        ``kill``: stop them now; their running tasks fail (or requeue when retries are left).
+        """
+        if type not in ("terminate", "kill"):
+            raise ConfigError(f"type must be 'terminate' or 'kill', got {type!r}")
+        ids = list(worker_ids) if worker_ids is not None else self._ids_in_state("running", "launched")
+        if type == "terminate":
+            pipe = self.redis.pipeline(transaction=False)
+            if worker_ids is None:
+                pipe.set(self.keys.terminate, "1")
+            for worker_id in ids:
+                pipe.rpush(self.keys.control(worker_id), "terminate")
+            pipe.execute()
+            return
+        self._kill(ids, kill_grace)
+
+    def _kill(self, ids: Sequence[str], grace: float) -> None:
+        hashes = self._worker_hashes(ids)
+        killed = []
+        for worker_id in ids:
+            if set_worker_state(self, worker_id, "killed", ("launched", "running"),
+                                reason="killed by the controller", ended_at=f"{time.time():.3f}") is None:
+                continue
+            self._release_tasks(worker_id, f"worker {worker_id} killed by the controller")
+            self.redis.rpush(self.keys.control(worker_id), "kill")
+            killed.append(worker_id)
+        deadline = time.monotonic() + grace
+        pending = set(killed)
+        while pending and time.monotonic() < deadline:
+            pipe = self.redis.pipeline(transaction=False)
+            for worker_id in pending:
+                pipe.exists(self.keys.heartbeat(worker_id))
+            gone = self._gone({w: hashes[w] for w in pending})
+            pending = {w for w, beat in zip(list(pending), pipe.execute()) if beat and w not in gone}
+            if pending:
+                time.sleep(0.05)
+        force: dict[int, tuple[Launcher, dict[str, Mapping[str, str]]]] = {}
+        for worker_id in killed:
+            launcher = self._launchers.get(worker_id) or _launcher_from_info(hashes[worker_id])
+            if launcher is not None and (worker_id in pending or launcher.always_force_kill
+                                         or isinstance(launcher, LocalLauncher)):
+                force.setdefault(id(launcher), (launcher, {}))[1][worker_id] = hashes[worker_id]
+        for launcher, group in force.values():
+            launcher.kill(group)
+        logger.info("killed %d worker(s) of network %s", len(killed), self.network)
+
+    # -- logs -------------------------------------------------------------------------------
+    def read_log(self, worker_ids: Sequence[str] | None = None, n: int | None = None) -> "pd.DataFrame":
+        """Log records the workers wrote to Redis (time, worker_id, level, logger, message)."""
+        return read_log(self.redis, self.keys.log, worker_ids, n)
+
+    def print_log(self, worker_ids: Sequence[str] | None = None, n: int | None = None) -> None:
+        for record in self.read_log(worker_ids, n).itertuples():
+            print(f"{record.time:%H:%M:%S} {record.worker_id[:8]} {record.level:<7} {record.message}")
+
+    # -- housekeeping -----------------------------------------------------------------------
+    def reset(self, type: str = "kill") -> None:
+        """Stop the workers and delete every key of this network (other networks are untouched)."""
+        if self._ids_in_state("running", "launched"):
+            self.stop_workers(type=type)
+        deleted = 0
+        batch: list[bytes] = []
+        for key in self.redis.scan_iter(match=self.keys.pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += self.redis.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += self.redis.unlink(*batch)
+        self._finished_frame, self._finished_count, self._new_tasks_index = None, 0, 0
+        self._launchers.clear()
+        logger.info("reset network %s (%d keys deleted)", self.network, deleted)
+
+    def __str__(self) -> str:
+        c = self.counts()
+        return "\n".join([
+            "<Rush>",
+            f"* Running Workers: {c['running_workers']}",
+            f"* Queued Tasks: {c['queued']}",
+            f"* Queued Priority Tasks: {c['queued_priority']}",
+            f"* Running Tasks: {c['running']}",
+            f"* Finished Tasks: {c['finished']}",
+            f"* Failed Tasks: {c['failed']}",
+        ])
+
+    def __repr__(self) -> str:
+        return f"<Rush network={self.network!r} redis={self.config}>"
+
+    def close(self) -> None:
+        """Stop the monitor, reap local workers, and stop the embedded Redis (if any)."""
+        self._monitor_stop.set()
+        for launcher in set(self._launchers.values()):
+            if isinstance(launcher, LocalLauncher):
+                launcher.reap()
+        super().close()
+        if self._embedded is not None:
+            self._embedded.stop()
+
+    def __enter__(self) -> "Rush":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _launcher_from_info(info: Mapping[str, str]) -> Launcher | None:
+    """A launcher able to check a worker that another controller process started."""
+    kind = info.get("launcher")
+    if kind == "local":
+        return LocalLauncher(Path(info.get("stderr", ".")).parent)
+    if kind in ("slurm", "sbatch") and info.get("job_id"):
+        from .launchers.slurm import SlurmJobs
+
+        return SlurmJobs()
+    return None
+
+
+def rsh(network: str | None = None, url: str | None = None, *, config: RedisConfig | None = None,
+        secret: str | bytes | None = None) -> Rush:
+    """Connect to (or create) network ``network`` and return its controller.
+
+    Redis: ``config``, else ``url``, else ``RUSH_HPC_URL``/``REDIS_URL``, else an embedded
+    redis-server started for this controller on 127.0.0.1 with a generated password.
+    """
+    resolved = resolve_config(url, config)
+    embedded = None
+    if resolved is None:
+        embedded = EmbeddedRedis()
+        resolved = embedded.config
+    try:
+        return Rush(network or uuid.uuid4().hex, resolved, resolve_secret(secret), embedded)
+    except BaseException:
+        if embedded is not None:
+            embedded.stop()
+        raise

@@ -1,0 +1,83 @@
+"""Every Redis key name of a rush network, built in this one module.
+
+All keys of network ``N`` start with ``rush:{N}:``. The ``{N}`` hash tag puts a whole network in one
+Redis Cluster slot, so the Lua scripts (which touch task hashes they derive from ids) stay legal
+there, and ``reset()`` finds everything with one ``SCAN MATCH rush:{N}:*``.
+
+==================================  ======  ================================================
+key                                 type    holds
+==================================  ======  ================================================
+rush:{N}:tasks:all                  list    every task id, in creation order
+rush:{N}:tasks:queued               list    ids waiting in the shared queue
+rush:{N}:tasks:priority:<worker>    list    ids waiting for one worker (popped before the shared queue)
+rush:{N}:tasks:priority_workers     set     workers that have a priority list
+rush:{N}:tasks:running              set     ids being evaluated
+rush:{N}:tasks:finished             list    ids with results, append-only (incremental fetch by index)
+rush:{N}:tasks:failed               list    ids that failed, append-only
+rush:{N}:task:<id>                  hash    xs, ys, xs_extra, ys_extra, condition, state, worker_id,
+                                            max_retries, n_retries
+rush:{N}:workers                    set     every worker id ever launched or registered
+rush:{N}:workers:<state>            set     launched / running / terminated / killed / lost / failed
+rush:{N}:worker:<id>                hash    pid, hostname, launcher, host, job_id, python, state, reason, ...
+rush:{N}:worker:<id>:heartbeat      string  refreshed by the worker, expires when it stops beating
+rush:{N}:worker:<id>:control        list    "terminate" / "kill" messages for that worker
+rush:{N}:terminate                  string  set by stop_workers(): every worker of the network terminates
+rush:{N}:log                        list    worker log records (JSON), capped
+rush:{N}:payload                    string  the signed, pickled worker loop + globals
+rush:{N}:payload:meta               string  JSON: environment fingerprint, size, spill path
+==================================  ======  ================================================
+"""
+
+from __future__ import annotations
+
+import re
+
+from .exceptions import ConfigError
+
+_NETWORK_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
+WORKER_STATES = ("launched", "running", "terminated", "killed", "lost", "failed")
+TASK_STATES = ("queued", "running", "finished", "failed")
+
+
+class NetworkKeys:
+    """Key names of one network; pure string building, no I/O."""
+
+    def __init__(self, network: str) -> None:
+        if not isinstance(network, str) or not _NETWORK_NAME.match(network):
+            raise ConfigError(
+                f"network name must be 1-200 characters of letters, digits and _.:- ; got {network!r}")
+        self.network = network
+        self.prefix = f"rush:{{{network}}}:"
+        self.task_prefix = self.prefix + "task:"
+        self.worker_prefix = self.prefix + "worker:"
+        self.worker_set_prefix = self.prefix + "workers:"
+        self.all_tasks = self.prefix + "tasks:all"
+        self.queued = self.prefix + "tasks:queued"
+        self.priority_workers = self.prefix + "tasks:priority_workers"
+        self.running = self.prefix + "tasks:running"
+        self.finished = self.prefix + "tasks:finished"
+        self.failed = self.prefix + "tasks:failed"
+        self.workers = self.prefix + "workers"
+        self.terminate = self.prefix + "terminate"
+        self.log = self.prefix + "log"
+        self.payload = self.prefix + "payload"
+        self.payload_meta = self.prefix + "payload:meta"
+        self.pattern = self.prefix + "*"
+
+    def task(self, task_id: str) -> str:
+        return self.task_prefix + task_id
+
+    def priority(self, worker_id: str) -> str:
+        return self.prefix + "tasks:priority:" + worker_id
+
+    def worker(self, worker_id: str) -> str:
+        return self.worker_prefix + worker_id
+
+    def worker_state_set(self, state: str) -> str:
+        return self.worker_set_prefix + state
+
+    def heartbeat(self, worker_id: str) -> str:
+        return self.worker_prefix + worker_id + ":heartbeat"
+
+    def control(self, worker_id: str) -> str:
+        return self.worker_prefix + worker_id + ":control"

@@ -1,0 +1,1 @@
+"""Launchers: how workers are started. One module per launcher behind ``base.Launcher``."""

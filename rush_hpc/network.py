@@ -1,0 +1,335 @@
+"""What a controller and its workers share: the connection, task creation, counts and fetches."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import redis
+
+from . import lua
+from .codec import JSON_TAG, Codec
+from .config import RedisConfig
+from .exceptions import (RedisAuthError, RedisUnavailableError, RushTimeoutError, TaskError,
+                         UnknownTaskError)
+from .keys import TASK_STATES, NetworkKeys
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+_FETCH_CHUNK = 20_000
+_ROW_FIELDS = ("xs", "ys", "xs_extra", "ys_extra", "condition", "worker_id", "state")
+
+
+def connect(config: RedisConfig, **client_options: Any) -> "redis.Redis":
+    """A checked client: wrong password or unreachable Redis become clear ``RushError``s."""
+    client = config.client(**client_options)
+    try:
+        client.ping()
+    except redis.AuthenticationError as error:
+        raise RedisAuthError(f"Redis at {config} refused the credentials ({error}); check the "
+                             "password / ACL user in the URL or RUSH_HPC_REDIS_PASSWORD") from None
+    except redis.ResponseError as error:
+        if "NOAUTH" in str(error) or "NOPERM" in str(error):
+            raise RedisAuthError(f"Redis at {config}: {error}; give a password (redis://:PASSWORD@host) "
+                                 "or an ACL user with access to the network's keys") from None
+        raise
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+        raise RedisUnavailableError(f"cannot reach Redis at {config}: {error}. Is redis-server running "
+                                    "there and reachable from this host?") from None
+    return client
+
+
+def _as_list_of_dicts(values: Any, name: str) -> list[dict[str, Any]]:
+    if isinstance(values, Mapping):
+        raise TaskError(f"{name} must be a list of dicts; wrap a single task as [{name[:-1]}]")
+    if not isinstance(values, (list, tuple)):
+        raise TaskError(f"{name} must be a list of dicts, got {type(values).__name__}")
+    for i, value in enumerate(values):
+        if not isinstance(value, Mapping):
+            raise TaskError(f"{name}[{i}] must be a dict (column name -> value), got "
+                            f"{type(value).__name__}: {value!r:.80}")
+    return [dict(v) for v in values]
+
+
+def _extras(extra: Any, n: int, name: str = "extra") -> list[dict[str, Any] | None]:
+    if extra is None:
+        return [None] * n
+    if isinstance(extra, Mapping):
+        return [dict(extra)] * n
+    extras = _as_list_of_dicts(extra, name)
+    if len(extras) != n:
+        raise TaskError(f"{name} has {len(extras)} entries but there are {n} tasks")
+    return extras
+
+
+def _key_list(keys: str | Iterable[str]) -> list[str]:
+    return [keys] if isinstance(keys, str) else list(keys)
+
+
+class RushNetwork:
+    """A connection to one network; the base of ``Rush`` (controller) and ``RushWorker``."""
+
+    def __init__(self, network: str, config: RedisConfig, secret: bytes | None) -> None:
+        self.keys = NetworkKeys(network)
+        self.network = network
+        self.config = config
+        self.codec = Codec(secret)
+        self.redis = connect(config)
+        self._scripts = {name: self.redis.register_script(getattr(lua, name)) for name in (
+            "FINISH_TASKS", "FAIL_TASKS", "POP_TASK", "RELEASE_WORKER_TASKS", "SET_WORKER_STATE",
+            "FETCH_TASKS")}
+        self._finished_frame: "pd.DataFrame | None" = None
+        self._finished_count = 0
+        self._new_tasks_index = 0
+
+    # -- creating tasks -----------------------------------------------------------------------
+    def _create_tasks(self, xss: Sequence[Mapping[str, Any]], extra: Any, *, state: str,
+                      worker_id: str | None = None, max_retries: int = 0,
+                      queue: str | None = None) -> list[str]:
+        xss = _as_list_of_dicts(xss, "xss")
+        extras = _extras(extra, len(xss))
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise TaskError(f"max_retries must be a non-negative integer, got {max_retries!r}")
+        ids = [uuid.uuid4().hex for _ in xss]
+        encode = self.codec.encode
+        pipe = self.redis.pipeline(transaction=True)
+        for task_id, xs, xs_extra in zip(ids, xss, extras):
+            fields: dict[str, Any] = {"xs": encode(xs), "state": state}
+            if xs_extra:
+                fields["xs_extra"] = encode(xs_extra)
+            if worker_id is not None:
+                fields["worker_id"] = worker_id
+            if max_retries:
+                fields["max_retries"] = max_retries
+            pipe.hset(self.keys.task(task_id), mapping=fields)
+        if ids:
+            pipe.rpush(self.keys.all_tasks, *ids)
+            if state == "running":
+                pipe.sadd(self.keys.running, *ids)
+            else:
+                pipe.rpush(queue or self.keys.queued, *ids)
+            pipe.execute()
+        return ids
+
+    def push_tasks(self, xss: Sequence[Mapping[str, Any]], extra: Any = None, *,
+                   max_retries: int = 0) -> list[str]:
+        """Queue tasks for any worker to ``pop_task()``; returns their keys.
+
+        ``max_retries``: how often a task goes back to the queue when its worker is lost or killed.
+        """
+        return self._create_tasks(xss, extra, state="queued", max_retries=max_retries)
+
+    def push_priority_tasks(self, xss: Sequence[Mapping[str, Any]], priority: Sequence[str | None],
+                            extra: Any = None, *, max_retries: int = 0) -> list[str]:
+        """Queue each task for one worker (``priority[i]``); popped before the shared queue.
+
+        A task whose worker is not running (or whose priority is None) goes to the shared queue.
+        """
+        xss = _as_list_of_dicts(xss, "xss")
+        priority = list(priority)
+        if len(priority) != len(xss):
+            raise TaskError(f"priority has {len(priority)} entries but xss has {len(xss)}")
+        running = {w.decode() for w in self.redis.smembers(self.keys.worker_state_set("running"))}
+        extras = _extras(extra, len(xss))
+        keys: list[str] = []
+        for xs, worker_id, xs_extra in zip(xss, priority, extras):
+            if worker_id in running:
+                self.redis.sadd(self.keys.priority_workers, worker_id)
+                queue = self.keys.priority(worker_id)
+            else:
+                queue = self.keys.queued
+            keys += self._create_tasks([xs], [xs_extra] if xs_extra else None, state="queued",
+                                       max_retries=max_retries, queue=queue)
+        return keys
+
+    # -- counts --------------------------------------------------------------------------------
+    @property
+    def n_tasks(self) -> int:
+        return int(self.redis.llen(self.keys.all_tasks))
+
+    @property
+    def n_queued_tasks(self) -> int:
+        return int(self.redis.llen(self.keys.queued))
+
+    @property
+    def n_queued_priority_tasks(self) -> int:
+        workers = self.redis.smembers(self.keys.priority_workers)
+        if not workers:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for worker_id in workers:
+            pipe.llen(self.keys.priority(worker_id.decode()))
+        return sum(pipe.execute())
+
+    @property
+    def n_running_tasks(self) -> int:
+        return int(self.redis.scard(self.keys.running))
+
+    @property
+    def n_finished_tasks(self) -> int:
+        return int(self.redis.llen(self.keys.finished))
+
+    @property
+    def n_failed_tasks(self) -> int:
+        return int(self.redis.llen(self.keys.failed))
+
+    @property
+    def n_running_workers(self) -> int:
+        return int(self.redis.scard(self.keys.worker_state_set("running")))
+
+    def counts(self) -> dict[str, int]:
+        """Every count in one round trip (plus one for priority queues when there are any)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.scard(self.keys.worker_state_set("running"))
+        pipe.llen(self.keys.queued)
+        pipe.scard(self.keys.running)
+        pipe.llen(self.keys.finished)
+        pipe.llen(self.keys.failed)
+        pipe.llen(self.keys.all_tasks)
+        workers, queued, running, finished, failed, total = pipe.execute()
+        return {"running_workers": workers, "queued": queued,
+                "queued_priority": self.n_queued_priority_tasks, "running": running,
+                "finished": finished, "failed": failed, "total": total}
+
+    # -- fetching ------------------------------------------------------------------------------
+    def _fetch_flat(self, collection: str, kind: str, start: int = 0, stop: int = -1) -> list[Any]:
+        return self._scripts["FETCH_TASKS"](
+            keys=[collection], args=[kind, start, stop, self.keys.task_prefix, *_ROW_FIELDS])
+
+    def _rows(self, flat: list[Any], states: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Turn FETCH_TASKS output into row dicts; JSON values are decoded inline (fast path)."""
+        decode = self.codec.decode
+        loads = json.loads
+        jtag = JSON_TAG[0]
+        width = len(_ROW_FIELDS) + 1
+        rows = []
+        for i in range(0, len(flat), width):
+            state = flat[i + 7]
+            state = state.decode() if state is not None else None
+            if states is not None and state not in states:
+                continue
+            row: dict[str, Any] = {}
+            for blob in flat[i + 1:i + 6]:  # xs, ys, xs_extra, ys_extra, condition
+                if blob is not None:
+                    row.update(loads(blob[1:]) if blob[0] == jtag else decode(blob))
+            worker_id = flat[i + 6]
+            row["worker_id"] = worker_id.decode() if worker_id is not None else None
+            if states is not None:
+                row["state"] = state
+            row["keys"] = flat[i].decode()
+            rows.append(row)
+        return rows
+
+    @staticmethod
+    def _frame(rows: list[dict[str, Any]]) -> "pd.DataFrame":
+        import pandas as pd
+
+        if not rows:
+            return pd.DataFrame(columns=["worker_id", "keys"])
+        return pd.DataFrame.from_records(rows)
+
+    def fetch_finished_tasks(self) -> "pd.DataFrame":
+        """Finished tasks (xs, ys and extra columns, worker_id, keys) in the order they finished.
+
+        Incremental: only tasks finished since the last call are read from Redis; the rest comes
+        from a cache. The returned frame is shared with the cache (pandas copy-on-write keeps
+        your modifications out of it).
+        """
+        import pandas as pd
+
+        new_rows: list[dict[str, Any]] = []
+        while True:
+            start = self._finished_count + len(new_rows)
+            flat = self._fetch_flat(self.keys.finished, "list", start, start + _FETCH_CHUNK - 1)
+            new_rows += self._rows(flat)
+            if len(flat) < _FETCH_CHUNK * (len(_ROW_FIELDS) + 1):
+                break
+        if new_rows or self._finished_frame is None:
+            new = self._frame(new_rows)
+            if self._finished_frame is None or self._finished_count == 0:
+                self._finished_frame = new
+            else:
+                self._finished_frame = pd.concat([self._finished_frame, new], ignore_index=True)
+            self._finished_count += len(new_rows)
+        return self._finished_frame
+
+    def fetch_new_tasks(self) -> "pd.DataFrame":
+        """Finished tasks that no earlier ``fetch_new_tasks()`` call returned."""
+        frame = self.fetch_finished_tasks()
+        new = frame.iloc[self._new_tasks_index:].reset_index(drop=True)
+        self._new_tasks_index = len(frame)
+        return new
+
+    def fetch_running_tasks(self) -> "pd.DataFrame":
+        return self._frame(self._rows(self._fetch_flat(self.keys.running, "set")))
+
+    def fetch_queued_tasks(self) -> "pd.DataFrame":
+        return self._frame(self._rows(self._fetch_flat(self.keys.queued, "list")))
+
+    def fetch_priority_tasks(self) -> "pd.DataFrame":
+        rows: list[dict[str, Any]] = []
+        for worker_id in sorted(self.redis.smembers(self.keys.priority_workers)):
+            rows += self._rows(self._fetch_flat(self.keys.priority(worker_id.decode()), "list"))
+        return self._frame(rows)
+
+    def fetch_failed_tasks(self) -> "pd.DataFrame":
+        """Failed tasks; the condition (e.g. ``message``) becomes columns."""
+        return self._frame(self._rows(self._fetch_flat(self.keys.failed, "list")))
+
+    def fetch_tasks_with_state(self, states: Sequence[str] = TASK_STATES) -> "pd.DataFrame":
+        """Tasks in any of ``states`` with a ``state`` column; one consistent snapshot, no task twice."""
+        states = [states] if isinstance(states, str) else list(states)
+        unknown = set(states) - set(TASK_STATES)
+        if unknown:
+            raise TaskError(f"unknown task state(s) {sorted(unknown)}; valid: {list(TASK_STATES)}")
+        return self._frame(self._rows(self._fetch_flat(self.keys.all_tasks, "list"), states))
+
+    def fetch_tasks(self) -> "pd.DataFrame":
+        """Every task of the network, in creation order."""
+        return self._frame(self._rows(self._fetch_flat(self.keys.all_tasks, "list")))
+
+    def task_states(self, keys: str | Iterable[str]) -> dict[str, str]:
+        """The state of each task key; raises ``UnknownTaskError`` for keys this network lacks."""
+        keys = _key_list(keys)
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(self.keys.task(key), "state")
+        states = pipe.execute()
+        unknown = [k for k, s in zip(keys, states) if s is None]
+        if unknown:
+            raise UnknownTaskError(f"unknown task key(s) in network {self.network!r}: {unknown[:5]}")
+        return {k: s.decode() for k, s in zip(keys, states)}
+
+    def wait_for_tasks(self, keys: str | Iterable[str], timeout: float | None = None,
+                       poll: float = 0.05) -> None:
+        """Block until every task in ``keys`` is finished or failed."""
+        keys = _key_list(keys)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            pending = [k for k, s in self.task_states(keys).items() if s not in ("finished", "failed")]
+            if not pending:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise RushTimeoutError(f"{len(pending)} of {len(keys)} tasks still not finished after "
+                                       f"{timeout} s (e.g. {pending[:3]})")
+            time.sleep(poll)
+
+    def _encode_many(self, values: list[dict[str, Any] | None]) -> list[bytes]:
+        return [self.codec.encode(v) if v else b"" for v in values]
+
+    def _fail_tasks(self, keys: list[str], conditions: list[dict[str, Any]]) -> list[str]:
+        args: list[Any] = [self.keys.task_prefix]
+        for key, condition in zip(keys, self._encode_many(conditions)):  # type: ignore[arg-type]
+            args += [key, condition]
+        discarded = self._scripts["FAIL_TASKS"](
+            keys=[self.keys.running, self.keys.failed, self.keys.queued], args=args)
+        return [d.decode() for d in discarded]
+
+    def close(self) -> None:
+        self.redis.close()

@@ -1,0 +1,128 @@
+"""The worker loop payload: stored once per network by the controller, loaded by every worker.
+
+``payload`` holds the signed cloudpickle of ``{"loop": fn, "globals": {...}}``; ``payload:meta`` holds
+plain JSON the worker checks *before* unpickling: the environment fingerprint, the modules to import,
+worker settings (heartbeat, log level), and the spill path of a payload too large for Redis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import platform
+import sys
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from .exceptions import EnvironmentMismatchError, PayloadError
+
+if TYPE_CHECKING:
+    from .network import RushNetwork
+
+DEFAULT_MAX_SIZE = 64 * 1024 * 1024
+
+
+def fingerprint() -> dict[str, str]:
+    """What must match between controller and worker for a pickled function to load."""
+    import cloudpickle
+
+    from . import __version__
+
+    return {"python": platform.python_version(), "cloudpickle": cloudpickle.__version__,
+            "rush_hpc": __version__}
+
+
+def check_fingerprint(expected: Mapping[str, str]) -> None:
+    here = fingerprint()
+    problems = []
+    if expected.get("python", "").split(".")[:2] != here["python"].split(".")[:2]:
+        problems.append(f"worker has Python {here['python']}, controller {expected.get('python')}")
+    for name in ("cloudpickle", "rush_hpc"):
+        if expected.get(name) != here[name]:
+            problems.append(f"worker has {name} {here[name]}, controller {expected.get(name)}")
+    if problems:
+        raise EnvironmentMismatchError(
+            "; ".join(problems) + f" (worker interpreter: {sys.executable}). Start workers with the "
+            "same environment as the controller (python=... / setup=[...]).")
+
+
+def _check_picklable(loop: Callable[..., Any], globals_: Mapping[str, Any]) -> None:
+    import cloudpickle
+
+    for name, value in [("worker_loop", loop), *globals_.items()]:
+        try:
+            cloudpickle.dumps(value)
+        except Exception as error:  # noqa: BLE001 - cloudpickle raises many kinds
+            raise PayloadError(f"cannot serialize {'the worker loop' if name == 'worker_loop' else 'global ' + repr(name)}"
+                               f" ({type(value).__name__}): {error}. Pass only picklable values "
+                               "(create connections, files and locks inside the worker loop).") from None
+
+
+def store_payload(network: "RushNetwork", loop: Callable[..., Any], globals_: Mapping[str, Any],
+                  modules: Sequence[str], settings: Mapping[str, Any], *,
+                  spill_dir: str | os.PathLike[str] | None = None,
+                  max_size: int = DEFAULT_MAX_SIZE) -> dict[str, Any]:
+    """Serialize, sign and store the payload; returns its meta data."""
+    if not callable(loop):
+        raise PayloadError(f"worker_loop must be a function taking one argument (rush), got {loop!r:.80}")
+    try:
+        blob = network.codec.dumps_pickle({"loop": loop, "globals": dict(globals_)})
+    except PayloadError:
+        raise
+    except Exception:  # noqa: BLE001 - find the culprit for a clear message
+        _check_picklable(loop, globals_)
+        raise
+    meta: dict[str, Any] = {"fingerprint": fingerprint(), "modules": list(modules),
+                            "settings": dict(settings), "size": len(blob),
+                            "sha256": hashlib.sha256(blob).hexdigest()}
+    if len(blob) > max_size:
+        if spill_dir is None:
+            raise PayloadError(
+                f"the worker loop and its globals take {len(blob) / 1e6:.1f} MB, more than the "
+                f"{max_size / 1e6:.0f} MB limit for Redis. Pass payload_dir= (a directory every "
+                "worker can read) or make the globals smaller (load large data inside the loop).")
+        path = Path(spill_dir) / f"rush-payload-{network.network}-{uuid.uuid4().hex}.pkl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob)
+        meta["spill_path"] = str(path)
+        blob = b""
+    pipe = network.redis.pipeline(transaction=True)
+    pipe.set(network.keys.payload, blob)
+    pipe.set(network.keys.payload_meta, json.dumps(meta))
+    pipe.execute()
+    return meta
+
+
+def load_meta(network: "RushNetwork") -> dict[str, Any]:
+    raw = network.redis.get(network.keys.payload_meta)
+    if raw is None:
+        raise PayloadError(f"network {network.network!r} has no worker loop in Redis; the controller "
+                           "stores it in start_*_workers() (or was the network reset?)")
+    return json.loads(raw)
+
+
+def load_payload(network: "RushNetwork", meta: Mapping[str, Any]) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """Check the environment, import modules, verify the signature, unpickle; returns (loop, globals)."""
+    check_fingerprint(meta["fingerprint"])
+    for module in meta.get("modules", []):
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # noqa: BLE001
+            raise PayloadError(f"worker could not import module {module!r}: "
+                               f"{type(error).__name__}: {error}") from None
+    if meta.get("spill_path"):
+        try:
+            blob = Path(meta["spill_path"]).read_bytes()
+        except OSError as error:
+            raise PayloadError(f"worker cannot read the spilled payload {meta['spill_path']}: {error}; "
+                               "payload_dir must be visible to every worker") from None
+    else:
+        blob = network.redis.get(network.keys.payload) or b""
+    payload = network.codec.loads_pickle(blob, "the worker loop payload")
+    loop, globals_ = payload["loop"], payload["globals"]
+    if globals_ and hasattr(loop, "__globals__"):
+        loop.__globals__.update(globals_)
+    return loop, globals_

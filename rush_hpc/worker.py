@@ -1,0 +1,166 @@
+"""``RushWorker``: what a worker loop gets as ``rush`` - create, pop, finish and fail tasks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+from .config import RedisConfig, resolve_config
+from .credentials import resolve_secret
+from .exceptions import ConfigError, TaskError
+from .network import RushNetwork, _as_list_of_dicts, _extras, _key_list
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task popped from a queue: ``key`` to report its result, ``xs`` its inputs."""
+
+    key: str
+    xs: dict[str, Any]
+
+
+class RushWorker(RushNetwork):
+    """A worker of a network. Usable in-process, and what a launched worker's loop receives.
+
+    ``RushWorker(network="n", url="redis://...")`` connects; ``register()`` makes it show up as a
+    running worker (the bootstrap does this for launched workers).
+    """
+
+    def __init__(self, network: str, url: str | None = None, *, config: RedisConfig | None = None,
+                 worker_id: str | None = None, secret: str | bytes | None = None) -> None:
+        resolved = resolve_config(url, config)
+        if resolved is None:
+            raise ConfigError("RushWorker needs a Redis: pass url=..., config=... or set RUSH_HPC_URL")
+        super().__init__(network, resolved, resolve_secret(secret))
+        self.worker_id = worker_id or uuid.uuid4().hex
+        self.pid = os.getpid()
+        self._terminated = threading.Event()
+        self._heartbeat: Any = None
+        self._default_extra = {"pid": self.pid}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def register(self, **info: Any) -> None:
+        """Record this worker as running, with its pid, host and Python (plus ``info``)."""
+        fields = {"worker_id": self.worker_id, "pid": self.pid, "hostname": socket.gethostname(),
+                  "python": sys.version.split()[0], "started_at": time.time(), **info}
+        fields = {k: str(v) for k, v in fields.items() if v is not None}
+        self.set_state("running", ("", "launched"), **fields)
+        logger.info("worker %s registered (pid %s on %s)", self.worker_id, self.pid, fields["hostname"])
+
+    def set_state(self, state: str, allowed: Iterable[str] | str = "*", /, **fields: Any) -> str | None:
+        """Atomically move this worker to ``state``; returns the previous state or None if refused."""
+        return set_worker_state(self, self.worker_id, state, allowed, **fields)
+
+    @property
+    def terminated(self) -> bool:
+        """True once the controller asked this worker to stop (or SLURM's time limit is near)."""
+        if self._terminated.is_set():
+            return True
+        if self._heartbeat is None or not self._heartbeat.is_alive():
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.exists(self.keys.terminate)
+            pipe.lrange(self.keys.control(self.worker_id), 0, -1)
+            flag, messages = pipe.execute()
+            if flag or b"terminate" in messages or b"kill" in messages:
+                self._terminated.set()
+        return self._terminated.is_set()
+
+    def terminate(self) -> None:
+        """Make ``terminated`` true in this process (signal handlers and the heartbeat use this)."""
+        self._terminated.set()
+
+    # -- tasks ---------------------------------------------------------------------------------
+    def push_running_tasks(self, xss: Sequence[Mapping[str, Any]], extra: Any = None) -> list[str]:
+        """Create tasks that this worker evaluates right now (state "running"); returns their keys."""
+        xss = _as_list_of_dicts(xss, "xss")
+        extras = [{**self._default_extra, **(e or {})} for e in _extras(extra, len(xss))]
+        return self._create_tasks(xss, extras, state="running", worker_id=self.worker_id)
+
+    def pop_task(self, timeout: float | None = None, fields: Any = None) -> Task | None:
+        """Take the next queued task (own priority queue first) and mark it running.
+
+        Returns None when the queues stay empty for ``timeout`` seconds (None: return at once).
+        """
+        deadline = time.monotonic() + (timeout or 0)
+        delay = 0.002
+        while True:
+            popped = self._scripts["POP_TASK"](
+                keys=[self.keys.priority(self.worker_id), self.keys.queued, self.keys.running],
+                args=[self.keys.task_prefix, self.worker_id])
+            if popped:
+                return Task(key=popped[0].decode(), xs=self.codec.decode(popped[1], "task xs"))
+            if time.monotonic() >= deadline or self.terminated:
+                return None
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.05)
+
+    def push_results(self, keys: str | Iterable[str], yss: Sequence[Mapping[str, Any]],
+                     extra: Any = None) -> list[str]:
+        """Finish running tasks with their results; returns the keys whose results were discarded.
+
+        A result for a task that is no longer running (failed meanwhile, e.g. because this worker
+        was declared lost) is discarded with a warning: the first state change wins.
+        """
+        keys = _key_list(keys)
+        yss = _as_list_of_dicts(yss, "yss")
+        if len(keys) != len(yss):
+            raise TaskError(f"push_results got {len(keys)} keys but {len(yss)} results; "
+                            "give one result dict per key")
+        extras = _extras(extra, len(keys))
+        encode = self.codec.encode
+        args: list[Any] = [self.keys.task_prefix]
+        for key, ys, ys_extra in zip(keys, yss, extras):
+            args += [key, encode(ys), encode(ys_extra) if ys_extra else b""]
+        discarded = self._scripts["FINISH_TASKS"](keys=[self.keys.running, self.keys.finished], args=args)
+        return self._report_discarded(discarded, "results")
+
+    def push_failed(self, keys: str | Iterable[str], conditions: Sequence[Mapping[str, Any]] | None = None
+                    ) -> list[str]:
+        """Mark running (or queued) tasks failed with a condition such as ``{"message": "..."}``."""
+        keys = _key_list(keys)
+        conds = ([{"message": "failed"}] * len(keys) if conditions is None
+                 else _as_list_of_dicts(conditions, "conditions"))
+        if len(conds) != len(keys):
+            raise TaskError(f"push_failed got {len(keys)} keys but {len(conds)} conditions")
+        return self._report_discarded(self._fail_tasks(keys, conds), "failure")
+
+    def _report_discarded(self, discarded: list[Any], what: str) -> list[str]:
+        ids = [d.decode() if isinstance(d, bytes) else d for d in discarded]
+        if ids:
+            states = {k: s for k, s in self._states_or_unknown(ids).items()}
+            logger.warning("worker %s: %s discarded for %d task(s) that were no longer running: %s",
+                           self.worker_id, what, len(ids), states)
+        return ids
+
+    def _states_or_unknown(self, ids: list[str]) -> dict[str, str]:
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hget(self.keys.task(task_id), "state")
+        return {k: (s.decode() if s else "unknown key") for k, s in zip(ids, pipe.execute())}
+
+    # aliases for people coming from later versions of R rush
+    finish_tasks = push_results
+    fail_tasks = push_failed
+
+
+def set_worker_state(network: RushNetwork, worker_id: str, state: str,
+                     allowed: Iterable[str] | str = "*", /, **fields: Any) -> str | None:
+    """Move ``worker_id`` to ``state`` if its current state is in ``allowed``; shared by both sides."""
+    allowed_arg = allowed if isinstance(allowed, str) else ",".join(allowed)
+    args: list[Any] = [state, network.keys.worker_set_prefix, worker_id, allowed_arg]
+    for name, value in fields.items():
+        args += [name, "" if value is None else str(value)]
+    previous = network._scripts["SET_WORKER_STATE"](
+        keys=[network.keys.worker(worker_id), network.keys.workers], args=args)
+    if previous is None:
+        return None
+    return previous.decode() if isinstance(previous, bytes) else str(previous)
