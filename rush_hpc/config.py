@@ -108,9 +108,9 @@ class RedisConfig:
         scheme = "rediss" if self.ssl else "redis"
         auth = ""
         if self.username or self.password is not None:
-            password = self.password if show_secrets else REDACTED
+            password = quote(self.password or "", safe="") if show_secrets else REDACTED
             user = quote(self.username or "", safe="")
-            auth = f"{user}:{quote(password or '', safe='')}@" if self.password is not None else f"{user}@"
+            auth = f"{user}:{password}@" if self.password is not None else f"{user}@"
         query = {k: getattr(self, k) for k in _TLS_OPTIONS
                  if getattr(self, k) and not (k == "ssl_cert_reqs" and self.ssl_cert_reqs == "required")}
         host = f"[{self.host}]" if ":" in self.host else self.host
