@@ -462,8 +462,14 @@ class Rush(RushNetwork):
         if batch:
             deleted += self.redis.unlink(*batch)
         self._finished_frame, self._finished_count, self._new_tasks_index = None, 0, 0
+        self._reap_local_workers(timeout=5.0)
         self._launchers.clear()
         logger.info("reset network %s (%d keys deleted)", self.network, deleted)
+
+    def _reap_local_workers(self, timeout: float) -> None:
+        for launcher in {id(l): l for l in self._launchers.values()}.values():
+            if isinstance(launcher, LocalLauncher):
+                launcher.reap(timeout)
 
     def __str__(self) -> str:
         c = self.counts()
@@ -483,9 +489,7 @@ class Rush(RushNetwork):
     def close(self) -> None:
         """Stop the monitor, reap local workers, and stop the embedded Redis (if any)."""
         self._monitor_stop.set()
-        for launcher in set(self._launchers.values()):
-            if isinstance(launcher, LocalLauncher):
-                launcher.reap()
+        self._reap_local_workers(timeout=0.0)
         super().close()
         if self._embedded is not None:
             self._embedded.stop()

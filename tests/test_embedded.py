@@ -7,9 +7,10 @@ import os
 import subprocess
 import sys
 
+import socket
+
 import psutil
 import pytest
-import redis
 
 import rush_hpc
 from rush_hpc.server import find_redis_server
@@ -18,11 +19,11 @@ from rush_hpc.server import find_redis_server
 def _check_private_server(rush: rush_hpc.Rush) -> None:
     assert rush._embedded is not None
     assert rush.config.host == "127.0.0.1" and rush.config.password
-    with pytest.raises(redis.AuthenticationError):
-        redis.Redis(port=rush.config.port).ping()
-    process = psutil.Process(rush._embedded.process.pid)
-    listening = {c.laddr.ip for c in process.net_connections(kind="inet") if c.status == "LISTEN"}
-    assert listening == {"127.0.0.1"}
+    with socket.create_connection(("127.0.0.1", rush.config.port)) as sock:
+        sock.sendall(b"PING\r\n")
+        assert sock.recv(100).startswith(b"-NOAUTH")
+    assert rush.redis.config_get("bind")["bind"] == "127.0.0.1"
+    assert rush.redis.config_get("protected-mode")["protected-mode"] == "yes"
 
 
 def test_rsh_without_url_starts_embedded_redis_from_path():

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -79,7 +80,19 @@ class LocalLauncher(Launcher):
     def output_tail(self, info: WorkerInfo, lines: int = 20) -> str:
         return read_tail(info.get("stderr"), lines) or read_tail(info.get("stdout"), lines)
 
-    def reap(self) -> None:
-        """Collect exited children so they do not linger as zombies."""
+    def reap(self, timeout: float = 0.0) -> None:
+        """Collect exited children (waiting up to ``timeout`` for ending ones); keep the rest alive.
+
+        Workers that still run are deliberately left running (a controller may exit while its
+        workers go on); their handles move to a module-level list so no ResourceWarning fires.
+        """
+        deadline = time.monotonic() + timeout
         for process in self.processes.values():
-            process.poll()
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _DETACHED.append(process)
+        self.processes.clear()
+
+
+_DETACHED: list[subprocess.Popen[bytes]] = []

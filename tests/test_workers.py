@@ -1,0 +1,242 @@
+"""Local workers as real processes: bootstrap, heartbeat, lost detection, stop, logs, errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import cloudpickle
+import pytest
+
+import rush_hpc
+from rush_hpc import PayloadError, RushTimeoutError, WorkerStartError
+
+from conftest import wait_until
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests are not importable on workers
+
+FAST = {"heartbeat_period": 0.2, "heartbeat_expire": 1.0}
+
+
+def branin(x1: float, x2: float) -> float:
+    import math
+
+    return ((x2 - 5.1 / (4 * math.pi ** 2) * x1 ** 2 + 5 / math.pi * x1 - 6) ** 2
+            + 10 * (1 - 1 / (8 * math.pi)) * math.cos(x1) + 10)
+
+
+def wl_random_search(rush):
+    while rush.n_finished_tasks < 100:
+        xs = {"x1": random.uniform(-5, 10), "x2": random.uniform(0, 15)}
+        key = rush.push_running_tasks([xs])
+        rush.push_results(key, [{"y": branin(**xs)}])
+
+
+def wl_queue_slow(rush):
+    while not rush.terminated:
+        task = rush.pop_task(timeout=0.1)
+        if task is not None:
+            time.sleep(task.xs["sleep"])
+            rush.push_results(task.key, [{"y": task.xs["sleep"]}])
+
+
+def wl_until_terminated(rush):
+    logging.getLogger("user.loop").info("hello from the loop")
+    while not rush.terminated:
+        time.sleep(0.02)
+
+
+def wl_raises(rush):
+    rush.push_running_tasks([{"x": 1}])
+    raise ValueError("objective exploded")
+
+
+def test_random_search_with_four_local_workers(rush):
+    ids = rush.start_local_workers(worker_loop=wl_random_search, n_workers=4,
+                                   globals={"branin": branin}, **FAST)
+    rush.wait_for_workers(4, timeout=30)
+    wait_until(lambda: set(rush._ids_in_state("terminated")) == set(ids), 30, what="workers to end")
+    frame = rush.fetch_finished_tasks()
+    assert len(frame) >= 100 and frame["y"].min() < 5
+    assert set(frame["worker_id"]) <= set(ids) and {"x1", "x2", "y", "pid", "keys"} <= set(frame.columns)
+    info = rush.worker_info.set_index("worker_id")
+    assert (info.loc[ids, "launcher"] == "local").all() and info.loc[ids, "pid"].notna().all()
+    assert rush.n_running_tasks == 0
+
+
+def test_globals_given_as_names_are_looked_up_in_the_caller(rush):
+    limit = 3
+
+    def loop(rush):
+        for i in range(limit):
+            rush.push_results(rush.push_running_tasks([{"i": i}]), [{"y": helper(i)}])
+
+    helper = abs  # noqa: F841 - found by name
+    ids = rush.start_local_workers(worker_loop=loop, n_workers=1, globals=["limit", "helper"], **FAST)
+    wait_until(lambda: rush._ids_in_state("terminated") == ids, 30, what="worker to end")
+    assert rush.n_finished_tasks == 3
+    with pytest.raises(rush_hpc.ConfigError, match="'nope' is not defined"):
+        rush.start_local_workers(worker_loop=loop, globals=["nope"])
+
+
+def _kill_midtask(rush, max_retries: int):
+    rush.push_tasks([{"sleep": 30}], max_retries=max_retries)
+    ids = rush.start_local_workers(worker_loop=wl_queue_slow, n_workers=1, **FAST)
+    rush.wait_for_workers(worker_ids=ids, timeout=30)
+    wait_until(lambda: rush.n_running_tasks == 1, 10, what="the task to run")
+    pid = int(rush.worker_info.set_index("worker_id").loc[ids[0], "pid"])
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    lost = wait_until(rush.detect_lost_workers, 5, what="lost worker")
+    return ids, lost, time.monotonic() - killed_at
+
+
+def test_sigkill_mid_task_is_detected_and_the_task_fails_with_the_reason(rush):
+    ids, lost, elapsed = _kill_midtask(rush, max_retries=0)
+    assert lost == ids and elapsed <= FAST["heartbeat_expire"] + 1
+    info = rush.worker_info.set_index("worker_id").loc[ids[0]]
+    assert info.state == "lost" and "SIGKILL" in info.reason
+    failed = rush.fetch_failed_tasks()
+    assert len(failed) == 1 and "lost" in failed["message"][0] and "SIGKILL" in failed["message"][0]
+    assert rush.n_running_tasks == 0
+
+
+def test_lost_task_with_retries_is_requeued_and_finished_by_another_worker(rush):
+    ids, lost, _ = _kill_midtask(rush, max_retries=1)
+    assert lost == ids and rush.n_failed_tasks == 0
+    assert rush.fetch_tasks_with_state(["queued"])["sleep"].tolist() == [30]
+    # a fast worker picks the requeued task up; shorten its evaluation by rewriting the inputs
+    key = rush.fetch_queued_tasks()["keys"][0]
+    rush.redis.hset(rush.keys.task(key), "xs", rush.codec.encode({"sleep": 0.01}))
+    rush.start_local_workers(worker_loop=wl_queue_slow, n_workers=1, **FAST)
+    rush.wait_for_tasks([key], timeout=30)
+    assert rush.task_states(key) == {key: "finished"}
+
+
+def test_frozen_worker_is_lost_by_heartbeat_and_exits_when_it_wakes_up(rush):
+    rush.push_tasks([{"sleep": 30}])
+    ids = rush.start_local_workers(worker_loop=wl_queue_slow, n_workers=1, **FAST)
+    rush.wait_for_workers(worker_ids=ids, timeout=30)
+    wait_until(lambda: rush.n_running_tasks == 1, 10, what="the task to run")
+    pid = int(rush.worker_info.set_index("worker_id").loc[ids[0], "pid"])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        lost = wait_until(rush.detect_lost_workers, FAST["heartbeat_expire"] + 1, what="lost worker")
+        assert lost == ids
+        assert "heartbeat expired" in rush.worker_info.set_index("worker_id").loc[ids[0], "reason"]
+        assert rush.n_failed_tasks == 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    process = rush._launchers[ids[0]].processes[ids[0]]
+    assert process.wait(10) == 137  # it learned it was lost and gave up
+
+
+def test_terminate_is_graceful(rush):
+    ids = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=2, **FAST)
+    rush.wait_for_workers(2, timeout=30)
+    rush.stop_workers(type="terminate")
+    wait_until(lambda: set(rush._ids_in_state("terminated")) == set(ids), 10, what="terminated")
+    assert rush.n_running_workers == 0
+
+
+def test_kill_stops_the_process_and_fails_its_task(rush):
+    rush.push_tasks([{"sleep": 30}])
+    ids = rush.start_local_workers(worker_loop=wl_queue_slow, n_workers=1, **FAST)
+    rush.wait_for_workers(worker_ids=ids, timeout=30)
+    wait_until(lambda: rush.n_running_tasks == 1, 10, what="the task to run")
+    rush.stop_workers(type="kill", worker_ids=ids)
+    process = rush._launchers[ids[0]].processes[ids[0]]
+    assert process.poll() is not None
+    info = rush.worker_info.set_index("worker_id").loc[ids[0]]
+    assert info.state == "killed"
+    assert "killed by the controller" in rush.fetch_failed_tasks()["message"][0]
+
+
+def test_loop_that_raises_marks_the_worker_failed_with_traceback(rush):
+    ids = rush.start_local_workers(worker_loop=wl_raises, n_workers=1, **FAST)
+    wait_until(lambda: rush._ids_in_state("failed") == ids, 30, what="failed worker")
+    info = rush.worker_info.set_index("worker_id").loc[ids[0]]
+    assert "objective exploded" in info.reason
+    assert "ValueError" in rush.redis.hget(rush.keys.worker(ids[0]), "traceback").decode()
+    assert "objective exploded" in " ".join(rush.read_log(ids)["message"])
+    assert "objective exploded" in rush.fetch_failed_tasks()["message"][0]  # nothing left running
+
+
+def test_unpicklable_globals_fail_at_start(rush):
+    import threading
+
+    with pytest.raises(PayloadError, match="cannot serialize global 'lock'"):
+        rush.start_local_workers(worker_loop=wl_until_terminated, globals={"lock": threading.Lock()})
+    assert rush.worker_ids == []
+
+
+def test_fingerprint_mismatch_is_reported(rush, monkeypatch):
+    from rush_hpc import payload
+
+    real = payload.fingerprint()
+    monkeypatch.setattr(payload, "fingerprint", lambda: {**real, "python": "3.1.0"})
+    rush.start_local_workers(worker_loop=wl_until_terminated, **FAST)
+    with pytest.raises(WorkerStartError, match=rf"worker has Python {real['python']}, controller 3.1.0"):
+        rush.wait_for_workers(1, timeout=30)
+
+
+def test_module_import_failure_is_shown_by_the_controller(rush):
+    rush.start_local_workers(worker_loop=wl_until_terminated, modules=["no_such_module_xyz"], **FAST)
+    with pytest.raises(WorkerStartError, match="could not import module 'no_such_module_xyz'"):
+        rush.wait_for_workers(1, timeout=30)
+    assert "no_such_module_xyz" in " ".join(rush.read_log()["message"])
+
+
+def test_worker_that_never_registers_is_reported_with_its_stderr(rush, tmp_path):
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'cannot load libpython3.so' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    rush.start_local_workers(worker_loop=wl_until_terminated, python=str(broken), **FAST)
+    with pytest.raises(WorkerStartError, match="(?s)exited with code 3 before registering.*libpython3"):
+        rush.wait_for_workers(1, timeout=30)
+    assert rush.worker_info["state"].tolist() == ["failed"]
+
+
+def test_wait_for_workers_timeout_lists_the_missing(rush):
+    rush.store_worker_loop(wl_until_terminated)
+    from rush_hpc.worker import set_worker_state
+
+    set_worker_state(rush, "ghost", "launched", "", launcher="script")
+    with pytest.raises(RushTimeoutError, match="(?s)only 0 of 1 workers registered.*ghost"):
+        rush.wait_for_workers(worker_ids=["ghost"], timeout=0.3)
+
+
+def test_logs_are_read_back(rush):
+    ids = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=1, **FAST)
+    rush.wait_for_workers(1, timeout=30)
+    wait_until(lambda: "hello from the loop" in " ".join(rush.read_log()["message"]), 10, what="log record")
+    log = rush.read_log()
+    assert set(log["worker_id"]) == set(ids) and {"time", "level", "logger"} <= set(log.columns)
+    rush.stop_workers()
+
+
+def test_worker_script_starts_a_worker_from_a_shell(rush, tmp_path):
+    line = rush.worker_script(worker_loop=wl_random_search, globals={"branin": branin},
+                              python=sys.executable, credentials_file=str(tmp_path / "cred.json"))
+    assert oct((tmp_path / "cred.json").stat().st_mode & 0o777) == "0o600"
+    subprocess.run(line, shell=True, check=True, timeout=60)
+    assert rush.n_finished_tasks >= 100
+    assert rush.worker_info["launcher"].tolist() == ["script"]
+
+
+def test_heartbeat_settings_are_validated(rush):
+    with pytest.raises(rush_hpc.ConfigError, match="must be larger than its period"):
+        rush.start_local_workers(worker_loop=wl_until_terminated, heartbeat_period=2, heartbeat_expire=1)
+
+
+def test_monitor_detects_lost_workers_in_the_background(rush):
+    ids = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=1, **FAST)
+    rush.wait_for_workers(1, timeout=30)
+    rush.start_monitor(interval=0.1)
+    os.kill(int(rush.worker_info["pid"][0]), signal.SIGKILL)
+    wait_until(lambda: rush._ids_in_state("lost") == ids, 5, what="monitor")
