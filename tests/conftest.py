@@ -23,6 +23,19 @@ from rush_hpc.config import RedisConfig
 from rush_hpc.server import free_port
 
 SECRET = b"test-secret-0123456789abcdef"
+CLUSTER_ENV = Path(__file__).resolve().parent.parent / ".test-cluster" / "cluster.env"
+
+
+def _load_cluster_env() -> None:
+    """Pick up what scripts/test-cluster wrote, so plain `pytest` works after `test-cluster up`."""
+    if CLUSTER_ENV.exists():
+        for line in CLUSTER_ENV.read_text().splitlines():
+            name, _, value = line.partition("=")
+            if name and value:
+                os.environ.setdefault(name, value)
+
+
+_load_cluster_env()
 
 
 def start_redis_server(directory: Path, *args: str, port: int | None = None,
