@@ -1,0 +1,244 @@
+"""Workers on remote hosts over SSH (fabric): detached, quoted, secrets uploaded over SFTP.
+
+Per host: connect -> create the log directory -> upload the credentials file (mode 0600, via SFTP,
+never on a command line) -> run the setup lines and start the workers with ``nohup setsid`` (stdin
+closed, output to ``<log_dir>/<worker id>.log``), so they survive the SSH session. Hosts are handled
+in parallel; a host that fails does not stop the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from ..exceptions import ConfigError, LaunchError, tail
+from .base import Launcher, WorkerCommand, WorkerInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HostSpec:
+    """One remote host and how to start workers there."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+    n_workers: int = 1
+    python: str = sys.executable
+    setup: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return (f"{self.user}@" if self.user else "") + self.host + (f":{self.port}" if self.port else "")
+
+
+_HOST_KEYS = {"host", "user", "port", "n_workers", "python", "setup", "env"}
+
+
+def parse_host(spec: Any, defaults: Mapping[str, Any]) -> HostSpec:
+    """``"node"``, ``"alice@node:2222"`` or ``{"host": "node", "n_workers": 8, "python": ...}``."""
+    values = dict(defaults)
+    if isinstance(spec, str):
+        spec = {"host": spec}
+    if not isinstance(spec, Mapping) or "host" not in spec:
+        raise ConfigError(f"a host must be 'host', 'user@host:port' or a dict with 'host', got {spec!r}")
+    unknown = set(spec) - _HOST_KEYS
+    if unknown:
+        raise ConfigError(f"unknown host option(s) {sorted(unknown)}; valid: {sorted(_HOST_KEYS)}")
+    values.update(spec)
+    host = str(values["host"])
+    if "@" in host:
+        values["user"], host = host.split("@", 1)
+    if host.count(":") == 1:
+        host, port = host.split(":")
+        values["port"] = int(port)
+    values["host"] = host
+    parsed = HostSpec(**values)
+    if not parsed.python.startswith("/") and parsed.python not in ("python", "python3"):
+        raise ConfigError(f"python for host {parsed.label} must be an absolute path, got {parsed.python!r}")
+    return parsed
+
+
+class SSHLauncher(Launcher):
+    name = "ssh"
+
+    def __init__(self, hosts: Sequence[Any], *, n_workers: int = 1, network: str, credentials: bytes,
+                 python: str | None = None, setup: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                 log_dir: str = "~/.rush-hpc/logs", connect_kwargs: Mapping[str, Any] | None = None,
+                 gateway: str | None = None, ssh_config: str | None = None,
+                 connect_timeout: float = 10.0) -> None:
+        if not hosts:
+            raise ConfigError("start_ssh_workers needs at least one host")
+        defaults = {"n_workers": n_workers, "python": python or sys.executable, "setup": list(setup),
+                    "env": dict(env or {})}
+        self.hosts = [parse_host(h, defaults) for h in hosts]
+        self.network, self.credentials = network, credentials
+        self.log_dir = log_dir
+        self.connect_kwargs = dict(connect_kwargs or {})
+        self.gateway, self.ssh_config, self.connect_timeout = gateway, ssh_config, connect_timeout
+        self._checked: dict[str, float] = {}
+
+    @property
+    def total_workers(self) -> int:
+        return sum(h.n_workers for h in self.hosts)
+
+    def command(self) -> WorkerCommand:
+        return WorkerCommand(self.network, "<per host>")
+
+    # -- connections ---------------------------------------------------------------------------
+    def connect(self, host: HostSpec):
+        from fabric import Config, Connection
+
+        config = Config(runtime_ssh_path=self.ssh_config) if self.ssh_config else Config()
+        if self.ssh_config:
+            config.load_ssh_config()
+        gateway = Connection(self.gateway, config=config, connect_kwargs=self.connect_kwargs) \
+            if self.gateway else None
+        return Connection(host.host, user=host.user, port=host.port, config=config, gateway=gateway,
+                          connect_kwargs=self.connect_kwargs, connect_timeout=self.connect_timeout)
+
+    def _run(self, connection, script: str, what: str, timeout: float = 120) -> str:
+        result = connection.run("bash -c " + shlex.quote(script), hide=True, warn=True, in_stream=False,
+                                timeout=timeout)
+        if result.exited != 0:
+            output = tail(result.stderr or result.stdout, 15)
+            raise LaunchError(f"{what} exited with {result.exited}:\n{output}")
+        return result.stdout
+
+    # -- starting ------------------------------------------------------------------------------
+    def start(self, worker_ids: Sequence[str], command: WorkerCommand) -> dict[str, dict[str, str]]:
+        assignments: list[tuple[HostSpec, list[str]]] = []
+        ids = list(worker_ids)
+        for host in self.hosts:
+            assignments.append((host, ids[:host.n_workers]))
+            ids = ids[host.n_workers:]
+        infos: dict[str, dict[str, str]] = {}
+        failures: dict[str, str] = {}
+        with ThreadPoolExecutor(max_workers=min(32, len(assignments))) as pool:
+            futures = {pool.submit(self._start_on_host, host, ids_): (host, ids_) for host, ids_ in assignments}
+            for future, (host, ids_) in futures.items():
+                try:
+                    infos.update(future.result())
+                except Exception as error:  # noqa: BLE001 - reported per host
+                    reason = str(error) or type(error).__name__
+                    failures[host.label] = reason
+                    logger.error("ssh host %s: %s", host.label, reason)
+        if failures:
+            details = "\n".join(f"- {host}: {reason}" for host, reason in failures.items())
+            error = LaunchError(f"could not start workers on {len(failures)} of {len(self.hosts)} "
+                                f"host(s) ({len(infos)} workers started elsewhere):\n{details}",
+                                started=list(infos), failures=failures)
+            error.infos = infos  # type: ignore[attr-defined]
+            raise error
+        return infos
+
+    def _start_on_host(self, host: HostSpec, worker_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        if not worker_ids:
+            return {}
+        try:
+            connection = self.connect(host)
+            connection.open()
+        except Exception as error:  # noqa: BLE001 - socket, auth and DNS errors all land here
+            raise LaunchError(f"cannot connect: {type(error).__name__}: {error}") from None
+        try:
+            log_dir = self._run(connection, f"umask 077 && mkdir -p {_remote_path(self.log_dir)} && "
+                                f"cd {_remote_path(self.log_dir)} && pwd", "creating the log directory")
+            log_dir = log_dir.strip().splitlines()[-1]
+            credentials = f"{log_dir}/{self.network}.credentials.json"
+            sftp = connection.sftp()
+            with sftp.open(credentials, "w") as handle:
+                sftp.chmod(credentials, 0o600)
+                handle.write(self.credentials)
+            env = {**host.env, "RUSH_HPC_CREDENTIALS": credentials, "RUSH_HPC_LAUNCHER": self.name}
+            command = WorkerCommand(self.network, host.python, env)
+            lines = ["set -e", *host.setup, *command.export_lines()]
+            for worker_id in worker_ids:
+                log = shlex.quote(f"{log_dir}/{worker_id}.log")
+                lines.append(f"nohup setsid {command.shell(worker_id, with_env=False)} > {log} 2>&1 "
+                             f"< /dev/null & echo {worker_id} $!")
+            output = self._run(connection, "\n".join(lines), "the setup / start commands")
+        finally:
+            connection.close()
+        pids = dict(line.split()[:2] for line in output.splitlines() if len(line.split()) == 2)
+        return {w: {"launcher": self.name, "host": host.label, "pid": pids.get(w, ""),
+                    "stdout": f"{log_dir}/{w}.log", "ssh_host": host.host,
+                    "ssh_user": host.user or "", "ssh_port": str(host.port or "")} for w in worker_ids}
+
+    # -- observing and killing -----------------------------------------------------------------
+    def _host_of(self, info: WorkerInfo) -> HostSpec:
+        for host in self.hosts:
+            if host.label == info.get("host"):
+                return host
+        return parse_host(info.get("host", ""), {})
+
+    def _by_host(self, infos: Mapping[str, WorkerInfo]) -> dict[str, tuple[HostSpec, dict[str, WorkerInfo]]]:
+        groups: dict[str, tuple[HostSpec, dict[str, WorkerInfo]]] = {}
+        for worker_id, info in infos.items():
+            host = self._host_of(info)
+            groups.setdefault(host.label, (host, {}))[1][worker_id] = info
+        return groups
+
+    def gone(self, infos: Mapping[str, WorkerInfo]) -> dict[str, str]:
+        """Only for workers that never registered (a running worker is watched by its heartbeat);
+        asks each host at most every 2 s which worker processes have exited."""
+        waiting = {w: i for w, i in infos.items() if not i.get("started_at") and i.get("pid")}
+        now = time.monotonic()
+        if not waiting or now - self._checked.get("gone", 0.0) < 2.0:
+            return {}
+        self._checked["gone"] = now
+        reasons: dict[str, str] = {}
+        for host, group in self._by_host(waiting).values():
+            checks = " ; ".join(f"ps -o stat= -p {int(i['pid'])} | grep -qv Z || echo {w}"
+                                for w, i in group.items())
+            try:
+                connection = self.connect(host)
+                output = connection.run(checks, hide=True, warn=True, in_stream=False, timeout=30).stdout
+                connection.close()
+            except Exception as error:  # noqa: BLE001
+                logger.warning("ssh host %s: cannot check workers: %s", host.label, error)
+                continue
+            for worker_id in output.split():
+                if worker_id in group:
+                    reasons[worker_id] = f"process {group[worker_id]['pid']} on {host.label} exited"
+        return reasons
+
+    def kill(self, infos: Mapping[str, WorkerInfo]) -> None:
+        for host, group in self._by_host(infos).values():
+            pids = [int(i["pid"]) for i in group.values() if i.get("pid")]
+            if not pids:
+                continue
+            try:
+                connection = self.connect(host)
+                connection.run(" ; ".join(f"kill -KILL -- -{p} 2>/dev/null" for p in pids) + " ; true",
+                               hide=True, warn=True, in_stream=False, timeout=30)
+                connection.close()
+            except Exception as error:  # noqa: BLE001
+                logger.warning("ssh host %s: could not kill %s: %s", host.label, pids, error)
+
+    def output_tail(self, info: WorkerInfo, lines: int = 20) -> str:
+        if not info.get("stdout"):
+            return ""
+        try:
+            connection = self.connect(self._host_of(info))
+            result = connection.run(f"tail -n {int(lines)} {shlex.quote(info['stdout'])}", hide=True,
+                                    warn=True, in_stream=False, timeout=30)
+            connection.close()
+            return result.stdout
+        except Exception as error:  # noqa: BLE001
+            return f"(could not read {info['stdout']} on {info.get('host')}: {error})"
+
+
+def _remote_path(path: str) -> str:
+    """Quote a remote path but keep a leading ``~/`` expandable by the remote shell."""
+    if path == "~":
+        return "~"
+    if path.startswith("~/"):
+        return "~/" + shlex.quote(path[2:])
+    return shlex.quote(path)

@@ -1,0 +1,183 @@
+"""SSH launcher against real sshd "hosts": network namespaces with their own hostname and address.
+
+scripts/test-cluster starts them (rush-h1..3 on a private bridge 10.231.0.0/24); Redis listens on
+the bridge address with a password, as it would on a login node.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+import rush_hpc
+from rush_hpc import LaunchError
+from rush_hpc.config import RedisConfig
+
+from conftest import SECRET, require_cluster, start_redis_server, stop, wait_until
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+pytestmark = pytest.mark.ssh
+PASSWORD = "ssh-redis-pw-7f3a"
+FAST = {"heartbeat_period": 0.25, "heartbeat_expire": 1.5}
+
+
+def _hosts() -> list[str]:
+    return [h for h in os.environ.get("RUSH_TEST_SSH_HOSTS", "").split(",") if h]
+
+
+@pytest.fixture(scope="module")
+def ssh_env():
+    hosts = _hosts()
+    ok = bool(hosts) and subprocess.run(
+        ["ssh", "-F", os.environ.get("RUSH_TEST_SSH_CONFIG", "/nonexistent"), hosts[0], "true"],
+        capture_output=True, timeout=20).returncode == 0
+    require_cluster("ssh hosts", ok, "RUSH_TEST_SSH_HOSTS unset or host unreachable")
+    return {"hosts": hosts, "ssh_config": os.environ["RUSH_TEST_SSH_CONFIG"],
+            "connect_kwargs": {"key_filename": os.environ["RUSH_TEST_SSH_KEY"], "look_for_keys": False,
+                               "allow_agent": False}}
+
+
+@pytest.fixture(scope="module")
+def bridge_redis(ssh_env, tmp_path_factory):
+    bridge = os.environ["RUSH_TEST_BRIDGE_IP"]
+    process, port = start_redis_server(tmp_path_factory.mktemp("redis-ssh"), "--bind", "127.0.0.1", bridge,
+                                       "--requirepass", PASSWORD)
+    yield RedisConfig(host=bridge, port=port, password=PASSWORD)
+    stop(process)
+
+
+@pytest.fixture
+def srush(bridge_redis, network):
+    controller = rush_hpc.rsh(network=network, config=bridge_redis, secret=SECRET)
+    yield controller
+    controller.reset()
+    controller.close()
+
+
+def ssh(ssh_env, host: str, command: str) -> str:
+    return subprocess.run(["ssh", "-F", ssh_env["ssh_config"], host, command], capture_output=True,
+                          text=True, timeout=30).stdout
+
+
+def branin(x1: float, x2: float) -> float:
+    import math
+
+    return ((x2 - 5.1 / (4 * math.pi ** 2) * x1 ** 2 + 5 / math.pi * x1 - 6) ** 2
+            + 10 * (1 - 1 / (8 * math.pi)) * math.cos(x1) + 10)
+
+
+def wl_random_search(rush):
+    import random
+
+    while rush.n_finished_tasks < 100 and not rush.terminated:
+        xs = {"x1": random.uniform(-5, 10), "x2": random.uniform(0, 15)}
+        rush.push_results(rush.push_running_tasks([xs]), [{"y": branin(**xs)}])
+
+
+def wl_queue(rush):
+    while not rush.terminated:
+        task = rush.pop_task(timeout=0.1)
+        if task is not None:
+            time.sleep(task.xs["sleep"])
+            rush.push_results(task.key, [{"y": 1}])
+
+
+def wl_env(rush):
+    import os
+
+    rush.push_results(rush.push_running_tasks([{"x": 1}]), [{"nasty": os.environ["NASTY"]}])
+
+
+def start(srush, ssh_env, loop=wl_random_search, hosts=None, **kwargs):
+    return srush.start_ssh_workers(worker_loop=loop, hosts=hosts or ssh_env["hosts"],
+                                   ssh_config=ssh_env["ssh_config"],
+                                   connect_kwargs=ssh_env["connect_kwargs"], **{**FAST, **kwargs})
+
+
+def test_workers_on_three_hosts_run_the_random_search(srush, ssh_env):
+    ids = start(srush, ssh_env, n_workers=2, globals={"branin": branin})
+    srush.wait_for_workers(worker_ids=ids, timeout=30)
+    info = srush.worker_info.set_index("worker_id").loc[ids]
+    assert sorted(set(info.hostname)) == sorted(ssh_env["hosts"])
+    assert (info.launcher == "ssh").all() and info.pid.notna().all()
+    wait_until(lambda: set(srush._ids_in_state("terminated")) == set(ids), 60, what="workers to end")
+    frame = srush.fetch_finished_tasks()
+    assert len(frame) >= 100 and set(frame["worker_id"]) <= set(ids)
+
+
+def test_bad_host_is_named_and_the_other_hosts_still_start(srush, ssh_env):
+    with pytest.raises(LaunchError, match=r"(?s)1 of 2 host\(s\).*10\.231\.0\.99: cannot connect") as error:
+        start(srush, ssh_env, loop=wl_queue, hosts=[ssh_env["hosts"][0], "10.231.0.99"], connect_timeout=2)
+    started = error.value.started
+    assert len(started) == 1
+    srush.wait_for_workers(worker_ids=started, timeout=30)
+    states = srush.worker_info.set_index("worker_id")["state"]
+    assert sorted(states) == ["failed", "running"]
+
+
+def test_failing_setup_command_reports_the_remote_output(srush, ssh_env):
+    with pytest.raises(LaunchError, match=r"(?s)rush-h2.*exited with 127.*no_such_module_cmd"):
+        start(srush, ssh_env, loop=wl_queue, hosts=[ssh_env["hosts"][1]],
+              setup=["echo preparing", "no_such_module_cmd load python"])
+
+
+def test_nasty_values_stay_values(srush, ssh_env):
+    nasty = "a'; touch /tmp/rush-pwned-$$; echo \"$(id)\" `id` \\ end"
+    ids = start(srush, ssh_env, loop=wl_env, hosts=ssh_env["hosts"][:1], env={"NASTY": nasty},
+                log_dir="~/.rush-hpc/logs with space")
+    wait_until(lambda: srush.n_finished_tasks == 1, 30, what="the task")
+    assert srush.fetch_finished_tasks()["nasty"][0] == nasty
+    assert not list(Path("/tmp").glob("rush-pwned-*"))
+    assert srush.worker_info.set_index("worker_id").loc[ids[0], "state"] == "terminated"
+
+
+def test_secrets_are_not_on_the_remote_command_line(srush, ssh_env):
+    ids = start(srush, ssh_env, loop=wl_queue, hosts=ssh_env["hosts"][:1])
+    srush.wait_for_workers(worker_ids=ids, timeout=30)
+    processes = ssh(ssh_env, ssh_env["hosts"][0], "ps -eo args")
+    assert ids[0] in processes
+    assert PASSWORD not in processes and SECRET.decode() not in processes
+    credentials = srush.worker_info["host"][0]  # noqa: F841 - host label
+    mode = ssh(ssh_env, ssh_env["hosts"][0],
+               f"stat -c %a ~/.rush-hpc/logs/{srush.network}.credentials.json").strip()
+    assert mode == "600"
+
+
+def test_kill_through_redis_and_by_ssh_when_the_worker_does_not_answer(srush, ssh_env):
+    srush.push_tasks([{"sleep": 60}])
+    ids = start(srush, ssh_env, loop=wl_queue, hosts=ssh_env["hosts"][:1], n_workers=2)
+    srush.wait_for_workers(worker_ids=ids, timeout=30)
+    pids = {w: int(p) for w, p in srush.worker_info.set_index("worker_id")["pid"].items()}
+    # the namespaces share the PID space: freeze one worker so that only SSH can kill it
+    os.kill(pids[ids[1]], signal.SIGSTOP)
+    srush.stop_workers(type="kill", kill_grace=1.0)
+    assert set(srush._ids_in_state("killed")) == set(ids)
+    for pid in pids.values():
+        wait_until(lambda: "Z" in (ssh(ssh_env, ssh_env["hosts"][0], f"ps -o stat= -p {pid}") or "Z"), 10,
+                   what=f"process {pid} to die")
+    assert srush.n_running_tasks == 0 and srush.n_failed_tasks == 1
+
+
+def test_host_whose_link_goes_down_loses_its_workers_and_nothing_is_lost(srush, ssh_env):
+    keys = srush.push_tasks([{"sleep": 5}] * 2 + [{"sleep": 0.01}] * 20, max_retries=1)
+    ids = start(srush, ssh_env, loop=wl_queue, hosts=ssh_env["hosts"][:2], n_workers=1)
+    srush.wait_for_workers(worker_ids=ids, timeout=30)
+    wait_until(lambda: srush.n_running_tasks == 2, 10, what="both slow tasks to run")
+    h2 = srush.worker_info.set_index("hostname").loc[ssh_env["hosts"][1], "worker_id"]
+    subprocess.run(["ip", "-n", ssh_env["hosts"][1], "link", "set", "eth0", "down"], check=True)
+    try:
+        cut = time.monotonic()
+        lost = wait_until(srush.detect_lost_workers, FAST["heartbeat_expire"] + 3, what="lost worker")
+        assert lost == [h2] and time.monotonic() - cut <= FAST["heartbeat_expire"] + 3
+        assert "heartbeat expired" in srush.worker_info.set_index("worker_id").loc[h2, "reason"]
+        srush.wait_for_tasks(keys, timeout=60)  # the surviving worker finishes everything, retries included
+    finally:
+        subprocess.run(["ip", "-n", ssh_env["hosts"][1], "link", "set", "eth0", "up"], check=True)
+    assert srush.n_finished_tasks + srush.n_failed_tasks == len(keys) and srush.n_running_tasks == 0
