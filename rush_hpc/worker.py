@@ -50,8 +50,11 @@ class RushWorker(RushNetwork):
     # -- lifecycle -----------------------------------------------------------------------------
     def register(self, **info: Any) -> None:
         """Record this worker as running, with its pid, host and Python (plus ``info``)."""
+        import psutil
+
         fields = {"worker_id": self.worker_id, "pid": self.pid, "hostname": socket.gethostname(),
-                  "python": sys.version.split()[0], "started_at": time.time(), **info}
+                  "python": sys.version.split()[0], "started_at": time.time(),
+                  "process_started_at": psutil.Process().create_time(), **info}
         fields = {k: str(v) for k, v in fields.items() if v is not None}
         self.set_state("running", ("", "launched"), **fields)
         logger.info("worker %s registered (pid %s on %s)", self.worker_id, self.pid, fields["hostname"])

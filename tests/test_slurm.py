@@ -1,0 +1,187 @@
+"""SLURM launchers against a real single-node cluster with accounting (scripts/test-cluster)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+import rush_hpc
+from rush_hpc import ConfigError, WorkerStartError
+from rush_hpc.launchers.base import WorkerCommand
+from rush_hpc.launchers.sbatch import SbatchLauncher
+
+from conftest import SECRET, require_cluster, wait_until
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+pytestmark = pytest.mark.slurm
+GOLDEN = Path(__file__).parent / "golden" / "sbatch.sh"
+SLURM = {"partition": "debug", "time": 5, "heartbeat_period": 0.5, "heartbeat_expire": 3.0}
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    ok = shutil.which("sinfo") is not None and subprocess.run(
+        ["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20).stdout.strip() in ("idle", "mix", "alloc")
+    require_cluster("SLURM cluster", ok, "sinfo does not show an up node (SLURM_CONF unset?)")
+    ok = subprocess.run(["sacct", "-n", "-X", "-j", "1"], capture_output=True, timeout=20).returncode == 0
+    require_cluster("SLURM accounting", ok, "sacct fails: slurmdbd not running")
+
+
+@pytest.fixture
+def slurm_rush(slurm_cluster, rush, tmp_path):
+    rush.test_log_dir = str(tmp_path / "logs")
+    return rush
+
+
+def branin(x1: float, x2: float) -> float:
+    import math
+
+    return ((x2 - 5.1 / (4 * math.pi ** 2) * x1 ** 2 + 5 / math.pi * x1 - 6) ** 2
+            + 10 * (1 - 1 / (8 * math.pi)) * math.cos(x1) + 10)
+
+
+def wl_random_search(rush):
+    import random
+
+    while rush.n_finished_tasks < 100 and not rush.terminated:
+        xs = {"x1": random.uniform(-5, 10), "x2": random.uniform(0, 15)}
+        rush.push_results(rush.push_running_tasks([xs]), [{"y": branin(**xs)}])
+
+
+def wl_hold_task(rush):
+    """Task 0 of the array honours terminate (finishes its task); the others ignore it."""
+    import os
+
+    key = rush.push_running_tasks([{"x": os.environ.get("SLURM_ARRAY_TASK_ID", "?")}])
+    while True:
+        if rush.terminated and os.environ.get("SLURM_ARRAY_TASK_ID") == "0":
+            rush.push_results(key, [{"y": "finished before the time limit"}])
+            return
+        time.sleep(0.1)
+
+
+def _check_random_search(rush, ids, launcher):
+    rush.wait_for_workers(worker_ids=ids, timeout=60)
+    info = rush.worker_info.set_index("worker_id").loc[ids]
+    assert (info.launcher == launcher).all()
+    assert all("_" in j for j in info.job_id) and info.node.notna().all()
+    wait_until(lambda: set(rush._ids_in_state("terminated")) == set(ids), 60, what="workers to end")
+    assert rush.n_finished_tasks >= 100 and rush.n_running_tasks == 0
+
+
+def test_random_search_with_four_submitit_workers(slurm_rush):
+    ids = slurm_rush.start_slurm_workers(wl_random_search, n_workers=4, globals={"branin": branin},
+                                         log_dir=slurm_rush.test_log_dir, **SLURM)
+    _check_random_search(slurm_rush, ids, "slurm")
+    assert len({j.split("_")[0] for j in slurm_rush.worker_info.job_id}) == 1  # one array
+
+
+def test_random_search_with_four_sbatch_workers(slurm_rush):
+    ids = slurm_rush.start_sbatch_workers(wl_random_search, n_workers=4, globals={"branin": branin},
+                                          log_dir=slurm_rush.test_log_dir, **SLURM)
+    _check_random_search(slurm_rush, ids, "sbatch")
+
+
+def test_nasty_log_dir_survives_the_job_script(slurm_rush, tmp_path):
+    nasty = tmp_path / "a \"0\" it's; echo foo"
+    ids = slurm_rush.start_sbatch_workers(wl_random_search, n_workers=1, globals={"branin": branin},
+                                          log_dir=str(nasty), **SLURM)
+    slurm_rush.wait_for_workers(worker_ids=ids, timeout=60)
+    assert list(nasty.glob("rush-*-0.err"))
+
+
+def render_golden(python="/opt/venv/bin/python", network="golden-net") -> str:
+    launcher = SbatchLauncher("/shared/rush logs", partition="cpu", time="02:00:00", mem="4G",
+                              account="proj-1", max_parallel=2, setup=["module load python/3.11"],
+                              extra_directives={"constraint": "a'; echo foo", "exclusive": True},
+                              job_name="rush worker")
+    command = WorkerCommand(network, python, {"RUSH_HPC_CREDENTIALS": "/shared/rush logs/credentials.json"})
+    return launcher.render(3, command, "batch1", ["w0", "w1", "w2"])
+
+
+def test_rendered_script_matches_the_golden_file():
+    if os.environ.get("RUSH_HPC_UPDATE_GOLDEN"):
+        GOLDEN.write_text(render_golden())
+    assert render_golden() == GOLDEN.read_text()
+
+
+def test_rendered_script_quotes_every_value_and_bash_parses_it(tmp_path):
+    script = render_golden(python="/opt/my env/bin/python", network="n")
+    assert "#SBATCH --constraint='a'\"'\"'; echo foo'" in script
+    assert "exec '/opt/my env/bin/python' -m rush_hpc worker" in script
+    path = tmp_path / "job.sh"
+    path.write_text(script)
+    subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_unknown_sbatch_option_lists_the_valid_ones(rush):
+    with pytest.raises(ConfigError, match=r"unknown sbatch option\(s\) \['partiton'\].*partition=None"):
+        rush.sbatch_script(n_workers=2, partiton="cpu")
+
+
+def test_dry_run_script_has_no_secrets(rush):
+    script = rush.sbatch_script(n_workers=8, partition="debug")
+    assert "#SBATCH --array=0-7" in script and SECRET.decode() not in script
+    assert "RUSH_HPC_CREDENTIALS=" in script
+
+
+def test_scancel_of_one_worker_makes_it_lost_with_reason_cancelled(slurm_rush):
+    slurm_rush.push_tasks([{"x": 1}] * 2, max_retries=0)
+    def loop(rush):
+        while not rush.terminated:
+            task = rush.pop_task(timeout=0.1)
+            if task is not None:
+                time.sleep(60)
+
+    ids = slurm_rush.start_slurm_workers(loop, n_workers=2, log_dir=slurm_rush.test_log_dir, **SLURM)
+    slurm_rush.wait_for_workers(worker_ids=ids, timeout=60)
+    wait_until(lambda: slurm_rush.n_running_tasks == 2, 20, what="tasks to run")
+    victim = ids[0]
+    job = slurm_rush.worker_info.set_index("worker_id").loc[victim, "job_id"]
+    subprocess.run(["scancel", job], check=True)
+    lost = wait_until(slurm_rush.detect_lost_workers, 30, poll=0.5, what="lost worker")
+    assert lost == [victim]
+    assert "CANCELLED" in slurm_rush.worker_info.set_index("worker_id").loc[victim, "reason"]
+    failed = slurm_rush.fetch_failed_tasks()
+    assert len(failed) == 1 and "CANCELLED" in failed["message"][0]
+    slurm_rush.stop_workers(type="kill")
+    other_job = slurm_rush.worker_info.set_index("worker_id").loc[ids[1], "job_id"]
+    assert slurm_rush.worker_info.set_index("worker_id").loc[ids[1], "state"] == "killed"
+    wait_until(lambda: subprocess.run(["squeue", "-h", "-j", other_job], capture_output=True,
+                                      text=True).stdout.strip() == "", 30, poll=0.5, what="the job to end")
+
+
+def test_time_limit_signal_ends_cleanly_and_timeout_is_the_reason_when_killed(slurm_rush):
+    ids = slurm_rush.start_sbatch_workers(wl_hold_task, n_workers=2, log_dir=slurm_rush.test_log_dir,
+                                          **{**SLURM, "time": 1, "signal_delay_s": 50})
+    slurm_rush.wait_for_workers(worker_ids=ids, timeout=60)
+    info = slurm_rush.worker_info.set_index("job_id")
+    honours = info.loc[[j for j in info.index if j.endswith("_0")][0], "worker_id"]
+    ignores = info.loc[[j for j in info.index if j.endswith("_1")][0], "worker_id"]
+    # the signal comes 50 s before the 1-minute limit: the honouring worker ends cleanly
+    wait_until(lambda: honours in slurm_rush._ids_in_state("terminated"), 45, poll=0.5, what="clean end")
+    assert slurm_rush.fetch_finished_tasks()["y"].tolist() == ["finished before the time limit"]
+    # the other one is killed at the limit: lost with reason TIMEOUT, its task failed with it
+    wait_until(lambda: ignores in slurm_rush.detect_lost_workers() or ignores in slurm_rush._ids_in_state("lost"),
+               150, poll=1.0, what="TIMEOUT")
+    reason = slurm_rush.worker_info.set_index("worker_id").loc[ignores, "reason"]
+    assert "TIMEOUT" in reason or "heartbeat" in reason
+    if "heartbeat" in reason:  # heartbeat may win the race; the scheduler must still say TIMEOUT
+        job = info.index[info.worker_id == ignores][0]
+        wait_until(lambda: "TIMEOUT" in subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job],
+                                                       capture_output=True, text=True).stdout, 30, poll=1)
+    assert slurm_rush.n_running_tasks == 0 and slurm_rush.n_failed_tasks == 1
+
+
+def test_job_whose_setup_fails_is_reported_with_its_stderr(slurm_rush):
+    slurm_rush.start_sbatch_workers(wl_random_search, n_workers=1, log_dir=slurm_rush.test_log_dir,
+                                    setup=["no_such_setup_command --flag"], **SLURM)
+    with pytest.raises(WorkerStartError, match="(?s)FAILED before registering.*no_such_setup_command"):
+        slurm_rush.wait_for_workers(1, timeout=60)
