@@ -121,7 +121,8 @@ class RedisConfig:
         return self.to_url()
 
     # -- connecting --------------------------------------------------------------------------
-    def client(self, *, socket_timeout: float | None | str = "default", decode_responses: bool = False):
+    def client(self, *, socket_timeout: float | None | str = "default", decode_responses: bool = False,
+               retries: int = 6):
         """A redis-py client that retries transient errors with exponential backoff."""
         import redis
         from redis.backoff import ExponentialBackoff
@@ -136,7 +137,7 @@ class RedisConfig:
             password=self.password,
             socket_timeout=self.socket_timeout if socket_timeout == "default" else socket_timeout,
             socket_connect_timeout=self.socket_connect_timeout,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=6),
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=retries),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             health_check_interval=30, decode_responses=decode_responses, **kwargs,
         )

@@ -29,9 +29,13 @@ _ROW_FIELDS = ("xs", "ys", "xs_extra", "ys_extra", "condition", "worker_id", "st
 def connect(config: RedisConfig, **client_options: Any) -> "redis.Redis":
     """A checked client: wrong password or unreachable Redis become clear ``RushError``s."""
     client = config.client(**client_options)
+    probe = config.client(retries=0)  # fail fast and clearly on a wrong password or address
     try:
-        client.ping()
+        probe.ping()
     except redis.AuthenticationError as error:
+        if config.password is None:
+            raise RedisAuthError(f"Redis at {config} requires a password ({error}); give a password "
+                                 "(redis://:PASSWORD@host, or an ACL user: redis://USER:PASSWORD@host)") from None
         raise RedisAuthError(f"Redis at {config} refused the credentials ({error}); check the "
                              "password / ACL user in the URL or RUSH_HPC_REDIS_PASSWORD") from None
     except redis.ResponseError as error:
@@ -42,6 +46,8 @@ def connect(config: RedisConfig, **client_options: Any) -> "redis.Redis":
     except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
         raise RedisUnavailableError(f"cannot reach Redis at {config}: {error}. Is redis-server running "
                                     "there and reachable from this host?") from None
+    finally:
+        probe.close()
     return client
 
 
