@@ -1,0 +1,79 @@
+"""The rush vignette's three examples, runnable after ``pip install``:
+
+* ``random_search``          random search on Branin, 4 workers, 100 tasks
+* ``median_stopping``        XGBoost on mtcars with median stopping, 1000 tasks (extra: examples)
+* ``bayesian_optimization``  asynchronous decentralized Bayesian optimization (extra: examples)
+
+``rush-hpc demo NAME`` or ``python -m rush_hpc.examples.NAME`` runs one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from typing import Any, Callable, Sequence
+
+from ..controller import Rush
+from ..exceptions import ConfigError
+
+EXAMPLES = ("random-search", "median-stopping", "bayesian-optimization")
+
+
+def branin(x1: float, x2: float) -> float:
+    """The Branin function; global minimum 0.397887 at (-pi, 12.275), (pi, 2.275), (9.42478, 2.475)."""
+    return ((x2 - 5.1 / (4 * math.pi ** 2) * x1 ** 2 + 5 / math.pi * x1 - 6) ** 2
+            + 10 * (1 - 1 / (8 * math.pi)) * math.cos(x1) + 10)
+
+
+def require(*modules: str) -> None:
+    """A clear message when an example's optional dependencies are missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"this example needs {', '.join(missing)}: pip install 'rush-hpc[examples]'")
+
+
+def start_workers(rush: Rush, loop: Callable[..., Any], n_workers: int, launcher: str = "local",
+                  globals: dict[str, Any] | None = None, **options: Any) -> list[str]:
+    """Start the example's workers with the chosen launcher; local by default."""
+    if launcher == "local":
+        return rush.start_local_workers(loop, n_workers=n_workers, globals=globals, **options)
+    if launcher == "ssh":
+        hosts: Sequence[str] = options.pop("hosts")
+        return rush.start_ssh_workers(loop, hosts=hosts, n_workers=n_workers, globals=globals, **options)
+    if launcher == "slurm":
+        return rush.start_slurm_workers(loop, n_workers=n_workers, globals=globals, **options)
+    raise ConfigError(f"launcher must be local, ssh or slurm, got {launcher!r}")
+
+
+def wait_for_finished(rush: Rush, n_tasks: int, ids: Sequence[str], timeout: float = 600,
+                      progress: bool = False) -> None:
+    """Wait until ``n_tasks`` tasks finished or every worker ended (reporting failures)."""
+    import click
+
+    deadline = time.monotonic() + timeout
+    with click.progressbar(length=n_tasks, label="finished tasks", file=None if progress else _Null()) as bar:
+        done = 0
+        while True:
+            finished = rush.n_finished_tasks
+            bar.update(min(finished, n_tasks) - done)
+            done = min(finished, n_tasks)
+            ended = set(rush._ids_in_state("terminated", "failed", "lost", "killed"))
+            if set(ids) <= ended or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    failed = rush._ids_in_state("failed")
+    if failed:
+        reasons = rush.worker_info.set_index("worker_id").loc[failed, "reason"]
+        raise RuntimeError("workers failed:\n" + "\n".join(f"{w}: {r}" for w, r in reasons.items()))
+
+
+class _Null:
+    def write(self, _: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False

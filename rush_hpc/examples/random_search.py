@@ -1,0 +1,43 @@
+"""Vignette example 1: random search on Branin with 4 workers, stopping at 100 finished tasks."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+from . import branin, start_workers, wait_for_finished
+
+
+def wl_random_search(rush) -> None:
+    while rush.n_finished_tasks < rush_n_tasks and not rush.terminated:  # noqa: F821 - a global
+        xs = {"x1": random.uniform(-5, 10), "x2": random.uniform(0, 15)}
+        key = rush.push_running_tasks([xs])
+        rush.push_results(key, [{"y": branin(**xs)}])
+
+
+rush_n_tasks = 100
+
+
+def run(rush, n_workers: int = 4, n_tasks: int = 100, launcher: str = "local", progress: bool = False,
+        **options: Any):
+    """Run the example on ``rush``; prints the summary and the best rows, returns the finished tasks."""
+    started = time.monotonic()
+    ids = start_workers(rush, wl_random_search, n_workers, launcher,
+                        globals={"rush_n_tasks": n_tasks}, **options)
+    rush.wait_for_workers(worker_ids=ids, timeout=120)
+    wait_for_finished(rush, n_tasks, ids, progress=progress)
+    elapsed = time.monotonic() - started
+    print(rush)
+    tasks = rush.fetch_finished_tasks().sort_values("y")
+    print(tasks[["x1", "x2", "y", "worker_id"]].head(10).to_string(index=False))
+    best = tasks.iloc[0]
+    print(f"best y = {best.y:.4f} at x1 = {best.x1:.3f}, x2 = {best.x2:.3f} (optimum 0.3979); "
+          f"{len(tasks)} tasks by {len(ids)} workers in {elapsed:.2f} s")
+    return tasks
+
+
+if __name__ == "__main__":
+    from ..cli import demo_main
+
+    demo_main("random-search")
