@@ -61,6 +61,20 @@ def _check_picklable(loop: Callable[..., Any], globals_: Mapping[str, Any]) -> N
                                "(create connections, files and locks inside the worker loop).") from None
 
 
+def _by_value_modules(loop: Callable[..., Any]) -> list[Any]:
+    """Modules of the loop that workers probably cannot import: user files outside site-packages.
+
+    Their functions are pickled by value (cloudpickle), as for a loop defined in ``__main__``.
+    """
+    module = sys.modules.get(getattr(loop, "__module__", "") or "")
+    path = getattr(module, "__file__", None)
+    if module is None or module.__name__ == "__main__" or path is None:
+        return []
+    if module.__name__.split(".")[0] == "rush_hpc" or "-packages" in path:
+        return []
+    return [module]
+
+
 def store_payload(network: "RushNetwork", loop: Callable[..., Any], globals_: Mapping[str, Any],
                   modules: Sequence[str], settings: Mapping[str, Any], *,
                   spill_dir: str | os.PathLike[str] | None = None,
@@ -68,6 +82,11 @@ def store_payload(network: "RushNetwork", loop: Callable[..., Any], globals_: Ma
     """Serialize, sign and store the payload; returns its meta data."""
     if not callable(loop):
         raise PayloadError(f"worker_loop must be a function taking one argument (rush), got {loop!r:.80}")
+    import cloudpickle
+
+    by_value = _by_value_modules(loop)
+    for module in by_value:
+        cloudpickle.register_pickle_by_value(module)
     try:
         blob = network.codec.dumps_pickle({"loop": loop, "globals": dict(globals_)})
     except PayloadError:
@@ -75,6 +94,9 @@ def store_payload(network: "RushNetwork", loop: Callable[..., Any], globals_: Ma
     except Exception:  # noqa: BLE001 - find the culprit for a clear message
         _check_picklable(loop, globals_)
         raise
+    finally:
+        for module in by_value:
+            cloudpickle.unregister_pickle_by_value(module)
     meta: dict[str, Any] = {"fingerprint": fingerprint(), "modules": list(modules),
                             "settings": dict(settings), "size": len(blob),
                             "sha256": hashlib.sha256(blob).hexdigest()}
@@ -121,7 +143,12 @@ def load_payload(network: "RushNetwork", meta: Mapping[str, Any]) -> tuple[Calla
                                "payload_dir must be visible to every worker") from None
     else:
         blob = network.redis.get(network.keys.payload) or b""
-    payload = network.codec.loads_pickle(blob, "the worker loop payload")
+    try:
+        payload = network.codec.loads_pickle(blob, "the worker loop payload")
+    except ModuleNotFoundError as error:
+        raise PayloadError(f"the worker loop needs module {error.name!r}, which this worker cannot import "
+                           f"({sys.executable}); install it on the workers, pass modules=[...], or define "
+                           "the loop in your script") from None
     loop, globals_ = payload["loop"], payload["globals"]
     if globals_ and hasattr(loop, "__globals__"):
         loop.__globals__.update(globals_)

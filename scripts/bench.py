@@ -1,0 +1,312 @@
+"""rush-hpc benchmark: prints a markdown table of throughput and latency numbers, measured in one run.
+
+usage: scripts/bench [--quick] [--ssh] [--slurm]
+Starts its own redis-server (from PATH, else the embedded one) on 127.0.0.1. --ssh/--slurm need
+scripts/test-cluster up (they read .test-cluster/cluster.env).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+import rush_hpc
+from rush_hpc import lua
+from rush_hpc.config import RedisConfig
+from rush_hpc.server import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = b"bench-secret-0123456789abcdef"
+ROWS: list[tuple[str, str, str]] = []
+
+
+def row(what: str, value: str, target: str = "") -> None:
+    ROWS.append((what, value, target))
+    print(f"  {what}: {value} {('(target ' + target + ')') if target else ''}", file=sys.stderr, flush=True)
+
+
+# -- 1. the vignette loop ---------------------------------------------------------------------
+def rush_loop(config: RedisConfig, network: str, n_total: int, barrier) -> None:
+    worker = rush_hpc.RushWorker(network, config=config, secret=SECRET)
+    barrier.wait()
+    while worker.n_finished_tasks < n_total:
+        xs = {"x1": 1.5, "x2": 2.5}
+        key = worker.push_running_tasks([xs])
+        worker.push_results(key, [{"y": 3.25}])
+
+
+def floor_loop(config: RedisConfig, network: str, n_total: int, barrier) -> None:
+    """The same Redis operations with raw redis-py: create (MULTI: HSET, RPUSH, SADD), finish (Lua), LLEN."""
+    client = config.client()
+    prefix = f"rush:{{{network}}}:"
+    finish = client.register_script(lua.FINISH_TASKS)
+    running, finished, all_tasks = prefix + "tasks:running", prefix + "tasks:finished", prefix + "tasks:all"
+    barrier.wait()
+    while client.llen(finished) < n_total:
+        task_id = uuid.uuid4().hex
+        pipe = client.pipeline(transaction=True)
+        pipe.hset(prefix + "task:" + task_id, mapping={"xs": b'j{"x1":1.5,"x2":2.5}', "state": "running"})
+        pipe.rpush(all_tasks, task_id)
+        pipe.sadd(running, task_id)
+        pipe.execute()
+        finish(keys=[running, finished], args=[prefix + "task:", task_id, b'j{"y":3.25}', b""])
+
+
+def run_processes(target, config: RedisConfig, n_procs: int, n_total: int) -> float:
+    network = f"bench-{uuid.uuid4().hex[:8]}"
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(n_procs + 1)
+    procs = [ctx.Process(target=target, args=(config, network, n_total, barrier)) for _ in range(n_procs)]
+    for p in procs:
+        p.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for p in procs:
+        p.join()
+    elapsed = time.perf_counter() - started
+    n = config.client().llen(f"rush:{{{network}}}:tasks:finished")
+    cleanup(config, network)
+    return n / elapsed
+
+
+def cleanup(config: RedisConfig, network: str) -> None:
+    client = config.client()
+    keys = list(client.scan_iter(match=f"rush:{{{network}}}:*", count=10_000))
+    for i in range(0, len(keys), 10_000):
+        client.unlink(*keys[i:i + 10_000])
+
+
+def bench_loop(config: RedisConfig, n_total: int) -> None:
+    for n_procs in (1, 2, 4):
+        ours = run_processes(rush_loop, config, n_procs, n_total)
+        floor = run_processes(floor_loop, config, n_procs, n_total)
+        row(f"vignette loop, {n_procs} worker process(es)",
+            f"{ours:,.0f} tasks/s; raw redis-py floor {floor:,.0f} tasks/s; ratio {ours / floor:.2f}",
+            ">= 0.7 x floor")
+
+
+# -- 2. queue ----------------------------------------------------------------------------------
+def queue_worker(config: RedisConfig, network: str, n_total: int, barrier) -> None:
+    worker = rush_hpc.RushWorker(network, config=config, secret=SECRET)
+    barrier.wait()
+    while (task := worker.pop_task()) is not None:
+        worker.push_results(task.key, [{"y": task.xs["x"] * 2}])
+
+
+def queue_floor_worker(config: RedisConfig, network: str, n_total: int, barrier) -> None:
+    """The same Redis operations with raw redis-py: POP_TASK and FINISH_TASKS scripts."""
+    client = config.client()
+    prefix = f"rush:{{{network}}}:"
+    pop, finish = client.register_script(lua.POP_TASK), client.register_script(lua.FINISH_TASKS)
+    keys = [prefix + "tasks:priority:w", prefix + "tasks:queued", prefix + "tasks:running"]
+    barrier.wait()
+    while (popped := pop(keys=keys, args=[prefix + "task:", "w"])):
+        finish(keys=[keys[2], prefix + "tasks:finished"], args=[prefix + "task:", popped[0], b'j{"y":1}', b""])
+
+
+def run_queue(config: RedisConfig, target, n_tasks: int) -> tuple[float, float]:
+    network = f"bench-{uuid.uuid4().hex[:8]}"
+    rush = rush_hpc.rsh(network=network, config=config, secret=SECRET)
+    started = time.perf_counter()
+    rush.push_tasks([{"x": i} for i in range(n_tasks)])
+    push = time.perf_counter() - started
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(5)
+    procs = [ctx.Process(target=target, args=(config, network, n_tasks, barrier)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for p in procs:
+        p.join()
+    elapsed = time.perf_counter() - started
+    assert rush.n_finished_tasks == n_tasks, rush.n_finished_tasks
+    rush.reset()
+    rush.close()
+    return push, n_tasks / elapsed
+
+
+def bench_queue(config: RedisConfig, n_tasks: int) -> None:
+    push, ours = run_queue(config, queue_worker, n_tasks)
+    _, floor = run_queue(config, queue_floor_worker, n_tasks)
+    row(f"push_tasks {n_tasks:,}", f"{push:.3f} s ({n_tasks / push:,.0f} tasks/s)")
+    row(f"queue: 4 workers pop_task + push_results, {n_tasks:,} tasks",
+        f"{ours:,.0f} tasks/s; raw redis-py floor {floor:,.0f} tasks/s; ratio {ours / floor:.2f}", ">= 8,000/s")
+
+
+# -- 3. fetch ----------------------------------------------------------------------------------
+def fill_finished(config: RedisConfig, network: str, n: int) -> None:
+    worker = rush_hpc.RushWorker(network, config=config, secret=SECRET)
+    for start in range(0, n, 5000):
+        size = min(5000, n - start)
+        keys = worker.push_running_tasks([{"x1": i * 0.5, "x2": -i * 0.25} for i in range(size)])
+        worker.push_results(keys, [{"y": float(i)} for i in range(size)])
+    worker.close()
+
+
+def bench_fetch(config: RedisConfig, sizes: list[int]) -> None:
+    for n in sizes:
+        network = f"bench-{uuid.uuid4().hex[:8]}"
+        fill_finished(config, network, n)
+        colds, warms = [], []
+        for _ in range(3):
+            rush = rush_hpc.rsh(network=network, config=config, secret=SECRET)
+            started = time.perf_counter()
+            frame = rush.fetch_finished_tasks()
+            colds.append(time.perf_counter() - started)
+            assert len(frame) >= n
+            worker = rush_hpc.RushWorker(network, config=config, secret=SECRET)
+            for _ in range(5):
+                worker.push_results(worker.push_running_tasks([{"x1": 1.0, "x2": 2.0}]), [{"y": 0.5}])
+                started = time.perf_counter()
+                frame = rush.fetch_finished_tasks()
+                warms.append(time.perf_counter() - started)
+            worker.close()
+            rush.close()
+        row(f"fetch_finished_tasks {n:,} tasks, cold", f"{statistics.median(colds) * 1000:.0f} ms (median of 3)",
+            "<= 1 s for 100k")
+        row(f"fetch_finished_tasks {n:,} tasks, warm + 1 new", f"{statistics.median(warms) * 1000:.2f} ms (median of 15)",
+            "<= 2 ms")
+        cleanup(config, network)
+
+
+# -- 4. launched workers -------------------------------------------------------------------------
+def wl_vignette(rush) -> None:
+    while rush.n_finished_tasks < bench_n_tasks:  # noqa: F821 - a global
+        key = rush.push_running_tasks([{"x1": 1.5, "x2": 2.5}])
+        rush.push_results(key, [{"y": 3.25}])
+
+
+bench_n_tasks = 0
+
+
+def bench_local_workers(config: RedisConfig, n_total: int) -> None:
+    starts = []
+    for _ in range(3):
+        rush = rush_hpc.rsh(network=f"bench-{uuid.uuid4().hex[:8]}", config=config, secret=SECRET)
+        started = time.perf_counter()
+        ids = rush.start_local_workers(wl_vignette, n_workers=4, globals={"bench_n_tasks": 0})
+        rush.wait_for_workers(worker_ids=ids, timeout=60, poll=0.005)
+        starts.append(time.perf_counter() - started)
+        rush.reset()
+        rush.close()
+    row("start_local_workers(4) until all registered", f"{statistics.median(starts):.3f} s (median of 3; "
+        f"min {min(starts):.3f})", "<= 0.5 s")
+    rush = rush_hpc.rsh(network=f"bench-{uuid.uuid4().hex[:8]}", config=config, secret=SECRET)
+    ids = rush.start_local_workers(wl_vignette, n_workers=4, globals={"bench_n_tasks": n_total})
+    rush.wait_for_workers(worker_ids=ids, timeout=60, poll=0.005)
+    started = time.perf_counter()
+    while len(rush._ids_in_state("terminated", "failed")) < 4:
+        time.sleep(0.005)
+    ours = rush.n_finished_tasks / (time.perf_counter() - started)
+    rush.reset()
+    rush.close()
+    floor = run_processes(floor_loop, config, 4, n_total)
+    row("vignette loop, 4 launched local workers", f"{ours:,.0f} tasks/s; floor {floor:,.0f}; ratio "
+        f"{ours / floor:.2f}", ">= 0.7 x floor")
+
+
+# -- 5. SSH and SLURM ------------------------------------------------------------------------------
+def cluster_env() -> dict[str, str]:
+    path = ROOT / ".test-cluster" / "cluster.env"
+    if not path.exists():
+        raise SystemExit("--ssh/--slurm need the test cluster: scripts/test-cluster up")
+    env = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    os.environ.update(env)
+    return env
+
+
+def wl_idle(rush) -> None:
+    while not rush.terminated:
+        time.sleep(0.05)
+
+
+def bench_ssh() -> None:
+    env = cluster_env()
+    bridge = env["RUSH_TEST_BRIDGE_IP"]
+    server = subprocess.Popen(["redis-server", "--port", "16931", "--bind", "127.0.0.1", bridge, "--save", "",
+                               "--appendonly", "no", "--requirepass", "benchpw"], stdout=subprocess.DEVNULL)
+    time.sleep(0.3)
+    try:
+        config = RedisConfig(host=bridge, port=16931, password="benchpw")
+        times = []
+        for _ in range(3):
+            rush = rush_hpc.rsh(network=f"bench-{uuid.uuid4().hex[:8]}", config=config, secret=SECRET)
+            started = time.perf_counter()
+            ids = rush.start_ssh_workers(wl_idle, hosts=env["RUSH_TEST_SSH_HOSTS"].split(","), n_workers=2,
+                                         ssh_config=env["RUSH_TEST_SSH_CONFIG"],
+                                         connect_kwargs={"look_for_keys": False, "allow_agent": False})
+            rush.wait_for_workers(worker_ids=ids, timeout=60, poll=0.005)
+            times.append(time.perf_counter() - started)
+            rush.reset()
+            rush.close()
+        row("start_ssh_workers, 3 hosts x 2 workers, until all registered",
+            f"{statistics.median(times):.2f} s (median of 3)", "<= 2 s")
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def bench_slurm(config: RedisConfig) -> None:
+    cluster_env()
+    for launcher in ("sbatch", "slurm"):
+        rush = rush_hpc.rsh(network=f"bench-{uuid.uuid4().hex[:8]}", config=config, secret=SECRET)
+        started_wall = time.time()
+        started = time.perf_counter()
+        start = rush.start_sbatch_workers if launcher == "sbatch" else rush.start_slurm_workers
+        ids = start(wl_idle, n_workers=8, partition="debug", time=5, log_dir=f"/tmp/rush-bench-{launcher}")
+        rush.wait_for_workers(worker_ids=ids, timeout=120, poll=0.005)
+        registered = time.perf_counter() - started
+        info = rush.worker_info
+        raw = rush._worker_hashes(ids)
+        job_started = max(float(h["process_started_at"]) for h in raw.values()) - started_wall
+        rush.reset()
+        rush.close()
+        row(f"{launcher}: 8 workers, call until all registered",
+            f"{registered:.2f} s; scheduler started the last job process after {job_started:.2f} s; "
+            f"overhead {registered - job_started:.2f} s", "registration <= scheduler start + 1 s")
+        del info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (no 100k fetch)")
+    parser.add_argument("--ssh", action="store_true", help="also time SSH worker start (needs test-cluster)")
+    parser.add_argument("--slurm", action="store_true", help="also time SLURM worker start (needs test-cluster)")
+    args = parser.parse_args()
+    server = EmbeddedRedis()
+    config = server.config
+    try:
+        n_loop = 5_000 if args.quick else 20_000
+        print(f"rush-hpc {rush_hpc.__version__} benchmark, {time.strftime('%Y-%m-%d')}, Python "
+              f"{platform.python_version()}, redis-py {redis.__version__}, {server.binary}, "
+              f"{os.cpu_count()} CPUs", file=sys.stderr)
+        bench_loop(config, n_loop)
+        bench_queue(config, 10_000)
+        bench_fetch(config, [10_000] if args.quick else [10_000, 100_000])
+        bench_local_workers(config, n_loop)
+        if args.ssh:
+            bench_ssh()
+        if args.slurm:
+            bench_slurm(config)
+    finally:
+        server.stop()
+    print(f"\nMeasured {time.strftime('%Y-%m-%d')} on {platform.node()} ({os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}), Redis on 127.0.0.1.\n")
+    print("| measurement | result | target |\n|---|---|---|")
+    for what, value, target in ROWS:
+        print(f"| {what} | {value} | {target} |")
+
+
+if __name__ == "__main__":
+    main()
