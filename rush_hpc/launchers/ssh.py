@@ -84,6 +84,7 @@ class SSHLauncher(Launcher):
         self.connect_kwargs = dict(connect_kwargs or {})
         self.gateway, self.ssh_config, self.connect_timeout = gateway, ssh_config, connect_timeout
         self._checked: dict[str, float] = {}
+        self.check_interval = 3.0  # seconds between SSH checks of workers that did not register yet
 
     @property
     def total_workers(self) -> int:
@@ -104,16 +105,32 @@ class SSHLauncher(Launcher):
         return Connection(host.host, user=host.user, port=host.port, config=config, gateway=gateway,
                           connect_kwargs=self.connect_kwargs, connect_timeout=self.connect_timeout)
 
-    def _run(self, connection, script: str, what: str, timeout: float = 120) -> str:
-        result = connection.run("bash -c " + shlex.quote(script), hide=True, warn=True, in_stream=False,
-                                timeout=timeout)
-        if result.exited != 0:
-            output = tail(result.stderr or result.stdout, 15)
-            raise LaunchError(f"{what} exited with {result.exited}:\n{output}")
-        return result.stdout
+    @staticmethod
+    def _exec(connection, script: str, stdin: bytes = b"", timeout: float = 120) -> tuple[int, str, str]:
+        """Run ``bash -c script`` on one SSH channel; returns (exit code, stdout, stderr).
+
+        paramiko directly rather than ``Connection.run``: invoke feeds a non-tty stdin one byte
+        every 10 ms, which made uploading the credentials on stdin take seconds.
+        """
+        connection.open()
+        channel_in, channel_out, channel_err = connection.client.exec_command(
+            "bash -c " + shlex.quote(script), timeout=timeout)
+        if stdin:
+            channel_in.write(stdin)
+        channel_in.channel.shutdown_write()
+        out = channel_out.read().decode(errors="replace")
+        err = channel_err.read().decode(errors="replace")
+        return channel_out.channel.recv_exit_status(), out, err
+
+    def _run(self, connection, script: str, what: str, timeout: float = 120, stdin: bytes = b"") -> str:
+        code, out, err = self._exec(connection, script, stdin, timeout)
+        if code != 0:
+            raise LaunchError(f"{what} exited with {code}:\n{tail(err or out, 15)}")
+        return out
 
     # -- starting ------------------------------------------------------------------------------
     def start(self, worker_ids: Sequence[str], command: WorkerCommand) -> dict[str, dict[str, str]]:
+        self._checked["gone"] = time.monotonic()  # give the workers time before asking the hosts
         assignments: list[tuple[HostSpec, list[str]]] = []
         ids = list(worker_ids)
         for host in self.hosts:
@@ -148,25 +165,24 @@ class SSHLauncher(Launcher):
         except Exception as error:  # noqa: BLE001 - socket, auth and DNS errors all land here
             raise LaunchError(f"cannot connect: {type(error).__name__}: {error}") from None
         try:
-            log_dir = self._run(connection, f"umask 077 && mkdir -p {_remote_path(self.log_dir)} && "
-                                f"cd {_remote_path(self.log_dir)} && pwd", "creating the log directory")
-            log_dir = log_dir.strip().splitlines()[-1]
-            credentials = f"{log_dir}/{self.network}.credentials.json"
-            sftp = connection.sftp()
-            with sftp.open(credentials, "w") as handle:
-                sftp.chmod(credentials, 0o600)
-                handle.write(self.credentials)
-            env = {**host.env, "RUSH_HPC_CREDENTIALS": credentials, "RUSH_HPC_LAUNCHER": self.name}
-            command = WorkerCommand(self.network, host.python, env)
-            lines = ["set -e", *host.setup, *command.export_lines()]
+            # one round trip: create the log directory, receive the credentials on stdin into a
+            # 0600 file (never on a command line), run the setup lines, start the workers
+            credentials = shlex.quote(f"{self.network}.credentials.json")
+            command = WorkerCommand(self.network, host.python, {**host.env, "RUSH_HPC_LAUNCHER": self.name})
+            lines = ["set -e", f"(umask 077 && mkdir -p {_remote_path(self.log_dir)})",
+                     f"cd {_remote_path(self.log_dir)}", f"(umask 077 && cat > {credentials})",
+                     'RUSH_LOG_DIR="$PWD"', 'echo "log_dir $RUSH_LOG_DIR"',
+                     f'export RUSH_HPC_CREDENTIALS="$RUSH_LOG_DIR"/{credentials}',
+                     *host.setup, *command.export_lines()]
             for worker_id in worker_ids:
-                log = shlex.quote(f"{log_dir}/{worker_id}.log")
-                lines.append(f"nohup setsid {command.shell(worker_id, with_env=False)} > {log} 2>&1 "
-                             f"< /dev/null & echo {worker_id} $!")
-            output = self._run(connection, "\n".join(lines), "the setup / start commands")
+                lines.append(f"nohup setsid {command.shell(worker_id, with_env=False)} "
+                             f'> "$RUSH_LOG_DIR"/{worker_id}.log 2>&1 < /dev/null & echo "pid {worker_id} $!"')
+            output = self._run(connection, "\n".join(lines), "the setup / start commands",
+                               stdin=self.credentials)
         finally:
             connection.close()
-        pids = dict(line.split()[:2] for line in output.splitlines() if len(line.split()) == 2)
+        log_dir = next(line[8:] for line in output.splitlines() if line.startswith("log_dir "))
+        pids = dict(line.split()[1:3] for line in output.splitlines() if line.startswith("pid "))
         return {w: {"launcher": self.name, "host": host.label, "pid": pids.get(w, ""),
                     "stdout": f"{log_dir}/{w}.log", "ssh_host": host.host,
                     "ssh_user": host.user or "", "ssh_port": str(host.port or "")} for w in worker_ids}
@@ -190,23 +206,27 @@ class SSHLauncher(Launcher):
         asks each host at most every 2 s which worker processes have exited."""
         waiting = {w: i for w, i in infos.items() if not i.get("started_at") and i.get("pid")}
         now = time.monotonic()
-        if not waiting or now - self._checked.get("gone", 0.0) < 2.0:
+        if not waiting or now - self._checked.get("gone", 0.0) < self.check_interval:
             return {}
         self._checked["gone"] = now
-        reasons: dict[str, str] = {}
-        for host, group in self._by_host(waiting).values():
+
+        def check(host: HostSpec, group: dict[str, WorkerInfo]) -> dict[str, str]:
             checks = " ; ".join(f"ps -o stat= -p {int(i['pid'])} | grep -qv Z || echo {w}"
                                 for w, i in group.items())
             try:
                 connection = self.connect(host)
-                output = connection.run(checks, hide=True, warn=True, in_stream=False, timeout=30).stdout
+                output = self._exec(connection, checks, timeout=30)[1]
                 connection.close()
             except Exception as error:  # noqa: BLE001
                 logger.warning("ssh host %s: cannot check workers: %s", host.label, error)
-                continue
-            for worker_id in output.split():
-                if worker_id in group:
-                    reasons[worker_id] = f"process {group[worker_id]['pid']} on {host.label} exited"
+                return {}
+            return {w: f"process {group[w]['pid']} on {host.label} exited" for w in output.split() if w in group}
+
+        groups = list(self._by_host(waiting).values())
+        reasons: dict[str, str] = {}
+        with ThreadPoolExecutor(max_workers=min(32, len(groups))) as pool:
+            for found in pool.map(lambda g: check(*g), groups):
+                reasons.update(found)
         return reasons
 
     def kill(self, infos: Mapping[str, WorkerInfo]) -> None:
@@ -216,8 +236,8 @@ class SSHLauncher(Launcher):
                 continue
             try:
                 connection = self.connect(host)
-                connection.run(" ; ".join(f"kill -KILL -- -{p} 2>/dev/null" for p in pids) + " ; true",
-                               hide=True, warn=True, in_stream=False, timeout=30)
+                self._exec(connection, " ; ".join(f"kill -KILL -- -{p} 2>/dev/null" for p in pids) + " ; true",
+                           timeout=30)
                 connection.close()
             except Exception as error:  # noqa: BLE001
                 logger.warning("ssh host %s: could not kill %s: %s", host.label, pids, error)
@@ -227,10 +247,9 @@ class SSHLauncher(Launcher):
             return ""
         try:
             connection = self.connect(self._host_of(info))
-            result = connection.run(f"tail -n {int(lines)} {shlex.quote(info['stdout'])}", hide=True,
-                                    warn=True, in_stream=False, timeout=30)
+            output = self._exec(connection, f"tail -n {int(lines)} {shlex.quote(info['stdout'])}", timeout=30)[1]
             connection.close()
-            return result.stdout
+            return output
         except Exception as error:  # noqa: BLE001
             return f"(could not read {info['stdout']} on {info.get('host')}: {error})"
 
