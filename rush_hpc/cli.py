@@ -6,7 +6,6 @@ Errors print one line and exit 1 (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 import time
@@ -76,7 +75,7 @@ def worker(network: str, worker_id: str | None) -> None:
 
 @cli.command()
 @network_options
-def status(rush: "Rush") -> None:
+def status(rush: Rush) -> None:
     """The <Rush> summary: running workers and task counts."""
     click.echo(str(rush))
 
@@ -84,7 +83,7 @@ def status(rush: "Rush") -> None:
 @cli.command()
 @network_options
 @output_format
-def workers(rush: "Rush", fmt: str) -> None:
+def workers(rush: Rush, fmt: str) -> None:
     """Worker info: id, state, pid, host, launcher, job id, heartbeat, reason."""
     echo_frame(rush.worker_info, fmt)
 
@@ -94,7 +93,7 @@ def workers(rush: "Rush", fmt: str) -> None:
 @click.option("--state", "states", multiple=True, type=click.Choice(["queued", "running", "finished", "failed"]),
               help="only tasks in these states (repeatable); default: all")
 @output_format
-def tasks(rush: "Rush", states: tuple[str, ...], fmt: str) -> None:
+def tasks(rush: Rush, states: tuple[str, ...], fmt: str) -> None:
     """Tasks with their inputs, results and state."""
     echo_frame(rush.fetch_tasks_with_state(states or ("queued", "running", "finished", "failed")), fmt)
 
@@ -103,7 +102,7 @@ def tasks(rush: "Rush", states: tuple[str, ...], fmt: str) -> None:
 @network_options
 @click.option("--follow", "-f", is_flag=True, help="keep printing new records until Ctrl-C")
 @click.option("--worker-id", "worker_ids", multiple=True, help="only these workers (repeatable)")
-def logs(rush: "Rush", follow: bool, worker_ids: tuple[str, ...]) -> None:
+def logs(rush: Rush, follow: bool, worker_ids: tuple[str, ...]) -> None:
     """Worker log records stored in Redis."""
     seen = 0
     while True:
@@ -120,7 +119,7 @@ def logs(rush: "Rush", follow: bool, worker_ids: tuple[str, ...]) -> None:
 @network_options
 @click.option("--kill", is_flag=True, help="kill now instead of asking the workers to terminate")
 @click.option("--worker-id", "worker_ids", multiple=True, help="only these workers (repeatable)")
-def stop(rush: "Rush", kill: bool, worker_ids: tuple[str, ...]) -> None:
+def stop(rush: Rush, kill: bool, worker_ids: tuple[str, ...]) -> None:
     """Stop workers: terminate gracefully (default) or kill."""
     rush.stop_workers(type="kill" if kill else "terminate", worker_ids=list(worker_ids) or None)
     click.echo(f"{'killed' if kill else 'asked to terminate'}: {', '.join(worker_ids) or 'all workers'}")
@@ -128,7 +127,7 @@ def stop(rush: "Rush", kill: bool, worker_ids: tuple[str, ...]) -> None:
 
 @cli.command()
 @network_options
-def lost(rush: "Rush") -> None:
+def lost(rush: Rush) -> None:
     """Detect lost workers now (expired heartbeat, ended process or SLURM job)."""
     ids = rush.detect_lost_workers()
     click.echo("\n".join(ids) if ids else "no lost workers")
@@ -137,7 +136,7 @@ def lost(rush: "Rush") -> None:
 @cli.command()
 @network_options
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
-def reset(rush: "Rush", yes: bool) -> None:
+def reset(rush: Rush, yes: bool) -> None:
     """Kill the workers and delete every key of the network."""
     if not yes:
         click.confirm(f"delete every key of network {rush.network!r}?", abort=True)
@@ -150,7 +149,7 @@ def reset(rush: "Rush", yes: bool) -> None:
 @click.option("--python", default="python3", show_default=True, help="interpreter on the worker's side")
 @click.option("--credentials-file", default=None, help="write the secrets to this 0600 file and name it")
 @click.option("--show-secrets", is_flag=True, help="print the password and signing secret in clear text")
-def worker_script(rush: "Rush", python: str, credentials_file: str | None, show_secrets: bool) -> None:
+def worker_script(rush: Rush, python: str, credentials_file: str | None, show_secrets: bool) -> None:
     """The shell line that starts one worker of the network anywhere."""
     click.echo(rush.worker_script(python=python, credentials_file=credentials_file, show_secrets=show_secrets))
 
@@ -159,7 +158,7 @@ def worker_script(rush: "Rush", python: str, credentials_file: str | None, show_
 @network_options
 @click.option("--interval", default=1.0, show_default=True, help="seconds between refreshes")
 @click.option("--iterations", default=0, help="stop after this many refreshes (0: until Ctrl-C)")
-def top(rush: "Rush", interval: float, iterations: int) -> None:
+def top(rush: Rush, interval: float, iterations: int) -> None:
     """A live view of the workers and task counts."""
     count = 0
     try:

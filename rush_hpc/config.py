@@ -49,7 +49,7 @@ class RedisConfig:
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def from_url(cls, url: str, **overrides: Any) -> "RedisConfig":
+    def from_url(cls, url: str, **overrides: Any) -> RedisConfig:
         """Parse ``redis://[[user]:password@]host[:port][/db][?ssl_ca_certs=...]`` or ``rediss://...``."""
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):
@@ -83,7 +83,7 @@ class RedisConfig:
         return cls(**values)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "RedisConfig | None":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RedisConfig | None:
         """``RUSH_HPC_URL`` (or ``REDIS_URL``), with ``RUSH_HPC_REDIS_PASSWORD`` overriding the password."""
         env = os.environ if environ is None else environ
         url = env.get("RUSH_HPC_URL") or env.get("REDIS_URL")
@@ -95,7 +95,7 @@ class RedisConfig:
         return config
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "RedisConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> RedisConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -109,11 +109,9 @@ class Rush(RushNetwork):
         try:
             infos = launcher.start(worker_ids, command)
         except LaunchError as error:
-            infos = getattr(error, "infos", {})
-            self._record_infos(launcher, infos)
-            for worker_id in set(worker_ids) - set(infos):
-                set_worker_state(self, worker_id, "failed", ("launched",),
-                                 reason=f"launch failed: {error.failures.get(worker_id, error)}")
+            self._record_infos(launcher, error.infos)
+            for worker_id in set(worker_ids) - set(error.infos):
+                set_worker_state(self, worker_id, "failed", ("launched",), reason=f"launch failed: {error}")
             raise
         except BaseException as error:
             for worker_id in worker_ids:
@@ -259,7 +257,7 @@ class Rush(RushNetwork):
         return self._ids_in_state("running")
 
     @property
-    def worker_info(self) -> "pd.DataFrame":
+    def worker_info(self) -> pd.DataFrame:
         """One row per worker: worker_id, state, pid, hostname, launcher, host, job_id, heartbeat, ..."""
         import pandas as pd
 
@@ -439,7 +437,7 @@ class Rush(RushNetwork):
         logger.info("killed %d worker(s) of network %s", len(killed), self.network)
 
     # -- logs -------------------------------------------------------------------------------
-    def read_log(self, worker_ids: Sequence[str] | None = None, n: int | None = None) -> "pd.DataFrame":
+    def read_log(self, worker_ids: Sequence[str] | None = None, n: int | None = None) -> pd.DataFrame:
         """Log records the workers wrote to Redis (time, worker_id, level, logger, message)."""
         return read_log(self.redis, self.keys.log, worker_ids, n)
 
@@ -494,7 +492,7 @@ class Rush(RushNetwork):
         if self._embedded is not None:
             self._embedded.stop()
 
-    def __enter__(self) -> "Rush":
+    def __enter__(self) -> Rush:
         return self
 
     def __exit__(self, *exc: Any) -> None:

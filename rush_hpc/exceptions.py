@@ -21,7 +21,6 @@ The hierarchy::
 
 from __future__ import annotations
 
-from typing import Any
 
 
 class RushError(Exception):
@@ -82,14 +81,17 @@ class WorkerStartError(WorkerError):
 class LaunchError(RushError):
     """A launcher could not start some workers.
 
-    ``started`` holds the ids of workers that did start, ``failures`` maps a host or job to its reason.
+    ``started`` holds the ids of workers that did start (``infos``: what the launcher knows of
+    them), ``failures`` maps a host or job to its reason.
     """
 
     def __init__(self, message: str, started: list[str] | None = None,
-                 failures: dict[str, str] | None = None) -> None:
+                 failures: dict[str, str] | None = None,
+                 infos: dict[str, dict[str, str]] | None = None) -> None:
         super().__init__(message)
         self.started = started or []
         self.failures = failures or {}
+        self.infos = infos or {}
 
 
 class CommandError(LaunchError):

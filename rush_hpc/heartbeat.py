@@ -45,7 +45,7 @@ def _exit_now(reason: str) -> None:
 class Heartbeat(threading.Thread):
     """Daemon thread beating every ``period`` seconds; the key expires after ``expire`` seconds."""
 
-    def __init__(self, worker: "RushWorker", period: float, expire: float,
+    def __init__(self, worker: RushWorker, period: float, expire: float,
                  on_exit: Callable[[str], None] = _exit_now) -> None:
         super().__init__(name=f"rush-heartbeat-{worker.worker_id}", daemon=True)
         validate(period, expire)

@@ -17,7 +17,7 @@ DEFAULT_MAX_RECORDS = 10_000
 class RedisLogHandler(logging.Handler):
     """Appends each record as JSON to a capped Redis list (the network's ``log`` key)."""
 
-    def __init__(self, client: "redis.Redis", key: str, worker_id: str, level: int = logging.INFO,
+    def __init__(self, client: redis.Redis, key: str, worker_id: str, level: int = logging.INFO,
                  max_records: int = DEFAULT_MAX_RECORDS) -> None:
         super().__init__(level)
         self.client, self.key, self.worker_id, self.max_records = client, key, worker_id, max_records
@@ -47,8 +47,8 @@ class RedisLogHandler(logging.Handler):
         return logging.Formatter().formatException(record.exc_info)  # type: ignore[arg-type]
 
 
-def read_log(client: "redis.Redis", key: str, worker_ids: Iterable[str] | None = None,
-             n: int | None = None) -> "pd.DataFrame":
+def read_log(client: redis.Redis, key: str, worker_ids: Iterable[str] | None = None,
+             n: int | None = None) -> pd.DataFrame:
     """Log records (time, worker_id, level, logger, message), oldest first; ``n`` newest only."""
     import pandas as pd
 

@@ -26,7 +26,7 @@ _FETCH_CHUNK = 20_000
 _ROW_FIELDS = ("xs", "ys", "xs_extra", "ys_extra", "condition", "worker_id", "state")
 
 
-def connect(config: RedisConfig, **client_options: Any) -> "redis.Redis":
+def connect(config: RedisConfig, **client_options: Any) -> redis.Redis:
     """A checked client: wrong password or unreachable Redis become clear ``RushError``s."""
     client = config.client(**client_options)
     probe = config.client(retries=0)  # fail fast and clearly on a wrong password or address
@@ -90,7 +90,7 @@ class RushNetwork:
         self._scripts = {name: self.redis.register_script(getattr(lua, name)) for name in (
             "FINISH_TASKS", "FAIL_TASKS", "POP_TASK", "RELEASE_WORKER_TASKS", "SET_WORKER_STATE",
             "FETCH_TASKS")}
-        self._finished_frame: "pd.DataFrame | None" = None
+        self._finished_frame: pd.DataFrame | None = None
         self._finished_count = 0
         self._new_tasks_index = 0
 
@@ -233,14 +233,14 @@ class RushNetwork:
         return rows
 
     @staticmethod
-    def _frame(rows: list[dict[str, Any]]) -> "pd.DataFrame":
+    def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         import pandas as pd
 
         if not rows:
             return pd.DataFrame(columns=["worker_id", "keys"])
         return pd.DataFrame.from_records(rows)
 
-    def fetch_finished_tasks(self) -> "pd.DataFrame":
+    def fetch_finished_tasks(self) -> pd.DataFrame:
         """Finished tasks (xs, ys and extra columns, worker_id, keys) in the order they finished.
 
         Incremental: only tasks finished since the last call are read from Redis; the rest comes
@@ -265,30 +265,30 @@ class RushNetwork:
             self._finished_count += len(new_rows)
         return self._finished_frame
 
-    def fetch_new_tasks(self) -> "pd.DataFrame":
+    def fetch_new_tasks(self) -> pd.DataFrame:
         """Finished tasks that no earlier ``fetch_new_tasks()`` call returned."""
         frame = self.fetch_finished_tasks()
         new = frame.iloc[self._new_tasks_index:].reset_index(drop=True)
         self._new_tasks_index = len(frame)
         return new
 
-    def fetch_running_tasks(self) -> "pd.DataFrame":
+    def fetch_running_tasks(self) -> pd.DataFrame:
         return self._frame(self._rows(self._fetch_flat(self.keys.running, "set")))
 
-    def fetch_queued_tasks(self) -> "pd.DataFrame":
+    def fetch_queued_tasks(self) -> pd.DataFrame:
         return self._frame(self._rows(self._fetch_flat(self.keys.queued, "list")))
 
-    def fetch_priority_tasks(self) -> "pd.DataFrame":
+    def fetch_priority_tasks(self) -> pd.DataFrame:
         rows: list[dict[str, Any]] = []
         for worker_id in sorted(self.redis.smembers(self.keys.priority_workers)):
             rows += self._rows(self._fetch_flat(self.keys.priority(worker_id.decode()), "list"))
         return self._frame(rows)
 
-    def fetch_failed_tasks(self) -> "pd.DataFrame":
+    def fetch_failed_tasks(self) -> pd.DataFrame:
         """Failed tasks; the condition (e.g. ``message``) becomes columns."""
         return self._frame(self._rows(self._fetch_flat(self.keys.failed, "list")))
 
-    def fetch_tasks_with_state(self, states: Sequence[str] = TASK_STATES) -> "pd.DataFrame":
+    def fetch_tasks_with_state(self, states: Sequence[str] = TASK_STATES) -> pd.DataFrame:
         """Tasks in any of ``states`` with a ``state`` column; one consistent snapshot, no task twice."""
         states = [states] if isinstance(states, str) else list(states)
         unknown = set(states) - set(TASK_STATES)
@@ -296,7 +296,7 @@ class RushNetwork:
             raise TaskError(f"unknown task state(s) {sorted(unknown)}; valid: {list(TASK_STATES)}")
         return self._frame(self._rows(self._fetch_flat(self.keys.all_tasks, "list"), states))
 
-    def fetch_tasks(self) -> "pd.DataFrame":
+    def fetch_tasks(self) -> pd.DataFrame:
         """Every task of the network, in creation order."""
         return self._frame(self._rows(self._fetch_flat(self.keys.all_tasks, "list")))
 

@@ -75,7 +75,7 @@ def _by_value_modules(loop: Callable[..., Any]) -> list[Any]:
     return [module]
 
 
-def store_payload(network: "RushNetwork", loop: Callable[..., Any], globals_: Mapping[str, Any],
+def store_payload(network: RushNetwork, loop: Callable[..., Any], globals_: Mapping[str, Any],
                   modules: Sequence[str], settings: Mapping[str, Any], *,
                   spill_dir: str | os.PathLike[str] | None = None,
                   max_size: int = DEFAULT_MAX_SIZE) -> dict[str, Any]:
@@ -118,7 +118,7 @@ def store_payload(network: "RushNetwork", loop: Callable[..., Any], globals_: Ma
     return meta
 
 
-def load_meta(network: "RushNetwork") -> dict[str, Any]:
+def load_meta(network: RushNetwork) -> dict[str, Any]:
     raw = network.redis.get(network.keys.payload_meta)
     if raw is None:
         raise PayloadError(f"network {network.network!r} has no worker loop in Redis; the controller "
@@ -126,7 +126,7 @@ def load_meta(network: "RushNetwork") -> dict[str, Any]:
     return json.loads(raw)
 
 
-def load_payload(network: "RushNetwork", meta: Mapping[str, Any]) -> tuple[Callable[..., Any], dict[str, Any]]:
+def load_payload(network: RushNetwork, meta: Mapping[str, Any]) -> tuple[Callable[..., Any], dict[str, Any]]:
     """Check the environment, import modules, verify the signature, unpickle; returns (loop, globals)."""
     check_fingerprint(meta["fingerprint"])
     for module in meta.get("modules", []):

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 import rush_hpc
-from rush_hpc import RedisAuthError, SignatureError, WorkerStartError
+from rush_hpc import RedisAuthError, SignatureError
 
 from conftest import SECRET, start_redis_server, stop, wait_until
 from test_workers import FAST, branin, wl_random_search, wl_until_terminated

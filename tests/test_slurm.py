@@ -12,7 +12,6 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-import rush_hpc
 from rush_hpc import ConfigError, WorkerStartError
 from rush_hpc.launchers.base import WorkerCommand
 from rush_hpc.launchers.sbatch import SbatchLauncher

@@ -140,7 +140,7 @@ class SSHLauncher(Launcher):
         failures: dict[str, str] = {}
         with ThreadPoolExecutor(max_workers=min(32, len(assignments))) as pool:
             futures = {pool.submit(self._start_on_host, host, ids_): (host, ids_) for host, ids_ in assignments}
-            for future, (host, ids_) in futures.items():
+            for future, (host, _) in futures.items():
                 try:
                     infos.update(future.result())
                 except Exception as error:  # noqa: BLE001 - reported per host
@@ -149,11 +149,9 @@ class SSHLauncher(Launcher):
                     logger.error("ssh host %s: %s", host.label, reason)
         if failures:
             details = "\n".join(f"- {host}: {reason}" for host, reason in failures.items())
-            error = LaunchError(f"could not start workers on {len(failures)} of {len(self.hosts)} "
-                                f"host(s) ({len(infos)} workers started elsewhere):\n{details}",
-                                started=list(infos), failures=failures)
-            error.infos = infos  # type: ignore[attr-defined]
-            raise error
+            raise LaunchError(f"could not start workers on {len(failures)} of {len(self.hosts)} "
+                              f"host(s) ({len(infos)} workers started elsewhere):\n{details}",
+                              started=list(infos), failures=failures, infos=infos)
         return infos
 
     def _start_on_host(self, host: HostSpec, worker_ids: Sequence[str]) -> dict[str, dict[str, str]]:
