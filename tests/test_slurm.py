@@ -68,6 +68,10 @@ def wl_hold_task(rush):
 
 def _check_random_search(rush, ids, launcher):
     rush.wait_for_workers(worker_ids=ids, timeout=60)
+    for worker in rush._worker_hashes(ids).values():  # no secret in what was submitted
+        for path in [worker.get("job_script")] + list(Path(worker["stdout"]).parent.glob("*.sh")):
+            if path:
+                assert SECRET.decode() not in Path(path).read_text()
     info = rush.worker_info.set_index("worker_id").loc[ids]
     assert (info.launcher == launcher).all()
     assert all("_" in j for j in info.job_id) and info.node.notna().all()
