@@ -485,8 +485,17 @@ class Rush(RushNetwork):
         return f"<Rush network={self.network!r} redis={self.config}>"
 
     def close(self) -> None:
-        """Stop the monitor, reap local workers, and stop the embedded Redis (if any)."""
+        """Stop the monitor, reap local workers, and stop the embedded Redis (if any).
+
+        With an embedded Redis the network ends here, so its local workers are killed first
+        rather than left to crash on a vanished server.
+        """
         self._monitor_stop.set()
+        if self._embedded is not None:
+            local = [w for w in self._ids_in_state("running", "launched")
+                     if isinstance(self._launchers.get(w), LocalLauncher)]
+            if local:
+                self._kill(local, grace=1.0)
         self._reap_local_workers(timeout=0.0)
         super().close()
         if self._embedded is not None:

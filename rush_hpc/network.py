@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import redis
 
 from . import lua
-from .codec import JSON_TAG, Codec
+from .codec import JSON_TAG, Codec, loads_json
 from .config import RedisConfig
 from .exceptions import (RedisAuthError, RedisUnavailableError, RushTimeoutError, TaskError,
                          UnknownTaskError)
@@ -211,7 +210,6 @@ class RushNetwork:
     def _rows(self, flat: list[Any], states: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Turn FETCH_TASKS output into row dicts; JSON values are decoded inline (fast path)."""
         decode = self.codec.decode
-        loads = json.loads
         jtag = JSON_TAG[0]
         width = len(_ROW_FIELDS) + 1
         rows = []
@@ -223,7 +221,7 @@ class RushNetwork:
             row: dict[str, Any] = {}
             for blob in flat[i + 1:i + 6]:  # xs, ys, xs_extra, ys_extra, condition
                 if blob is not None:
-                    row.update(loads(blob[1:]) if blob[0] == jtag else decode(blob))
+                    row.update(loads_json(blob) if blob[0] == jtag else decode(blob))
             worker_id = flat[i + 6]
             row["worker_id"] = worker_id.decode() if worker_id is not None else None
             if states is not None:

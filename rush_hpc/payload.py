@@ -78,7 +78,7 @@ def _by_value_modules(loop: Callable[..., Any]) -> list[Any]:
 def store_payload(network: RushNetwork, loop: Callable[..., Any], globals_: Mapping[str, Any],
                   modules: Sequence[str], settings: Mapping[str, Any], *,
                   spill_dir: str | os.PathLike[str] | None = None,
-                  max_size: int = DEFAULT_MAX_SIZE) -> dict[str, Any]:
+                  max_size: int | None = None) -> dict[str, Any]:
     """Serialize, sign and store the payload; returns its meta data."""
     if not callable(loop):
         raise PayloadError(f"worker_loop must be a function taking one argument (rush), got {loop!r:.80}")
@@ -100,6 +100,7 @@ def store_payload(network: RushNetwork, loop: Callable[..., Any], globals_: Mapp
     meta: dict[str, Any] = {"fingerprint": fingerprint(), "modules": list(modules),
                             "settings": dict(settings), "size": len(blob),
                             "sha256": hashlib.sha256(blob).hexdigest()}
+    max_size = DEFAULT_MAX_SIZE if max_size is None else max_size
     if len(blob) > max_size:
         if spill_dir is None:
             raise PayloadError(

@@ -35,6 +35,28 @@ def row(what: str, value: str, target: str = "") -> None:
     print(f"  {what}: {value} {('(target ' + target + ')') if target else ''}", file=sys.stderr, flush=True)
 
 
+# -- 0. encoding ----------------------------------------------------------------------------------
+def bench_codec() -> None:
+    """Why plain task values are JSON: the same dict through JSON and through signed cloudpickle."""
+    import timeit
+
+    from rush_hpc.codec import Codec
+
+    codec, value = Codec(SECRET), {"x1": 1.2345, "x2": 6.789, "max_depth": 7, "kernel": "rbf"}
+    json_blob, pickle_blob = codec.encode(value), codec.dumps_pickle(value)
+    n = 20_000
+    results = {
+        "JSON": (timeit.timeit(lambda: codec.encode(value), number=n) / n,
+                 timeit.timeit(lambda: codec.decode(json_blob), number=n) / n, len(json_blob)),
+        "signed cloudpickle": (timeit.timeit(lambda: codec.dumps_pickle(value), number=n) / n,
+                               timeit.timeit(lambda: codec.loads_pickle(pickle_blob), number=n) / n,
+                               len(pickle_blob)),
+    }
+    for name, (encode, decode, size) in results.items():
+        row(f"encode / decode a 4-field task dict, {name}",
+            f"{encode * 1e6:.1f} us / {decode * 1e6:.1f} us, {size} bytes")
+
+
 # -- 1. the vignette loop ---------------------------------------------------------------------
 def rush_loop(config: RedisConfig, network: str, n_total: int, barrier) -> None:
     worker = rush_hpc.RushWorker(network, config=config, secret=SECRET)
@@ -291,6 +313,7 @@ def main() -> None:
         print(f"rush-hpc {rush_hpc.__version__} benchmark, {time.strftime('%Y-%m-%d')}, Python "
               f"{platform.python_version()}, redis-py {redis.__version__}, {server.binary}, "
               f"{os.cpu_count()} CPUs", file=sys.stderr)
+        bench_codec()
         bench_loop(config, n_loop)
         bench_queue(config, 10_000)
         bench_fetch(config, [10_000] if args.quick else [10_000, 100_000])

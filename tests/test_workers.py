@@ -240,3 +240,29 @@ def test_monitor_detects_lost_workers_in_the_background(rush):
     rush.start_monitor(interval=0.1)
     os.kill(int(rush.worker_info["pid"][0]), signal.SIGKILL)
     wait_until(lambda: rush._ids_in_state("lost") == ids, 5, what="monitor")
+
+
+def test_large_payload_spills_to_a_shared_directory(rush, tmp_path, monkeypatch):
+    from rush_hpc import payload
+
+    monkeypatch.setattr(payload, "DEFAULT_MAX_SIZE", 1000)
+    blob = "x" * 5000
+    with pytest.raises(PayloadError, match="more than the 0 MB limit for Redis. Pass payload_dir="):
+        rush.start_local_workers(worker_loop=wl_until_terminated, globals={"blob": blob})
+
+    def loop(rush):
+        rush.push_results(rush.push_running_tasks([{"n": len(blob)}]), [{"y": 1}])
+
+    ids = rush.start_local_workers(worker_loop=loop, globals={"blob": blob}, payload_dir=str(tmp_path), **FAST)
+    wait_until(lambda: rush._ids_in_state("terminated") == ids, 30, what="worker to end")
+    assert rush.fetch_finished_tasks()["n"].tolist() == [5000]
+    assert rush.redis.get(rush.keys.payload) == b"" and list(tmp_path.glob("rush-payload-*.pkl"))
+
+
+def test_closing_a_controller_with_embedded_redis_kills_its_local_workers():
+    rush = rush_hpc.rsh(network="embedded-close")
+    ids = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=2, **FAST)
+    rush.wait_for_workers(2, timeout=30)
+    processes = [rush._launchers[w].processes[w] for w in ids]
+    rush.close()
+    assert all(p.poll() is not None for p in processes)
