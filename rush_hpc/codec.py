@@ -54,8 +54,9 @@ class Codec:
         self._secret = secret
 
     @property
-    def can_sign(self) -> bool:
-        return self._secret is not None
+    def secret(self) -> bytes | None:
+        """The signing secret; launchers hand it to workers in their credentials file."""
+        return self._secret
 
     def sign(self, data: bytes) -> bytes:
         if self._secret is None:

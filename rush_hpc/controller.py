@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from . import heartbeat as heartbeat_settings
 from .config import RedisConfig, resolve_config
-from .credentials import CREDENTIALS_ENV, resolve_secret, write_credentials
+from .credentials import CREDENTIALS_ENV, credentials_blob, resolve_secret, write_credentials
 from .exceptions import ConfigError, LaunchError, RushTimeoutError, WorkerStartError
 from .launchers.base import Launcher, WorkerCommand
 from .launchers.local import LocalLauncher
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 GlobalsArg = Mapping[str, Any] | Sequence[str] | None
-_ENDED = ("terminated", "killed", "lost", "failed")
 
 
 def resolve_globals(globals_: GlobalsArg, frame_depth: int = 2) -> dict[str, Any]:
@@ -89,12 +88,15 @@ class Rush(RushNetwork):
                       {"heartbeat_period": heartbeat_period, "heartbeat_expire": heartbeat_expire,
                        "log_level": log_level}, spill_dir=payload_dir)
 
-    def _credentials_file(self, directory: Path) -> Path:
-        return write_credentials(directory / "credentials.json", self.config, self.codec_secret)
-
-    @property
-    def codec_secret(self) -> bytes | None:
-        return self.codec._secret
+    def _start_in_directory(self, make_launcher: Callable[[Path], Any], n_workers: int,
+                            log_dir: str | None) -> list[str]:
+        """Launchers whose workers see this machine's files (local, SLURM with a shared ``log_dir``):
+        output and the 0600 credentials file go to ``log_dir``."""
+        directory = self._worker_log_dir(log_dir)
+        launcher = make_launcher(directory)
+        credentials = write_credentials(directory / "credentials.json", self.config, self.codec.secret)
+        command = WorkerCommand(self.network, launcher.python, {CREDENTIALS_ENV: str(credentials)})
+        return self.start_workers(launcher, n_workers, command)
 
     def start_workers(self, launcher: Launcher, n_workers: int, command: WorkerCommand,
                       pre_info: Mapping[str, str] | None = None) -> list[str]:
@@ -140,11 +142,7 @@ class Rush(RushNetwork):
         self.store_worker_loop(worker_loop, globals, modules, heartbeat_period=heartbeat_period,
                                heartbeat_expire=heartbeat_expire, log_level=log_level,
                                payload_dir=payload_dir, _frame_depth=2)
-        directory = self._worker_log_dir(log_dir)
-        credentials = self._credentials_file(directory)
-        command = WorkerCommand(self.network, python or sys.executable,
-                                {CREDENTIALS_ENV: str(credentials)})
-        return self.start_workers(LocalLauncher(directory), n_workers, command)
+        return self._start_in_directory(lambda d: LocalLauncher(d, python), n_workers, log_dir)
 
     def start_ssh_workers(self, worker_loop: Callable[..., Any], hosts: Sequence[Any],
                           n_workers: int = 1, globals: GlobalsArg = None, modules: Sequence[str] = (),
@@ -172,11 +170,7 @@ class Rush(RushNetwork):
         self.store_worker_loop(worker_loop, globals, modules, heartbeat_period=heartbeat_period,
                                heartbeat_expire=heartbeat_expire, log_level=log_level,
                                payload_dir=payload_dir, _frame_depth=2)
-        directory = self._worker_log_dir(log_dir)
-        launcher = SubmititLauncher(directory, **slurm_options)
-        command = WorkerCommand(self.network, launcher.python,
-                                {CREDENTIALS_ENV: str(self._credentials_file(directory))})
-        return self.start_workers(launcher, n_workers, command)
+        return self._start_in_directory(lambda d: SubmititLauncher(d, **slurm_options), n_workers, log_dir)
 
     def start_sbatch_workers(self, worker_loop: Callable[..., Any], n_workers: int = 1,
                              globals: GlobalsArg = None, modules: Sequence[str] = (), *,
@@ -189,11 +183,7 @@ class Rush(RushNetwork):
         self.store_worker_loop(worker_loop, globals, modules, heartbeat_period=heartbeat_period,
                                heartbeat_expire=heartbeat_expire, log_level=log_level,
                                payload_dir=payload_dir, _frame_depth=2)
-        directory = self._worker_log_dir(log_dir)
-        launcher = SbatchLauncher(directory, **sbatch_options)
-        command = WorkerCommand(self.network, launcher.python,
-                                {CREDENTIALS_ENV: str(self._credentials_file(directory))})
-        return self.start_workers(launcher, n_workers, command)
+        return self._start_in_directory(lambda d: SbatchLauncher(d, **sbatch_options), n_workers, log_dir)
 
     def sbatch_script(self, n_workers: int = 1, log_dir: str | None = None, **sbatch_options: Any) -> str:
         """The job script ``start_sbatch_workers`` would submit (dry run; no secrets in it)."""
@@ -206,9 +196,7 @@ class Rush(RushNetwork):
         return launcher.render(n_workers, command, batch_id="<batch>")
 
     def _credentials_blob(self) -> bytes:
-        from .credentials import credentials_blob
-
-        return credentials_blob(self.config, self.codec_secret)
+        return credentials_blob(self.config, self.codec.secret)
 
     def worker_script(self, worker_loop: Callable[..., Any] | None = None, globals: GlobalsArg = None,
                       modules: Sequence[str] = (), *, python: str = "python3",
@@ -222,16 +210,13 @@ class Rush(RushNetwork):
         """
         if worker_loop is not None:
             self.store_worker_loop(worker_loop, globals, modules, _frame_depth=2, **loop_options)
-        base = ["python" if python is None else python, "-m", "rush_hpc", "worker", "--network", self.network]
-        import shlex
-
         if credentials_file is not None:
-            write_credentials(credentials_file, self.config, self.codec_secret)
+            write_credentials(credentials_file, self.config, self.codec.secret)
             env = {CREDENTIALS_ENV: str(credentials_file)}
         else:
-            secret = self.codec_secret.decode() if self.codec_secret and show_secrets else "***"
+            secret = self.codec.secret.decode() if self.codec.secret and show_secrets else "***"
             env = {"RUSH_HPC_URL": self.config.to_url(show_secrets=show_secrets), "RUSH_HPC_SECRET": secret}
-        return " ".join([f"{k}={shlex.quote(v)}" for k, v in env.items()] + [shlex.quote(a) for a in base])
+        return WorkerCommand(self.network, python, env).shell(None)
 
     # -- observing workers ------------------------------------------------------------------
     def _worker_hashes(self, worker_ids: Iterable[str] | None = None) -> dict[str, dict[str, str]]:

@@ -84,8 +84,8 @@ def floor_loop(config: RedisConfig, network: str, n_total: int, barrier) -> None
         finish(keys=[running, finished], args=[prefix + "task:", task_id, b'j{"y":3.25}', b""])
 
 
-def run_processes(target, config: RedisConfig, n_procs: int, n_total: int) -> float:
-    network = f"bench-{uuid.uuid4().hex[:8]}"
+def run_forked(target, config: RedisConfig, network: str, n_procs: int, n_total: int) -> float:
+    """Run ``target`` in ``n_procs`` forked processes that start together; returns the seconds."""
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(n_procs + 1)
     procs = [ctx.Process(target=target, args=(config, network, n_total, barrier)) for _ in range(n_procs)]
@@ -95,7 +95,12 @@ def run_processes(target, config: RedisConfig, n_procs: int, n_total: int) -> fl
     started = time.perf_counter()
     for p in procs:
         p.join()
-    elapsed = time.perf_counter() - started
+    return time.perf_counter() - started
+
+
+def run_processes(target, config: RedisConfig, n_procs: int, n_total: int) -> float:
+    network = f"bench-{uuid.uuid4().hex[:8]}"
+    elapsed = run_forked(target, config, network, n_procs, n_total)
     n = config.client().llen(f"rush:{{{network}}}:tasks:finished")
     cleanup(config, network)
     return n / elapsed
@@ -142,16 +147,7 @@ def run_queue(config: RedisConfig, target, n_tasks: int) -> tuple[float, float]:
     started = time.perf_counter()
     rush.push_tasks([{"x": i} for i in range(n_tasks)])
     push = time.perf_counter() - started
-    ctx = mp.get_context("fork")
-    barrier = ctx.Barrier(5)
-    procs = [ctx.Process(target=target, args=(config, network, n_tasks, barrier)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for p in procs:
-        p.join()
-    elapsed = time.perf_counter() - started
+    elapsed = run_forked(target, config, network, 4, n_tasks)
     assert rush.n_finished_tasks == n_tasks, rush.n_finished_tasks
     rush.reset()
     rush.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
+from rush_hpc.examples.random_search import wl_random_search
 from rush_hpc import ConfigError, WorkerStartError
 from rush_hpc.launchers.base import WorkerCommand
 from rush_hpc.launchers.sbatch import SbatchLauncher
@@ -39,19 +40,7 @@ def slurm_rush(slurm_cluster, rush, tmp_path):
     return rush
 
 
-def branin(x1: float, x2: float) -> float:
-    import math
-
-    return ((x2 - 5.1 / (4 * math.pi ** 2) * x1 ** 2 + 5 / math.pi * x1 - 6) ** 2
-            + 10 * (1 - 1 / (8 * math.pi)) * math.cos(x1) + 10)
-
-
-def wl_random_search(rush):
-    import random
-
-    while rush.n_finished_tasks < 100 and not rush.terminated:
-        xs = {"x1": random.uniform(-5, 10), "x2": random.uniform(0, 15)}
-        rush.push_results(rush.push_running_tasks([xs]), [{"y": branin(**xs)}])
+SEARCH = {"rush_n_tasks": 100}  # globals of the vignette loop from rush_hpc.examples
 
 
 def wl_hold_task(rush):
@@ -80,21 +69,21 @@ def _check_random_search(rush, ids, launcher):
 
 
 def test_random_search_with_four_submitit_workers(slurm_rush):
-    ids = slurm_rush.start_slurm_workers(wl_random_search, n_workers=4, globals={"branin": branin},
+    ids = slurm_rush.start_slurm_workers(wl_random_search, n_workers=4, globals=SEARCH,
                                          log_dir=slurm_rush.test_log_dir, **SLURM)
     _check_random_search(slurm_rush, ids, "slurm")
     assert len({j.split("_")[0] for j in slurm_rush.worker_info.job_id}) == 1  # one array
 
 
 def test_random_search_with_four_sbatch_workers(slurm_rush):
-    ids = slurm_rush.start_sbatch_workers(wl_random_search, n_workers=4, globals={"branin": branin},
+    ids = slurm_rush.start_sbatch_workers(wl_random_search, n_workers=4, globals=SEARCH,
                                           log_dir=slurm_rush.test_log_dir, **SLURM)
     _check_random_search(slurm_rush, ids, "sbatch")
 
 
 def test_nasty_log_dir_survives_the_job_script(slurm_rush, tmp_path):
     nasty = tmp_path / "a \"0\" it's; echo foo"
-    ids = slurm_rush.start_sbatch_workers(wl_random_search, n_workers=1, globals={"branin": branin},
+    ids = slurm_rush.start_sbatch_workers(wl_random_search, n_workers=1, globals=SEARCH,
                                           log_dir=str(nasty), **SLURM)
     slurm_rush.wait_for_workers(worker_ids=ids, timeout=60)
     assert list(nasty.glob("rush-*-0.err"))

@@ -17,6 +17,7 @@ import cloudpickle
 import pytest
 
 import rush_hpc
+from rush_hpc.examples.random_search import wl_random_search
 from rush_hpc import LaunchError
 from rush_hpc.config import RedisConfig
 
@@ -66,19 +67,7 @@ def ssh(ssh_env, host: str, command: str) -> str:
                           text=True, timeout=30).stdout
 
 
-def branin(x1: float, x2: float) -> float:
-    import math
-
-    return ((x2 - 5.1 / (4 * math.pi ** 2) * x1 ** 2 + 5 / math.pi * x1 - 6) ** 2
-            + 10 * (1 - 1 / (8 * math.pi)) * math.cos(x1) + 10)
-
-
-def wl_random_search(rush):
-    import random
-
-    while rush.n_finished_tasks < 100 and not rush.terminated:
-        xs = {"x1": random.uniform(-5, 10), "x2": random.uniform(0, 15)}
-        rush.push_results(rush.push_running_tasks([xs]), [{"y": branin(**xs)}])
+SEARCH = {"rush_n_tasks": 100}  # globals of the vignette loop from rush_hpc.examples
 
 
 def wl_queue(rush):
@@ -102,7 +91,7 @@ def start(srush, ssh_env, loop=wl_random_search, hosts=None, **kwargs):
 
 
 def test_workers_on_three_hosts_run_the_random_search(srush, ssh_env):
-    ids = start(srush, ssh_env, n_workers=2, globals={"branin": branin})
+    ids = start(srush, ssh_env, n_workers=2, globals=SEARCH)
     srush.wait_for_workers(worker_ids=ids, timeout=30)
     info = srush.worker_info.set_index("worker_id").loc[ids]
     assert sorted(set(info.hostname)) == sorted(ssh_env["hosts"])

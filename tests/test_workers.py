@@ -15,19 +15,13 @@ import pytest
 
 import rush_hpc
 from rush_hpc import PayloadError, RushTimeoutError, WorkerStartError
+from rush_hpc.examples import branin
 
 from conftest import wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests are not importable on workers
 
 FAST = {"heartbeat_period": 0.2, "heartbeat_expire": 1.0}
-
-
-def branin(x1: float, x2: float) -> float:
-    import math
-
-    return ((x2 - 5.1 / (4 * math.pi ** 2) * x1 ** 2 + 5 / math.pi * x1 - 6) ** 2
-            + 10 * (1 - 1 / (8 * math.pi)) * math.cos(x1) + 10)
 
 
 def wl_random_search(rush):

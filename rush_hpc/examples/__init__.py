@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import math
 import time
 from typing import Any, Callable, Sequence
@@ -44,6 +44,17 @@ def start_workers(rush: Rush, loop: Callable[..., Any], n_workers: int, launcher
     if launcher == "slurm":
         return rush.start_slurm_workers(loop, n_workers=n_workers, globals=globals, **options)
     raise ConfigError(f"launcher must be local, ssh or slurm, got {launcher!r}")
+
+
+def run_example(rush: Rush, loop: Callable[..., Any], n_workers: int, n_tasks: int, launcher: str,
+                progress: bool, globals: dict[str, Any], **options: Any) -> tuple[list[str], float]:
+    """Start the workers, wait until they are done, print the summary; returns (ids, seconds)."""
+    started = time.monotonic()
+    ids = start_workers(rush, loop, n_workers, launcher, globals=globals, **options)
+    rush.wait_for_workers(worker_ids=ids, timeout=120)
+    wait_for_finished(rush, n_tasks, ids, progress=progress)
+    print(rush)
+    return ids, time.monotonic() - started
 
 
 def wait_for_finished(rush: Rush, n_tasks: int, ids: Sequence[str], timeout: float = 600,

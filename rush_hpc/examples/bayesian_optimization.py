@@ -8,10 +8,9 @@ best of 1000 random candidates by a lower confidence bound with its own lambda i
 from __future__ import annotations
 
 import random
-import time
 from typing import Any
 
-from . import branin, require, start_workers, wait_for_finished
+from . import branin, require, run_example
 
 bo_n_tasks = 100
 
@@ -41,14 +40,9 @@ def wl_bayesian_optimization(rush) -> None:
 def run(rush, n_workers: int = 4, n_tasks: int = 100, n_initial: int = 25, launcher: str = "local",
         progress: bool = False, **options: Any):
     require("sklearn", "numpy")
-    started = time.monotonic()
     rush.push_tasks([{"x1": random.uniform(-5, 10), "x2": random.uniform(0, 15)} for _ in range(n_initial)])
-    ids = start_workers(rush, wl_bayesian_optimization, n_workers, launcher,
-                        globals={"bo_n_tasks": n_tasks}, modules=["sklearn.ensemble"], **options)
-    rush.wait_for_workers(worker_ids=ids, timeout=120)
-    wait_for_finished(rush, n_tasks, ids, progress=progress)
-    elapsed = time.monotonic() - started
-    print(rush)
+    ids, elapsed = run_example(rush, wl_bayesian_optimization, n_workers, n_tasks, launcher, progress,
+                               {"bo_n_tasks": n_tasks}, modules=["sklearn.ensemble"], **options)
     tasks = rush.fetch_finished_tasks()
     initial = tasks.head(n_initial)["y"].min()
     tasks = tasks.sort_values("y")

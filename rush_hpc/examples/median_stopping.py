@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import random
 import statistics
-import time
 from importlib import resources
 from typing import Any
 
-from . import require, start_workers, wait_for_finished
+from . import require, run_example
 
 ms_n_tasks = 1000
 
@@ -53,13 +52,8 @@ def wl_median_stopping(rush) -> None:
 def run(rush, n_workers: int = 4, n_tasks: int = 1000, launcher: str = "local", progress: bool = False,
         **options: Any):
     require("xgboost", "numpy")
-    started = time.monotonic()
-    ids = start_workers(rush, wl_median_stopping, n_workers, launcher,
-                        globals={"ms_n_tasks": n_tasks}, modules=["xgboost"], **options)
-    rush.wait_for_workers(worker_ids=ids, timeout=120)
-    wait_for_finished(rush, n_tasks, ids, progress=progress)
-    elapsed = time.monotonic() - started
-    print(rush)
+    ids, elapsed = run_example(rush, wl_median_stopping, n_workers, n_tasks, launcher, progress,
+                               {"ms_n_tasks": n_tasks}, modules=["xgboost"], **options)
     tasks = rush.fetch_finished_tasks().sort_values("rmse")
     print(tasks[["max_depth", "lambda", "alpha", "nrounds", "rmse"]].head(10).to_string(index=False))
     per_round = tasks.groupby("nrounds")["rmse"].agg(["count", "median", "min"])

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import random
-import time
 from typing import Any
 
-from . import branin, start_workers, wait_for_finished
+from . import branin, run_example
 
 
 def wl_random_search(rush) -> None:
@@ -22,13 +21,8 @@ rush_n_tasks = 100
 def run(rush, n_workers: int = 4, n_tasks: int = 100, launcher: str = "local", progress: bool = False,
         **options: Any):
     """Run the example on ``rush``; prints the summary and the best rows, returns the finished tasks."""
-    started = time.monotonic()
-    ids = start_workers(rush, wl_random_search, n_workers, launcher,
-                        globals={"rush_n_tasks": n_tasks}, **options)
-    rush.wait_for_workers(worker_ids=ids, timeout=120)
-    wait_for_finished(rush, n_tasks, ids, progress=progress)
-    elapsed = time.monotonic() - started
-    print(rush)
+    ids, elapsed = run_example(rush, wl_random_search, n_workers, n_tasks, launcher, progress,
+                               {"rush_n_tasks": n_tasks}, **options)
     tasks = rush.fetch_finished_tasks().sort_values("y")
     print(tasks[["x1", "x2", "y", "worker_id"]].head(10).to_string(index=False))
     best = tasks.iloc[0]

@@ -32,11 +32,12 @@ class WorkerCommand:
     python: str
     env: Mapping[str, str] = field(default_factory=dict)
 
-    def argv(self, worker_id: str) -> list[str]:
-        return [self.python, "-m", "rush_hpc", "worker", "--network", self.network,
-                "--worker-id", worker_id]
+    def argv(self, worker_id: str | None) -> list[str]:
+        """The command; without ``worker_id`` the worker makes up its own id."""
+        argv = [self.python, "-m", "rush_hpc", "worker", "--network", self.network]
+        return argv + ["--worker-id", worker_id] if worker_id else argv
 
-    def shell(self, worker_id: str, *, with_env: bool = True) -> str:
+    def shell(self, worker_id: str | None, *, with_env: bool = True) -> str:
         """One shell line, every value quoted (safe to paste into a remote shell or job script)."""
         assignments = [f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())] if with_env else []
         return " ".join(assignments + [shlex.quote(a) for a in self.argv(worker_id)])

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -35,8 +36,9 @@ def describe_exit(returncode: int) -> str:
 class LocalLauncher(Launcher):
     name = "local"
 
-    def __init__(self, log_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, log_dir: str | os.PathLike[str], python: str | None = None) -> None:
         self.log_dir = Path(log_dir)
+        self.python = python or sys.executable
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, worker_ids: Sequence[str], command: WorkerCommand) -> dict[str, dict[str, str]]:
