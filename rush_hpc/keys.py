@@ -12,7 +12,7 @@ rush:{N}:tasks:queued               list    ids waiting in the shared queue
 rush:{N}:tasks:priority:<worker>    list    ids waiting for one worker (popped before the shared queue)
 rush:{N}:tasks:priority_workers     set     workers that have a priority list
 rush:{N}:tasks:running              set     ids being evaluated
-rush:{N}:tasks:finished             list    ids with results, append-only (incremental fetch by index)
+rush:{N}:tasks:finished             list    finished rows as JSON, append-only (incremental fetch by index)
 rush:{N}:tasks:failed               list    ids that failed, append-only
 rush:{N}:task:<id>                  hash    xs, ys, xs_extra, ys_extra, condition, state, worker_id,
                                             max_retries, n_retries

@@ -6,18 +6,33 @@ Redis Cluster slot.
 """
 
 # Finish running tasks. First writer wins: a task that is no longer running is left alone.
+# Appends the finished row to KEYS[2] as JSON, ready to read: [id, xs, ys, xs_extra, ys_extra,
+# worker_id], JSON-tagged values inlined (tag stripped); signed pickles are null there and their
+# positions follow as a 7th element, e.g. [..., [1, 3]], for the reader to fetch and verify.
 # KEYS[1] running set, KEYS[2] finished list
 # ARGV[1] task key prefix, then triples: id, ys (encoded), ys_extra (encoded or "")
 # returns the ids that were NOT running (their results were discarded)
 FINISH_TASKS = """
 local discarded = {}
+local function inline(value, position, pickled)
+  if not value or value == '' then return 'null' end
+  if string.byte(value, 1) == 106 then return string.sub(value, 2) end
+  pickled[#pickled + 1] = position
+  return 'null'
+end
 for i = 2, #ARGV, 3 do
   local id = ARGV[i]
   if redis.call('SREM', KEYS[1], id) == 1 then
     local key = ARGV[1] .. id
     redis.call('HSET', key, 'ys', ARGV[i + 1], 'state', 'finished')
     if ARGV[i + 2] ~= '' then redis.call('HSET', key, 'ys_extra', ARGV[i + 2]) end
-    redis.call('RPUSH', KEYS[2], id)
+    local task = redis.call('HMGET', key, 'xs', 'xs_extra', 'worker_id')
+    local pickled = {}
+    local row = {cjson.encode(id), inline(task[1], 1, pickled), inline(ARGV[i + 1], 2, pickled),
+                 inline(task[2], 3, pickled), inline(ARGV[i + 2], 4, pickled),
+                 task[3] and cjson.encode(task[3]) or 'null'}
+    if #pickled > 0 then row[7] = '[' .. table.concat(pickled, ',') .. ']' end
+    redis.call('RPUSH', KEYS[2], '[' .. table.concat(row, ',') .. ']')
   else
     discarded[#discarded + 1] = id
   end
@@ -112,25 +127,41 @@ for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return current
 """
 
-# Read task hashes of a list range or a whole set, in one call.
+# Read task rows of a list range or a whole set, in one call, as ONE JSON string: parsing one
+# string is far cheaper for the client than hundreds of thousands of reply items.
 # KEYS[1] list or set of ids
-# ARGV[1] 'list' or 'set', ARGV[2] start, ARGV[3] stop (list only), ARGV[4] task key prefix,
-# ARGV[5..] hash fields to read
-# returns a flat array: id, field values..., id, field values...
-FETCH_TASKS = """
+# ARGV[1] 'list' or 'set', ARGV[2] start, ARGV[3] stop (list only), ARGV[4] task key prefix
+# returns {json, refs}: json is '[[id, xs, ys, xs_extra, ys_extra, condition, worker_id, state], ...]'
+# with JSON-tagged values inlined (tag stripped) and null for missing ones; signed pickles are not
+# inlined (null) and listed in refs as flat pairs (0-based row, 1-based value index) for the client
+# to read and verify itself.
+FETCH_ROWS = """
 local ids
 if ARGV[1] == 'list' then
   ids = redis.call('LRANGE', KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]))
 else
   ids = redis.call('SMEMBERS', KEYS[1])
 end
-local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-local out = {}
-for _, id in ipairs(ids) do
-  out[#out + 1] = id
-  local values = redis.call('HMGET', ARGV[4] .. id, unpack(fields))
-  for j = 1, #fields do out[#out + 1] = values[j] or false end
+local parts, refs = {}, {}
+for i, id in ipairs(ids) do
+  local v = redis.call('HMGET', ARGV[4] .. id, 'xs', 'ys', 'xs_extra', 'ys_extra', 'condition',
+                       'worker_id', 'state')
+  local row = {cjson.encode(id)}
+  for j = 1, 5 do
+    local value = v[j]
+    if not value or value == '' then
+      row[j + 1] = 'null'
+    elseif string.byte(value, 1) == 106 then
+      row[j + 1] = string.sub(value, 2)
+    else
+      row[j + 1] = 'null'
+      refs[#refs + 1] = i - 1
+      refs[#refs + 1] = j
+    end
+  end
+  row[7] = v[6] and cjson.encode(v[6]) or 'null'
+  row[8] = v[7] and cjson.encode(v[7]) or 'null'
+  parts[i] = '[' .. table.concat(row, ',') .. ']'
 end
-return out
+return {'[' .. table.concat(parts, ',') .. ']', refs}
 """

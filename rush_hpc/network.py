@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -10,7 +11,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import redis
 
 from . import lua
-from .codec import JSON_TAG, Codec, loads_json
+from .codec import Codec
+from .frames import FrameBuffer, rows_to_frame
 from .config import RedisConfig
 from .exceptions import (RedisAuthError, RedisUnavailableError, RushTimeoutError, TaskError,
                          UnknownTaskError)
@@ -21,8 +23,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_FETCH_CHUNK = 20_000
-_ROW_FIELDS = ("xs", "ys", "xs_extra", "ys_extra", "condition", "worker_id", "state")
+_ROW_FIELDS = ("xs", "ys", "xs_extra", "ys_extra", "condition")
 
 
 def connect(config: RedisConfig, **client_options: Any) -> redis.Redis:
@@ -88,9 +89,8 @@ class RushNetwork:
         self.redis = connect(config)
         self._scripts = {name: self.redis.register_script(getattr(lua, name)) for name in (
             "FINISH_TASKS", "FAIL_TASKS", "POP_TASK", "RELEASE_WORKER_TASKS", "SET_WORKER_STATE",
-            "FETCH_TASKS")}
-        self._finished_frame: pd.DataFrame | None = None
-        self._finished_count = 0
+            "FETCH_ROWS")}
+        self._finished = FrameBuffer()
         self._new_tasks_index = 0
 
     # -- creating tasks -----------------------------------------------------------------------
@@ -203,65 +203,71 @@ class RushNetwork:
                 "finished": finished, "failed": failed, "total": total}
 
     # -- fetching ------------------------------------------------------------------------------
-    def _fetch_flat(self, collection: str, kind: str, start: int = 0, stop: int = -1) -> list[Any]:
-        return self._scripts["FETCH_TASKS"](
-            keys=[collection], args=[kind, start, stop, self.keys.task_prefix, *_ROW_FIELDS])
+    def _fetch_rows(self, collection: str, kind: str, start: int = 0, stop: int = -1,
+                    states: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Rows (one dict per task) of a list range or a set, read in one FETCH_ROWS call.
 
-    def _rows(self, flat: list[Any], states: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """Turn FETCH_TASKS output into row dicts; JSON values are decoded inline (fast path)."""
-        decode = self.codec.decode
-        jtag = JSON_TAG[0]
-        width = len(_ROW_FIELDS) + 1
+        JSON values arrive inlined in one JSON document; signed pickles are read separately and
+        verified before they are unpickled.
+        """
+        text, refs = self._scripts["FETCH_ROWS"](
+            keys=[collection], args=[kind, start, stop, self.keys.task_prefix])
+        records = json.loads(text)
+        if refs:
+            self._resolve_refs(records, refs)
         rows = []
-        for i in range(0, len(flat), width):
-            state = flat[i + 7]
-            state = state.decode() if state is not None else None
+        for task_id, xs, ys, xs_extra, ys_extra, condition, worker_id, state in records:
             if states is not None and state not in states:
                 continue
             row: dict[str, Any] = {}
-            for blob in flat[i + 1:i + 6]:  # xs, ys, xs_extra, ys_extra, condition
-                if blob is not None:
-                    row.update(loads_json(blob) if blob[0] == jtag else decode(blob))
-            worker_id = flat[i + 6]
-            row["worker_id"] = worker_id.decode() if worker_id is not None else None
+            for values in (xs, ys, xs_extra, ys_extra, condition):
+                if values:
+                    row.update(values)
+            row["worker_id"] = worker_id
             if states is not None:
                 row["state"] = state
-            row["keys"] = flat[i].decode()
+            row["keys"] = task_id
             rows.append(row)
         return rows
 
-    @staticmethod
-    def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-        import pandas as pd
-
-        if not rows:
-            return pd.DataFrame(columns=["worker_id", "keys"])
-        return pd.DataFrame.from_records(rows)
+    def _resolve_refs(self, records: list[list[Any]], refs: list[Any]) -> None:
+        pairs = [(int(refs[i]), int(refs[i + 1])) for i in range(0, len(refs), 2)]
+        pipe = self.redis.pipeline(transaction=False)
+        for row, index in pairs:
+            pipe.hget(self.keys.task(records[row][0]), _ROW_FIELDS[index - 1])
+        for (row, index), blob in zip(pairs, pipe.execute()):
+            records[row][index] = self.codec.decode(blob, f"task {records[row][0]} {_ROW_FIELDS[index - 1]}")
 
     def fetch_finished_tasks(self) -> pd.DataFrame:
         """Finished tasks (xs, ys and extra columns, worker_id, keys) in the order they finished.
 
-        Incremental: only tasks finished since the last call are read from Redis; the rest comes
-        from a cache. The returned frame is shared with the cache (pandas copy-on-write keeps
-        your modifications out of it).
+        Incremental: only tasks finished since the last call are read from Redis (the finished
+        list holds ready-made JSON rows: one LRANGE, one json.loads); the rest comes from a cache
+        whose frame is a view (pandas copy-on-write keeps your changes out of it).
         """
-        import pandas as pd
+        raw = self.redis.lrange(self.keys.finished, self._finished.n, -1)
+        if raw:
+            records = json.loads(b"[" + b",".join(raw) + b"]")
+            rows = []
+            for record in records:
+                if len(record) == 7:  # signed pickles: read and verify them one by one
+                    self._resolve_pickled(record)
+                task_id, xs, ys, xs_extra, ys_extra, worker_id = record[:6]
+                row: dict[str, Any] = {}
+                for values in (xs, ys, xs_extra, ys_extra):
+                    if values:
+                        row.update(values)
+                row["worker_id"] = worker_id
+                row["keys"] = task_id
+                rows.append(row)
+            self._finished.append(rows)
+        return self._finished.frame()
 
-        new_rows: list[dict[str, Any]] = []
-        while True:
-            start = self._finished_count + len(new_rows)
-            flat = self._fetch_flat(self.keys.finished, "list", start, start + _FETCH_CHUNK - 1)
-            new_rows += self._rows(flat)
-            if len(flat) < _FETCH_CHUNK * (len(_ROW_FIELDS) + 1):
-                break
-        if new_rows or self._finished_frame is None:
-            new = self._frame(new_rows)
-            if self._finished_frame is None or self._finished_count == 0:
-                self._finished_frame = new
-            else:
-                self._finished_frame = pd.concat([self._finished_frame, new], ignore_index=True)
-            self._finished_count += len(new_rows)
-        return self._finished_frame
+    def _resolve_pickled(self, record: list[Any]) -> None:
+        fields = [_ROW_FIELDS[position - 1] for position in record[6]]
+        blobs = self.redis.hmget(self.keys.task(record[0]), fields)
+        for position, field, blob in zip(record[6], fields, blobs):
+            record[position] = self.codec.decode(blob, f"task {record[0]} {field}")
 
     def fetch_new_tasks(self) -> pd.DataFrame:
         """Finished tasks that no earlier ``fetch_new_tasks()`` call returned."""
@@ -271,20 +277,20 @@ class RushNetwork:
         return new
 
     def fetch_running_tasks(self) -> pd.DataFrame:
-        return self._frame(self._rows(self._fetch_flat(self.keys.running, "set")))
+        return rows_to_frame(self._fetch_rows(self.keys.running, "set"))
 
     def fetch_queued_tasks(self) -> pd.DataFrame:
-        return self._frame(self._rows(self._fetch_flat(self.keys.queued, "list")))
+        return rows_to_frame(self._fetch_rows(self.keys.queued, "list"))
 
     def fetch_priority_tasks(self) -> pd.DataFrame:
         rows: list[dict[str, Any]] = []
         for worker_id in sorted(self.redis.smembers(self.keys.priority_workers)):
-            rows += self._rows(self._fetch_flat(self.keys.priority(worker_id.decode()), "list"))
-        return self._frame(rows)
+            rows += self._fetch_rows(self.keys.priority(worker_id.decode()), "list")
+        return rows_to_frame(rows)
 
     def fetch_failed_tasks(self) -> pd.DataFrame:
         """Failed tasks; the condition (e.g. ``message``) becomes columns."""
-        return self._frame(self._rows(self._fetch_flat(self.keys.failed, "list")))
+        return rows_to_frame(self._fetch_rows(self.keys.failed, "list"))
 
     def fetch_tasks_with_state(self, states: Sequence[str] = TASK_STATES) -> pd.DataFrame:
         """Tasks in any of ``states`` with a ``state`` column; one consistent snapshot, no task twice."""
@@ -292,11 +298,11 @@ class RushNetwork:
         unknown = set(states) - set(TASK_STATES)
         if unknown:
             raise TaskError(f"unknown task state(s) {sorted(unknown)}; valid: {list(TASK_STATES)}")
-        return self._frame(self._rows(self._fetch_flat(self.keys.all_tasks, "list"), states))
+        return rows_to_frame(self._fetch_rows(self.keys.all_tasks, "list", states=states))
 
     def fetch_tasks(self) -> pd.DataFrame:
         """Every task of the network, in creation order."""
-        return self._frame(self._rows(self._fetch_flat(self.keys.all_tasks, "list")))
+        return rows_to_frame(self._fetch_rows(self.keys.all_tasks, "list"))
 
     def task_states(self, keys: str | Iterable[str]) -> dict[str, str]:
         """The state of each task key; raises ``UnknownTaskError`` for keys this network lacks."""

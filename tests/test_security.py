@@ -143,11 +143,21 @@ def test_payload_signed_with_another_secret_is_refused(rush, redis_config):
 
 
 def test_tampered_task_value_is_refused(rush, worker):
-    key = worker.push_running_tasks([{"x": 1}])
-    worker.push_results(key, [{"y": 1}])
-    rush.redis.hset(rush.keys.task(key[0]), "ys", _unsigned_pickle())
+    pickled = worker.push_running_tasks([{"x": 1}])
+    worker.push_results(pickled, [{"y": (1, 2)}])  # a tuple travels as a signed pickle
+    rush.redis.hset(rush.keys.task(pickled[0]), "ys", _unsigned_pickle())
     with pytest.raises(SignatureError, match="wrong signature"):
         rush.fetch_finished_tasks()
+    # a forged finished row that points a plain task at a forged pickle is refused too
+    rush.redis.delete(rush.keys.finished)
+    plain = worker.push_running_tasks([{"x": 2}])
+    worker.push_results(plain, [{"y": 2}])
+    rush.redis.hset(rush.keys.task(plain[0]), "xs", _unsigned_pickle())
+    rush.redis.lset(rush.keys.finished, 0, f'["{plain[0]}", null, {{"y": 2}}, null, null, "w", [1]]')
+    other = rush_hpc.rsh(network=rush.network, config=rush.config, secret=SECRET)
+    with pytest.raises(SignatureError, match="wrong signature"):
+        other.fetch_finished_tasks()
+    other.close()
     assert not EXPLOIT_MARK.exists()
 
 

@@ -1,0 +1,144 @@
+"""Task rows (dicts) to pandas frames, and the growing buffer behind the finished-task cache.
+
+pandas is imported lazily: workers that never fetch never pay for it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+LAST_COLUMNS = ("worker_id", "state", "keys")
+_NONE = type(None)
+
+
+def column_names(rows: Iterable[dict[str, Any]], known: Iterable[str] = ()) -> list[str]:
+    """Every key of ``rows`` in order of first appearance, with worker_id / state / keys last."""
+    names = dict.fromkeys(known)
+    for row in rows:
+        names.update(dict.fromkeys(row))
+    return [n for n in names if n not in LAST_COLUMNS] + [n for n in LAST_COLUMNS if n in names]
+
+
+def infer_array(values: list[Any]) -> "np.ndarray":
+    """A numpy array for one column: int64, float64 (None -> NaN), bool, or object."""
+    import numpy as np
+
+    kinds = set(map(type, values))
+    if kinds <= {int} and kinds:
+        try:
+            return np.array(values, dtype=np.int64)
+        except OverflowError:
+            return np.array(values, dtype=object)
+    if kinds <= {int, float, _NONE} and kinds - {_NONE}:
+        return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+    if kinds == {bool}:
+        return np.array(values, dtype=bool)
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
+
+
+def rows_to_frame(rows: list[dict[str, Any]]) -> "pd.DataFrame":
+    import pandas as pd
+
+    if not rows:
+        return pd.DataFrame(columns=["worker_id", "keys"])
+    columns = {name: infer_array([r.get(name) for r in rows]) for name in column_names(rows)}
+    return pd.DataFrame({name: pd.Series(array, dtype=array.dtype, copy=False) for name, array in columns.items()},
+                        copy=False)
+
+
+def _missing(dtype: "np.dtype") -> Any:
+    return math.nan if dtype.kind == "f" else None
+
+
+def _common(a: "np.dtype", b: "np.dtype") -> "np.dtype":
+    import numpy as np
+
+    if a == b:
+        return a
+    if a.kind in "iuf" and b.kind in "iuf":
+        return np.result_type(a, b)
+    return np.dtype(object)
+
+
+def _holding_missing(dtype: "np.dtype") -> "np.dtype":
+    """The dtype a column needs once it has a missing value."""
+    import numpy as np
+
+    return dtype if dtype.kind in "fO" else np.dtype(np.float64) if dtype.kind in "iu" else np.dtype(object)
+
+
+class FrameBuffer:
+    """Columns in numpy arrays with spare capacity behind one DataFrame.
+
+    ``frame()`` returns a view of the first n rows (rows never change once written), so adding a
+    few rows costs O(new rows), not a copy of everything: the warm path of fetch_finished_tasks.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.capacity = 0
+        self.columns: dict[str, "np.ndarray"] = {}
+        self._frame: "pd.DataFrame | None" = None
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        import numpy as np
+
+        if not rows:
+            return
+        start, end = self.n, self.n + len(rows)
+        rebuild = end > self.capacity
+        if rebuild:
+            self.capacity = max(1024, 2 * self.capacity, end)
+            for name, buffer in self.columns.items():
+                grown = np.empty(self.capacity, dtype=buffer.dtype)
+                grown[:start] = buffer[:start]
+                self.columns[name] = grown
+        names = column_names(rows)
+        for name in names:
+            values = infer_array([r.get(name) for r in rows])
+            buffer = self.columns.get(name)
+            if buffer is None:
+                dtype = values.dtype if start == 0 else _holding_missing(values.dtype)
+                buffer = np.empty(self.capacity, dtype=dtype)
+                if start:
+                    buffer[:start] = _missing(dtype)
+                rebuild = True
+            target = _common(buffer.dtype, values.dtype)
+            if target != buffer.dtype:
+                buffer = buffer.astype(target)
+                rebuild = True
+            buffer[start:end] = values
+            self.columns[name] = buffer
+        for name in set(self.columns) - set(names):
+            buffer = self.columns[name]
+            dtype = _holding_missing(buffer.dtype)
+            if dtype != buffer.dtype:
+                buffer = self.columns[name] = buffer.astype(dtype)
+                rebuild = True
+            buffer[start:end] = _missing(dtype)
+        self.n = end
+        if rebuild or self._frame is None:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        import pandas as pd
+
+        order = column_names([], known=self.columns)
+        # explicit dtypes: pandas would otherwise copy object columns of strings into its str dtype,
+        # and the frame would stop seeing rows written into the buffers later
+        self._frame = pd.DataFrame({name: pd.Series(self.columns[name], dtype=self.columns[name].dtype,
+                                                    copy=False) for name in order}, copy=False)
+
+    def frame(self) -> "pd.DataFrame":
+        import pandas as pd
+
+        if self._frame is None:
+            return pd.DataFrame(columns=["worker_id", "keys"])
+        return self._frame.iloc[:self.n]
