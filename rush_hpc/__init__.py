@@ -1,14 +1,26 @@
-"""rush-hpc: asynchronous, distributed computing over a shared Redis database."""
+"""rush-hpc: asynchronous, distributed computing over a shared Redis database.
+
+Names are imported on first use (PEP 562), so a worker process only loads what it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .config import RedisConfig
-from .controller import Rush, rsh
-from .exceptions import (CommandError, ConfigError, EmbeddedRedisError, EnvironmentMismatchError,
-                         LaunchError, PayloadError, RedisAuthError, RedisUnavailableError, RushError,
-                         RushTimeoutError, SignatureError, TaskError, UnknownTaskError, WorkerError,
-                         WorkerStartError)
-from .worker import RushWorker, Task
+_EXPORTS = {
+    "RedisConfig": "config",
+    "Rush": "controller",
+    "rsh": "controller",
+    "RushWorker": "worker",
+    "Task": "worker",
+    **{name: "exceptions" for name in (
+        "CommandError", "ConfigError", "EmbeddedRedisError", "EnvironmentMismatchError", "LaunchError",
+        "PayloadError", "RedisAuthError", "RedisUnavailableError", "RushError", "RushTimeoutError",
+        "SignatureError", "TaskError", "UnknownTaskError", "WorkerError", "WorkerStartError")},
+}
 
 __all__ = [
     "CommandError",
@@ -33,3 +45,26 @@ __all__ = [
     "__version__",
     "rsh",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rush_hpc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from .config import RedisConfig
+    from .controller import Rush, rsh
+    from .exceptions import (CommandError, ConfigError, EmbeddedRedisError, EnvironmentMismatchError,
+                             LaunchError, PayloadError, RedisAuthError, RedisUnavailableError, RushError,
+                             RushTimeoutError, SignatureError, TaskError, UnknownTaskError, WorkerError,
+                             WorkerStartError)
+    from .worker import RushWorker, Task

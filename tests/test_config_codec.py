@@ -80,3 +80,9 @@ def test_public_api_is_sorted_and_complete():
     assert rush_hpc.__all__ == sorted(rush_hpc.__all__)
     for name in rush_hpc.__all__:
         assert hasattr(rush_hpc, name)
+
+
+def test_public_names_match_their_modules():
+    from rush_hpc import _EXPORTS
+
+    assert set(_EXPORTS) | {"__version__"} == set(rush_hpc.__all__)
