@@ -64,12 +64,10 @@ def _record_failure(rush: RushWorker, stage: str, error: BaseException) -> None:
 
 def _release_running_tasks(rush: RushWorker, reason: str) -> None:
     """Nothing stays running when a worker ends: requeue (retries left) or fail its tasks."""
-    released = rush._scripts["RELEASE_WORKER_TASKS"](
-        keys=[rush.keys.running, rush.keys.queued, rush.keys.failed],
-        args=[rush.keys.task_prefix, rush.worker_id, rush.codec.encode({"message": reason})])
-    if len(released) > 1:
-        logger.warning("worker %s ended with %d running task(s): %s", rush.worker_id,
-                       len(released) - 1, reason)
+    failed, requeued = rush.release_worker_tasks(rush.worker_id, reason)
+    if failed or requeued:
+        logger.warning("worker %s ended with %d running task(s) (%d failed, %d requeued): %s",
+                       rush.worker_id, len(failed) + len(requeued), len(failed), len(requeued), reason)
 
 
 def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,

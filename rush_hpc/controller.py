@@ -343,19 +343,12 @@ class Rush(RushNetwork):
         for worker_id, reason in reasons.items():
             if set_worker_state(self, worker_id, "lost", ("running",), reason=reason,
                                 ended_at=f"{time.time():.3f}") is not None:
-                failed, requeued = self._release_tasks(worker_id, f"worker {worker_id} lost: {reason}")
+                failed, requeued = self.release_worker_tasks(worker_id, f"worker {worker_id} lost: {reason}")
                 logger.warning("worker %s lost (%s); %d task(s) failed, %d requeued", worker_id, reason,
                                len(failed), len(requeued))
                 lost.append(worker_id)
         self._start_failures(self._worker_hashes(self._ids_in_state("launched")))
         return lost
-
-    def _release_tasks(self, worker_id: str, message: str) -> tuple[list[str], list[str]]:
-        released = [r.decode() for r in self._scripts["RELEASE_WORKER_TASKS"](
-            keys=[self.keys.running, self.keys.queued, self.keys.failed],
-            args=[self.keys.task_prefix, worker_id, self.codec.encode({"message": message})])]
-        split = released.index("|")
-        return released[:split], released[split + 1:]
 
     def start_monitor(self, interval: float = 5.0) -> None:
         """Run ``detect_lost_workers()`` every ``interval`` seconds in a background thread."""
@@ -399,7 +392,7 @@ class Rush(RushNetwork):
             if set_worker_state(self, worker_id, "killed", ("launched", "running"),
                                 reason="killed by the controller", ended_at=f"{time.time():.3f}") is None:
                 continue
-            self._release_tasks(worker_id, f"worker {worker_id} killed by the controller")
+            self.release_worker_tasks(worker_id, f"worker {worker_id} killed by the controller")
             self.redis.rpush(self.keys.control(worker_id), "kill")
             killed.append(worker_id)
         deadline = time.monotonic() + grace

@@ -74,13 +74,18 @@ redis.call('HSET', key, 'state', 'running', 'worker_id', ARGV[2])
 return {id, redis.call('HGET', key, 'xs')}
 """
 
-# Release the running tasks of a worker that is gone (lost, killed): requeue those with retries
-# left (at the front of the queue), fail the others with the given condition.
-# KEYS[1] running set, KEYS[2] queued list, KEYS[3] failed list
+# Release the tasks of a worker that is gone (ended, lost, killed): requeue running tasks with
+# retries left (at the front of the queue), fail the others with the given condition, and move
+# the tasks still waiting in its priority list to the shared queue.
+# KEYS[1] running set, KEYS[2] queued list, KEYS[3] failed list, KEYS[4] the worker's priority
+# list, KEYS[5] set of workers with priority lists
 # ARGV[1] task key prefix, ARGV[2] worker id, ARGV[3] condition (encoded)
 # returns {failed ids..., '|', requeued ids...}
 RELEASE_WORKER_TASKS = """
 local failed, requeued = {}, {}
+for _, id in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do redis.call('RPUSH', KEYS[2], id) end
+redis.call('DEL', KEYS[4])
+redis.call('SREM', KEYS[5], ARGV[2])
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local key = ARGV[1] .. id
   if redis.call('HGET', key, 'worker_id') == ARGV[2] then

@@ -12,10 +12,10 @@ import redis
 
 from . import lua
 from .codec import Codec
-from .frames import FrameBuffer, rows_to_frame
 from .config import RedisConfig
 from .exceptions import (RedisAuthError, RedisUnavailableError, RushTimeoutError, TaskError,
                          UnknownTaskError)
+from .frames import FrameBuffer, rows_to_frame
 from .keys import TASK_STATES, NetworkKeys
 
 if TYPE_CHECKING:
@@ -340,6 +340,16 @@ class RushNetwork:
         discarded = self._scripts["FAIL_TASKS"](
             keys=[self.keys.running, self.keys.failed, self.keys.queued], args=args)
         return [d.decode() for d in discarded]
+
+    def release_worker_tasks(self, worker_id: str, message: str) -> tuple[list[str], list[str]]:
+        """A worker is gone: requeue its running tasks with retries left, fail the rest with
+        ``message``, and hand its priority queue to the shared queue. Returns (failed, requeued)."""
+        released = [r.decode() for r in self._scripts["RELEASE_WORKER_TASKS"](
+            keys=[self.keys.running, self.keys.queued, self.keys.failed, self.keys.priority(worker_id),
+                  self.keys.priority_workers],
+            args=[self.keys.task_prefix, worker_id, self.codec.encode({"message": message})])]
+        split = released.index("|")
+        return released[:split], released[split + 1:]
 
     def close(self) -> None:
         self.redis.close()

@@ -260,3 +260,14 @@ def test_closing_a_controller_with_embedded_redis_kills_its_local_workers():
     processes = [rush._launchers[w].processes[w] for w in ids]
     rush.close()
     assert all(p.poll() is not None for p in processes)
+
+
+def test_priority_tasks_of_a_worker_that_ends_go_to_the_shared_queue(rush):
+    ids = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=1, **FAST)
+    rush.wait_for_workers(worker_ids=ids, timeout=30)
+    keys = rush.push_priority_tasks([{"x": 1}, {"x": 2}], priority=ids * 2)
+    assert rush.n_queued_priority_tasks == 2
+    rush.stop_workers(type="terminate")
+    wait_until(lambda: rush._ids_in_state("terminated") == ids, 10, what="terminated")
+    assert rush.n_queued_priority_tasks == 0
+    assert rush.fetch_queued_tasks()["keys"].tolist() == keys
