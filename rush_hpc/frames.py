@@ -141,4 +141,7 @@ class FrameBuffer:
 
         if self._frame is None:
             return pd.DataFrame(columns=["worker_id", "keys"])
-        return self._frame.iloc[:self.n]
+        view = self._frame.iloc[:self.n]
+        # a view is safe to hand out only under copy-on-write (always on from pandas 3)
+        copy_on_write = int(pd.__version__.split(".")[0]) >= 3 or pd.options.mode.copy_on_write is True
+        return view if copy_on_write else view.copy()

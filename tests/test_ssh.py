@@ -178,3 +178,14 @@ def test_host_whose_link_goes_down_loses_its_workers_and_nothing_is_lost(srush, 
     finally:
         subprocess.run(["ip", "-n", ssh_env["hosts"][1], "link", "set", "eth0", "up"], check=True)
     assert srush.n_finished_tasks + srush.n_failed_tasks == len(keys) and srush.n_running_tasks == 0
+
+
+def test_gateway_jumps_through_another_host(srush, ssh_env):
+    target_log = Path(ssh_env["ssh_config"]).parent / "sshd_h2.log"
+    before = target_log.read_text().count("Connection from")
+    ids = start(srush, ssh_env, loop=wl_queue, hosts=[ssh_env["hosts"][1]], gateway=ssh_env["hosts"][0])
+    srush.wait_for_workers(worker_ids=ids, timeout=30)
+    connections = [line for line in target_log.read_text().splitlines() if "Connection from" in line]
+    assert len(connections) > before
+    if not LOOPBACK:  # the target saw the gateway's address, not the controller's
+        assert "Connection from 10.231.0.11 " in connections[-1], connections[-1]

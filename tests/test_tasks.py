@@ -238,3 +238,13 @@ def test_transient_connection_loss_is_retried(rush, worker, raw):
     raw.client_kill_filter(_type="normal", skipme=True)  # drop every other client's connection
     worker.push_results(keys, [{"y": 1}])
     assert rush.n_finished_tasks == 1
+
+
+def test_changing_a_fetched_frame_does_not_change_the_cache(rush, worker):
+    keys = worker.push_running_tasks([{"x": 1}, {"x": 2}])
+    worker.push_results(keys, [{"y": 1.0}, {"y": 2.0}])
+    frame = rush.fetch_finished_tasks()
+    frame.loc[0, "y"] = 99.0
+    frame["extra"] = 1
+    again = rush.fetch_finished_tasks()
+    assert again["y"].tolist() == [1.0, 2.0] and "extra" not in again
