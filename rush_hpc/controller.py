@@ -7,7 +7,6 @@ launched -> running -> terminated | failed | killed | lost.
 from __future__ import annotations
 
 import logging
-import sys
 import tempfile
 import threading
 import time
@@ -24,7 +23,7 @@ from .launchers.local import LocalLauncher
 from .frames import FrameBuffer
 from .logs import read_log
 from .network import RushNetwork
-from .payload import store_payload
+from .payload import GlobalsArg, resolve_globals, store_payload
 from .server import EmbeddedRedis
 from .worker import set_worker_state
 
@@ -33,28 +32,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-GlobalsArg = Mapping[str, Any] | Sequence[str] | None
-
-
-def resolve_globals(globals_: GlobalsArg, frame_depth: int = 2) -> dict[str, Any]:
-    """``globals`` as a dict, or a list of names looked up in the caller's namespace (as in R rush)."""
-    if globals_ is None:
-        return {}
-    if isinstance(globals_, Mapping):
-        return dict(globals_)
-    if isinstance(globals_, str):
-        globals_ = [globals_]
-    frame = sys._getframe(frame_depth)
-    found: dict[str, Any] = {}
-    for name in globals_:
-        if name in frame.f_locals:
-            found[name] = frame.f_locals[name]
-        elif name in frame.f_globals:
-            found[name] = frame.f_globals[name]
-        else:
-            raise ConfigError(f"global {name!r} is not defined where start_*_workers() was called; "
-                              "pass globals={'name': value} instead")
-    return found
 
 
 class Rush(RushNetwork):

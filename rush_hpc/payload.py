@@ -17,12 +17,34 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from .exceptions import EnvironmentMismatchError, PayloadError
+from .exceptions import ConfigError, EnvironmentMismatchError, PayloadError
 
 if TYPE_CHECKING:
     from .network import RushNetwork
 
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024
+GlobalsArg = Mapping[str, Any] | Sequence[str] | None
+
+
+def resolve_globals(globals_: GlobalsArg, frame_depth: int = 2) -> dict[str, Any]:
+    """``globals`` as a dict, or a list of names looked up in the caller's namespace (as in R rush)."""
+    if globals_ is None:
+        return {}
+    if isinstance(globals_, Mapping):
+        return dict(globals_)
+    if isinstance(globals_, str):
+        globals_ = [globals_]
+    frame = sys._getframe(frame_depth)
+    found: dict[str, Any] = {}
+    for name in globals_:
+        if name in frame.f_locals:
+            found[name] = frame.f_locals[name]
+        elif name in frame.f_globals:
+            found[name] = frame.f_globals[name]
+        else:
+            raise ConfigError(f"global {name!r} is not defined where start_*_workers() was called; "
+                              "pass globals={'name': value} instead")
+    return found
 
 
 def fingerprint() -> dict[str, str]:

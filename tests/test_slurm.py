@@ -35,9 +35,13 @@ def slurm_cluster():
 
 
 @pytest.fixture
-def slurm_rush(slurm_cluster, rush, tmp_path):
-    rush.test_log_dir = str(tmp_path / "logs")
+def slurm_rush(slurm_cluster, rush):
     return rush
+
+
+@pytest.fixture
+def log_dir(tmp_path):
+    return str(tmp_path / "logs")
 
 
 SEARCH = {"rush_n_tasks": 100}  # globals of the vignette loop from rush_hpc.examples
@@ -68,16 +72,16 @@ def _check_random_search(rush, ids, launcher):
     assert rush.n_finished_tasks >= 100 and rush.n_running_tasks == 0
 
 
-def test_random_search_with_four_submitit_workers(slurm_rush):
+def test_random_search_with_four_submitit_workers(slurm_rush, log_dir):
     ids = slurm_rush.start_slurm_workers(wl_random_search, n_workers=4, globals=SEARCH,
-                                         log_dir=slurm_rush.test_log_dir, **SLURM)
+                                         log_dir=log_dir, **SLURM)
     _check_random_search(slurm_rush, ids, "slurm")
     assert len({j.split("_")[0] for j in slurm_rush.worker_info.job_id}) == 1  # one array
 
 
-def test_random_search_with_four_sbatch_workers(slurm_rush):
+def test_random_search_with_four_sbatch_workers(slurm_rush, log_dir):
     ids = slurm_rush.start_sbatch_workers(wl_random_search, n_workers=4, globals=SEARCH,
-                                          log_dir=slurm_rush.test_log_dir, **SLURM)
+                                          log_dir=log_dir, **SLURM)
     _check_random_search(slurm_rush, ids, "sbatch")
 
 
@@ -124,7 +128,7 @@ def test_dry_run_script_has_no_secrets(rush):
     assert "RUSH_HPC_CREDENTIALS=" in script
 
 
-def test_scancel_of_one_worker_makes_it_lost_with_reason_cancelled(slurm_rush):
+def test_scancel_of_one_worker_makes_it_lost_with_reason_cancelled(slurm_rush, log_dir):
     slurm_rush.push_tasks([{"x": 1}] * 2, max_retries=0)
     def loop(rush):
         while not rush.terminated:
@@ -132,7 +136,7 @@ def test_scancel_of_one_worker_makes_it_lost_with_reason_cancelled(slurm_rush):
             if task is not None:
                 time.sleep(60)
 
-    ids = slurm_rush.start_slurm_workers(loop, n_workers=2, log_dir=slurm_rush.test_log_dir, **SLURM)
+    ids = slurm_rush.start_slurm_workers(loop, n_workers=2, log_dir=log_dir, **SLURM)
     slurm_rush.wait_for_workers(worker_ids=ids, timeout=60)
     wait_until(lambda: slurm_rush.n_running_tasks == 2, 20, what="tasks to run")
     victim = ids[0]
@@ -150,8 +154,8 @@ def test_scancel_of_one_worker_makes_it_lost_with_reason_cancelled(slurm_rush):
                                       text=True).stdout.strip() == "", 30, poll=0.5, what="the job to end")
 
 
-def test_time_limit_signal_ends_cleanly_and_timeout_is_the_reason_when_killed(slurm_rush):
-    ids = slurm_rush.start_sbatch_workers(wl_hold_task, n_workers=2, log_dir=slurm_rush.test_log_dir,
+def test_time_limit_signal_ends_cleanly_and_timeout_is_the_reason_when_killed(slurm_rush, log_dir):
+    ids = slurm_rush.start_sbatch_workers(wl_hold_task, n_workers=2, log_dir=log_dir,
                                           **{**SLURM, "time": 1, "signal_delay_s": 50})
     slurm_rush.wait_for_workers(worker_ids=ids, timeout=60)
     info = slurm_rush.worker_info.set_index("job_id")
@@ -172,8 +176,8 @@ def test_time_limit_signal_ends_cleanly_and_timeout_is_the_reason_when_killed(sl
     assert slurm_rush.n_running_tasks == 0 and slurm_rush.n_failed_tasks == 1
 
 
-def test_job_whose_setup_fails_is_reported_with_its_stderr(slurm_rush):
-    slurm_rush.start_sbatch_workers(wl_random_search, n_workers=1, log_dir=slurm_rush.test_log_dir,
+def test_job_whose_setup_fails_is_reported_with_its_stderr(slurm_rush, log_dir):
+    slurm_rush.start_sbatch_workers(wl_random_search, n_workers=1, log_dir=log_dir,
                                     setup=["no_such_setup_command --flag"], **SLURM)
     with pytest.raises(WorkerStartError, match="(?s)FAILED before registering.*no_such_setup_command"):
         slurm_rush.wait_for_workers(1, timeout=60)

@@ -271,3 +271,13 @@ def test_priority_tasks_of_a_worker_that_ends_go_to_the_shared_queue(rush):
     wait_until(lambda: rush._ids_in_state("terminated") == ids, 10, what="terminated")
     assert rush.n_queued_priority_tasks == 0
     assert rush.fetch_queued_tasks()["keys"].tolist() == keys
+
+
+def test_workers_without_heartbeat_still_terminate_and_are_found_lost_by_process(rush):
+    ids = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=2, heartbeat_period=None)
+    rush.wait_for_workers(worker_ids=ids, timeout=30)
+    assert rush.redis.exists(rush.keys.heartbeat(ids[0])) == 0
+    rush.stop_workers(type="terminate", worker_ids=ids[:1])
+    wait_until(lambda: rush._ids_in_state("terminated") == ids[:1], 10, what="terminated")
+    os.kill(int(rush.worker_info.set_index("worker_id").loc[ids[1], "pid"]), signal.SIGKILL)
+    assert wait_until(rush.detect_lost_workers, 5, what="lost") == ids[1:]
