@@ -30,3 +30,14 @@ def test_bayesian_optimization(rush, capsys):
     out = capsys.readouterr().out
     assert len(tasks) >= 40 and rush.n_queued_tasks == 0
     assert "best y =" in out and "initial points" in out
+
+
+def test_missing_example_dependencies_name_the_extra(monkeypatch):
+    import importlib.util
+
+    from rush_hpc import ConfigError
+    from rush_hpc.examples import require
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"needs xgboost: pip install 'rush-hpc\[examples\]'"):
+        require("xgboost")

@@ -189,3 +189,13 @@ def test_gateway_jumps_through_another_host(srush, ssh_env):
     assert len(connections) > before
     if not LOOPBACK:  # the target saw the gateway's address, not the controller's
         assert "Connection from 10.231.0.11 " in connections[-1], connections[-1]
+
+
+def test_remote_worker_that_never_registers_is_reported_with_its_remote_log(srush, ssh_env, tmp_path):
+    broken = tmp_path / "python"  # the namespaces share this filesystem
+    broken.write_text("#!/bin/sh\necho 'error while loading shared libraries: libpython3.11.so' >&2\nexit 127\n")
+    broken.chmod(0o755)
+    start(srush, ssh_env, loop=wl_queue, hosts=ssh_env["hosts"][:1], python=str(broken))
+    with pytest.raises(rush_hpc.WorkerStartError,
+                       match=r"(?s)exited before registering.*end of its output.*libpython3\.11\.so"):
+        srush.wait_for_workers(1, timeout=30)
