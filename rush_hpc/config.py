@@ -135,7 +135,7 @@ class RedisConfig:
         return redis.Redis(
             host=self.host, port=self.port, db=self.db, username=self.username,
             password=self.password,
-            socket_timeout=self.socket_timeout if socket_timeout == "default" else socket_timeout,
+            socket_timeout=self.socket_timeout if isinstance(socket_timeout, str) else socket_timeout,
             socket_connect_timeout=self.socket_connect_timeout,
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=retries),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],

@@ -22,7 +22,7 @@ from .launchers.base import Launcher, WorkerCommand
 from .launchers.local import LocalLauncher
 from .frames import FrameBuffer
 from .logs import read_log
-from .network import RushNetwork
+from .network import RushNetwork, text
 from .payload import GlobalsArg, resolve_globals, store_payload
 from .server import EmbeddedRedis
 from .worker import set_worker_state
@@ -198,7 +198,7 @@ class Rush(RushNetwork):
 
     # -- observing workers ------------------------------------------------------------------
     def _worker_hashes(self, worker_ids: Iterable[str] | None = None) -> dict[str, dict[str, str]]:
-        ids = sorted(w.decode() for w in self.redis.smembers(self.keys.workers)) \
+        ids = sorted(text(w) for w in self.redis.smembers(self.keys.workers)) \
             if worker_ids is None else list(worker_ids)
         pipe = self.redis.pipeline(transaction=False)
         for worker_id in ids:
@@ -213,7 +213,7 @@ class Rush(RushNetwork):
 
     @property
     def worker_ids(self) -> list[str]:
-        return sorted(w.decode() for w in self.redis.smembers(self.keys.workers))
+        return sorted(text(w) for w in self.redis.smembers(self.keys.workers))
 
     @property
     def running_worker_ids(self) -> list[str]:
@@ -233,7 +233,7 @@ class Rush(RushNetwork):
                    "python", "launched_at", "started_at", "ended_at", "heartbeat", "reason"]
         rows = []
         for (worker_id, info), beat in zip(hashes.items(), beats):
-            row = {c: info.get(c) for c in columns}
+            row: dict[str, Any] = {c: info.get(c) for c in columns}
             row["worker_id"] = worker_id
             row["heartbeat"] = float(beat) if beat else None
             rows.append(row)

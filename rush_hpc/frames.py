@@ -24,7 +24,7 @@ def column_names(rows: Iterable[dict[str, Any]], known: Iterable[str] = ()) -> l
     return [n for n in names if n not in LAST_COLUMNS] + [n for n in LAST_COLUMNS if n in names]
 
 
-def infer_array(values: list[Any]) -> "np.ndarray":
+def infer_array(values: list[Any]) -> np.ndarray:
     """A numpy array for one column: int64, float64 (None -> NaN), bool, or object."""
     import numpy as np
 
@@ -43,7 +43,7 @@ def infer_array(values: list[Any]) -> "np.ndarray":
     return array
 
 
-def rows_to_frame(rows: list[dict[str, Any]]) -> "pd.DataFrame":
+def rows_to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     import pandas as pd
 
     if not rows:
@@ -53,11 +53,11 @@ def rows_to_frame(rows: list[dict[str, Any]]) -> "pd.DataFrame":
                         copy=False)
 
 
-def _missing(dtype: "np.dtype") -> Any:
+def _missing(dtype: np.dtype) -> Any:
     return math.nan if dtype.kind == "f" else None
 
 
-def _common(a: "np.dtype", b: "np.dtype") -> "np.dtype":
+def _common(a: np.dtype, b: np.dtype) -> np.dtype:
     import numpy as np
 
     if a == b:
@@ -67,7 +67,7 @@ def _common(a: "np.dtype", b: "np.dtype") -> "np.dtype":
     return np.dtype(object)
 
 
-def _holding_missing(dtype: "np.dtype") -> "np.dtype":
+def _holding_missing(dtype: np.dtype) -> np.dtype:
     """The dtype a column needs once it has a missing value."""
     import numpy as np
 
@@ -84,8 +84,8 @@ class FrameBuffer:
     def __init__(self) -> None:
         self.n = 0
         self.capacity = 0
-        self.columns: dict[str, "np.ndarray"] = {}
-        self._frame: "pd.DataFrame | None" = None
+        self.columns: dict[str, np.ndarray] = {}
+        self._frame: pd.DataFrame | None = None
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         import numpy as np
@@ -103,8 +103,9 @@ class FrameBuffer:
         names = column_names(rows)
         for name in names:
             values = infer_array([r.get(name) for r in rows])
-            buffer = self.columns.get(name)
-            if buffer is None:
+            if name in self.columns:
+                buffer = self.columns[name]
+            else:
                 dtype = values.dtype if start == 0 else _holding_missing(values.dtype)
                 buffer = np.empty(self.capacity, dtype=dtype)
                 if start:
@@ -136,7 +137,7 @@ class FrameBuffer:
         self._frame = pd.DataFrame({name: pd.Series(self.columns[name], dtype=self.columns[name].dtype,
                                                     copy=False) for name in order}, copy=False)
 
-    def frame(self) -> "pd.DataFrame":
+    def frame(self) -> pd.DataFrame:
         import pandas as pd
 
         if self._frame is None:

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, cast
 
 import redis
 
@@ -51,6 +51,11 @@ def connect(config: RedisConfig, **client_options: Any) -> redis.Redis:
     return client
 
 
+def text(value: bytes | str) -> str:
+    """A Redis reply as str (replies are bytes; typing says bytes | str)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _as_list_of_dicts(values: Any, name: str) -> list[dict[str, Any]]:
     if isinstance(values, Mapping):
         raise TaskError(f"{name} must be a list of dicts; wrap a single task as [{name[:-1]}]")
@@ -68,7 +73,7 @@ def _extras(extra: Any, n: int, name: str = "extra") -> list[dict[str, Any] | No
         return [None] * n
     if isinstance(extra, Mapping):
         return [dict(extra)] * n
-    extras = _as_list_of_dicts(extra, name)
+    extras: list[dict[str, Any] | None] = list(_as_list_of_dicts(extra, name))
     if len(extras) != n:
         raise TaskError(f"{name} has {len(extras)} entries but there are {n} tasks")
     return extras
@@ -105,14 +110,14 @@ class RushNetwork:
         encode = self.codec.encode
         pipe = self.redis.pipeline(transaction=True)
         for task_id, xs, xs_extra in zip(ids, xss, extras):
-            fields: dict[str, Any] = {"xs": encode(xs), "state": state}
+            fields: dict[str, bytes | str | int] = {"xs": encode(xs), "state": state}
             if xs_extra:
                 fields["xs_extra"] = encode(xs_extra)
             if worker_id is not None:
                 fields["worker_id"] = worker_id
             if max_retries:
                 fields["max_retries"] = max_retries
-            pipe.hset(self.keys.task(task_id), mapping=fields)
+            pipe.hset(self.keys.task(task_id), mapping=fields)  # type: ignore[arg-type]  # invariant key type
         if ids:
             pipe.rpush(self.keys.all_tasks, *ids)
             if state == "running":
@@ -140,11 +145,11 @@ class RushNetwork:
         priority = list(priority)
         if len(priority) != len(xss):
             raise TaskError(f"priority has {len(priority)} entries but xss has {len(xss)}")
-        running = {w.decode() for w in self.redis.smembers(self.keys.worker_state_set("running"))}
+        running = {text(w) for w in self.redis.smembers(self.keys.worker_state_set("running"))}
         extras = _extras(extra, len(xss))
         keys: list[str] = []
         for xs, worker_id, xs_extra in zip(xss, priority, extras):
-            if worker_id in running:
+            if worker_id is not None and worker_id in running:
                 self.redis.sadd(self.keys.priority_workers, worker_id)
                 queue = self.keys.priority(worker_id)
             else:
@@ -169,7 +174,7 @@ class RushNetwork:
             return 0
         pipe = self.redis.pipeline(transaction=False)
         for worker_id in workers:
-            pipe.llen(self.keys.priority(worker_id.decode()))
+            pipe.llen(self.keys.priority(text(worker_id)))
         return sum(pipe.execute())
 
     @property
@@ -245,7 +250,7 @@ class RushNetwork:
         list holds ready-made JSON rows: one LRANGE, one json.loads); the rest comes from a cache
         whose frame is a view (pandas copy-on-write keeps your changes out of it).
         """
-        raw = self.redis.lrange(self.keys.finished, self._finished.n, -1)
+        raw = cast(list[bytes], self.redis.lrange(self.keys.finished, self._finished.n, -1))
         if raw:
             records = json.loads(b"[" + b",".join(raw) + b"]")
             rows = []
@@ -265,7 +270,7 @@ class RushNetwork:
 
     def _resolve_pickled(self, record: list[Any]) -> None:
         fields = [_ROW_FIELDS[position - 1] for position in record[6]]
-        blobs = self.redis.hmget(self.keys.task(record[0]), fields)
+        blobs = cast(list[bytes | None], self.redis.hmget(self.keys.task(record[0]), fields))
         for position, field, blob in zip(record[6], fields, blobs):
             record[position] = self.codec.decode(blob, f"task {record[0]} {field}")
 
@@ -285,7 +290,7 @@ class RushNetwork:
     def fetch_priority_tasks(self) -> pd.DataFrame:
         rows: list[dict[str, Any]] = []
         for worker_id in sorted(self.redis.smembers(self.keys.priority_workers)):
-            rows += self._fetch_rows(self.keys.priority(worker_id.decode()), "list")
+            rows += self._fetch_rows(self.keys.priority(text(worker_id)), "list")
         return rows_to_frame(rows)
 
     def fetch_failed_tasks(self) -> pd.DataFrame:

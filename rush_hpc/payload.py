@@ -15,7 +15,7 @@ import platform
 import sys
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, cast
 
 from .exceptions import ConfigError, EnvironmentMismatchError, PayloadError
 
@@ -165,7 +165,7 @@ def load_payload(network: RushNetwork, meta: Mapping[str, Any]) -> tuple[Callabl
             raise PayloadError(f"worker cannot read the spilled payload {meta['spill_path']}: {error}; "
                                "payload_dir must be visible to every worker") from None
     else:
-        blob = network.redis.get(network.keys.payload) or b""
+        blob = cast(bytes, network.redis.get(network.keys.payload) or b"")
     try:
         payload = network.codec.loads_pickle(blob, "the worker loop payload")
     except ModuleNotFoundError as error:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import math
 import time
 from typing import Any, Callable, Sequence
@@ -63,7 +64,7 @@ def wait_for_finished(rush: Rush, n_tasks: int, ids: Sequence[str], timeout: flo
     import click
 
     deadline = time.monotonic() + timeout
-    with click.progressbar(length=n_tasks, label="finished tasks", file=None if progress else _Null()) as bar:
+    with click.progressbar(length=n_tasks, label="finished tasks", file=None if progress else io.StringIO()) as bar:
         done = 0
         while True:
             finished = rush.n_finished_tasks
@@ -77,14 +78,3 @@ def wait_for_finished(rush: Rush, n_tasks: int, ids: Sequence[str], timeout: flo
     if failed:
         reasons = rush.worker_info.set_index("worker_id").loc[failed, "reason"]
         raise RuntimeError("workers failed:\n" + "\n".join(f"{w}: {r}" for w, r in reasons.items()))
-
-
-class _Null:
-    def write(self, _: str) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
