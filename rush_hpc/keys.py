@@ -35,7 +35,6 @@ import re
 from .exceptions import ConfigError
 
 _NETWORK_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
-WORKER_STATES = ("launched", "running", "terminated", "killed", "lost", "failed")
 TASK_STATES = ("queued", "running", "finished", "failed")
 
 

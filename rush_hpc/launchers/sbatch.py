@@ -14,7 +14,7 @@ import sys
 import uuid
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from ..exceptions import ConfigError
 from .base import WorkerCommand, call
@@ -101,7 +101,3 @@ class SbatchLauncher(SlurmJobs):
                     "stderr": str(self.log_dir / f"rush-{batch_id}-{i}.err")}
                 for i, w in enumerate(worker_ids)}
 
-
-def sbatch_options() -> Mapping[str, Any]:
-    """The options ``start_sbatch_workers`` accepts, with their defaults."""
-    return dict(DEFAULTS)
