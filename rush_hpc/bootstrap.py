@@ -99,6 +99,8 @@ def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,
     if not in_process:
         for signum in GRACEFUL_SIGNALS:
             signal.signal(signum, lambda signum, frame: _on_signal(rush, signum))
+    if heartbeat:
+        heartbeat.beat()  # the key exists before the worker counts as running: never "lost" at birth
     rush.register(**_launch_context(), heartbeat_period=period, heartbeat_expire=expire)
     if heartbeat:
         heartbeat.start()
