@@ -45,6 +45,7 @@ class Rush(RushNetwork):
         self._log_dir: Path | None = None
         self._monitor: threading.Thread | None = None
         self._monitor_stop = threading.Event()
+        self._released_by_sweep = 0
 
     # -- starting workers -------------------------------------------------------------------
     def _worker_log_dir(self, log_dir: str | Path | None) -> Path:
@@ -318,14 +319,19 @@ class Rush(RushNetwork):
                 reasons[worker_id] = f"heartbeat expired (no beat for {info['heartbeat_expire']} s)"
         lost = []
         for worker_id, reason in reasons.items():
-            if set_worker_state(self, worker_id, "lost", ("running",), reason=reason,
-                                ended_at=f"{time.time():.3f}") is not None:
-                failed, requeued = self.release_worker_tasks(worker_id, f"worker {worker_id} lost: {reason}")
+            ended = self.end_worker(worker_id, "lost", ("running",), f"worker {worker_id} lost: {reason}",
+                                    reason=reason, ended_at=f"{time.time():.3f}")
+            if ended is not None:
                 logger.warning("worker %s lost (%s); %d task(s) failed, %d requeued", worker_id, reason,
-                               len(failed), len(requeued))
+                               len(ended[1]), len(ended[2]))
                 lost.append(worker_id)
         self._start_failures(self._worker_hashes(self._ids_in_state("launched")))
+        failed, requeued = self.sweep_orphaned_tasks()
+        self._released_by_sweep = len(failed) + len(requeued)
         return lost
+
+    def _watch_workers(self) -> bool:
+        return bool(self.detect_lost_workers()) or self._released_by_sweep > 0
 
     def start_monitor(self, interval: float = 5.0) -> None:
         """Run ``detect_lost_workers()`` every ``interval`` seconds in a background thread."""
@@ -351,11 +357,19 @@ class Rush(RushNetwork):
         """
         if type not in ("terminate", "kill"):
             raise ConfigError(f"type must be 'terminate' or 'kill', got {type!r}")
-        ids = list(worker_ids) if worker_ids is not None else self._ids_in_state("running", "launched")
-        if type == "terminate":
+        if not self.redis.exists(self.keys.workers):
+            raise ConfigError(f"network {self.network!r} has no workers in Redis at {self.config} "
+                              "(a typo in the network name, or was it reset?)")
+        if worker_ids is not None:
+            worker_ids = list(worker_ids)
+            known = self.redis.smismember(self.keys.workers, worker_ids) if worker_ids else []
+            unknown = [w for w, k in zip(worker_ids, known) if not k]
+            if unknown:
+                raise ConfigError(f"unknown worker id(s) in network {self.network!r}: {unknown[:5]}; "
+                                  "see rush.worker_info (or `rush-hpc workers`)")
+        ids = worker_ids if worker_ids is not None else self._ids_in_state("running", "launched")
+        if type == "terminate":  # to each worker alive now: workers started later are not affected
             pipe = self.redis.pipeline(transaction=False)
-            if worker_ids is None:
-                pipe.set(self.keys.terminate, "1")
             for worker_id in ids:
                 pipe.rpush(self.keys.control(worker_id), "terminate")
             pipe.execute()
@@ -366,10 +380,10 @@ class Rush(RushNetwork):
         hashes = self._worker_hashes(ids)
         killed = []
         for worker_id in ids:
-            if set_worker_state(self, worker_id, "killed", ("launched", "running"),
-                                reason="killed by the controller", ended_at=f"{time.time():.3f}") is None:
+            if self.end_worker(worker_id, "killed", ("launched", "running"),
+                               f"worker {worker_id} killed by the controller",
+                               reason="killed by the controller", ended_at=f"{time.time():.3f}") is None:
                 continue
-            self.release_worker_tasks(worker_id, f"worker {worker_id} killed by the controller")
             self.redis.rpush(self.keys.control(worker_id), "kill")
             killed.append(worker_id)
         deadline = time.monotonic() + grace

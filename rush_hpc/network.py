@@ -13,8 +13,8 @@ import redis
 from . import lua
 from .codec import Codec
 from .config import RedisConfig
-from .exceptions import (RedisAuthError, RedisUnavailableError, RushTimeoutError, TaskError,
-                         UnknownTaskError)
+from .exceptions import (NoWorkersError, RedisAuthError, RedisUnavailableError, RushTimeoutError,
+                         TaskError, UnknownTaskError, WorkerNotRunningError)
 from .frames import FrameBuffer, rows_to_frame
 from .keys import TASK_STATES, NetworkKeys
 
@@ -93,38 +93,49 @@ class RushNetwork:
         self.codec = Codec(secret)
         self.redis = connect(config)
         self._scripts = {name: self.redis.register_script(getattr(lua, name)) for name in (
-            "FINISH_TASKS", "FAIL_TASKS", "POP_TASK", "RELEASE_WORKER_TASKS", "SET_WORKER_STATE",
-            "FETCH_ROWS")}
+            "CREATE_TASKS", "FINISH_TASKS", "FAIL_TASKS", "POP_TASK", "END_WORKER", "SWEEP_ORPHANED_TASKS",
+            "SET_WORKER_STATE", "FETCH_ROWS")}
+        #: the worker whose task calls are fenced in Redis (None: a controller, not fenced)
+        self._fence_id: str | None = None
         self._finished = FrameBuffer()
         self._new_tasks_index = 0
 
+    def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run one of the Lua scripts; a refused fence becomes ``WorkerNotRunningError``."""
+        try:
+            return self._scripts[name](keys=keys, args=args)
+        except redis.ResponseError as error:
+            message = str(error)
+            if "RUSH_NOT_RUNNING" in message:
+                detail = message.split("RUSH_NOT_RUNNING", 1)[1].split()
+                state = detail[0] if detail else "gone"
+                self._on_refused(state)
+                raise WorkerNotRunningError(self._fence_id or "?", state) from None
+            raise
+
+    def _on_refused(self, state: str) -> None:
+        """Hook: a worker learns here that Redis refused it (RushWorker stops its loop)."""
+
     # -- creating tasks -----------------------------------------------------------------------
     def _create_tasks(self, xss: Sequence[Mapping[str, Any]], extra: Any, *, state: str,
-                      worker_id: str | None = None, max_retries: int = 0,
-                      queue: str | None = None) -> list[str]:
+                      max_retries: int = 0, queue: str | None = None) -> list[str]:
+        """Create tasks in one script call. Ids are made here, so a call that redis-py re-sends after
+        a lost reply finds them and creates nothing twice. A worker's call is fenced (it must be running)."""
         xss = _as_list_of_dicts(xss, "xss")
         extras = _extras(extra, len(xss))
         if not isinstance(max_retries, int) or max_retries < 0:
             raise TaskError(f"max_retries must be a non-negative integer, got {max_retries!r}")
+        if not xss:
+            return []
         ids = [uuid.uuid4().hex for _ in xss]
         encode = self.codec.encode
-        pipe = self.redis.pipeline(transaction=True)
+        fence = self._fence_id or ""
+        args: list[Any] = [self.keys.task_prefix, state, fence, max_retries or ""]
         for task_id, xs, xs_extra in zip(ids, xss, extras):
-            fields: dict[str, bytes | str | int] = {"xs": encode(xs), "state": state}
-            if xs_extra:
-                fields["xs_extra"] = encode(xs_extra)
-            if worker_id is not None:
-                fields["worker_id"] = worker_id
-            if max_retries:
-                fields["max_retries"] = max_retries
-            pipe.hset(self.keys.task(task_id), mapping=fields)  # type: ignore[arg-type]  # invariant key type
-        if ids:
-            pipe.rpush(self.keys.all_tasks, *ids)
-            if state == "running":
-                pipe.sadd(self.keys.running, *ids)
-            else:
-                pipe.rpush(queue or self.keys.queued, *ids)
-            pipe.execute()
+            args += [task_id, encode(xs), encode(xs_extra) if xs_extra else b""]
+        target = self.keys.running if state == "running" else (queue or self.keys.queued)
+        self._script("CREATE_TASKS", [self.keys.all_tasks, target, self.keys.worker(fence),
+                                      self.keys.held_tasks(fence)], args)
         return ids
 
     def push_tasks(self, xss: Sequence[Mapping[str, Any]], extra: Any = None, *,
@@ -323,38 +334,90 @@ class RushNetwork:
 
     def wait_for_tasks(self, keys: str | Iterable[str], timeout: float | None = None,
                        poll: float = 0.05) -> None:
-        """Block until every task in ``keys`` is finished or failed."""
+        """Block until every task in ``keys`` is finished or failed.
+
+        Never waits on what cannot happen: about once a second it checks the workers (a controller
+        also detects lost ones), and raises ``NoWorkersError`` with the counts when tasks it waits for
+        are queued or running but no worker is running or starting.
+        """
         keys = _key_list(keys)
         deadline = None if timeout is None else time.monotonic() + timeout
+        next_check = time.monotonic()
         while True:
-            pending = [k for k, s in self.task_states(keys).items() if s not in ("finished", "failed")]
+            pending = {k: s for k, s in self.task_states(keys).items() if s not in ("finished", "failed")}
             if not pending:
                 return
+            if time.monotonic() >= next_check:
+                if self._watch_workers():
+                    continue  # lost workers' tasks were released: look at the states again
+                self._require_live_workers(pending, len(keys))
+                next_check = time.monotonic() + 1.0
             if deadline is not None and time.monotonic() > deadline:
                 raise RushTimeoutError(f"{len(pending)} of {len(keys)} tasks still not finished after "
-                                       f"{timeout} s (e.g. {pending[:3]})")
+                                       f"{timeout} s (e.g. {list(pending)[:3]})")
             time.sleep(poll)
 
-    def _encode_many(self, values: list[dict[str, Any] | None]) -> list[bytes]:
-        return [self.codec.encode(v) if v else b"" for v in values]
+    def _watch_workers(self) -> bool:
+        """Hook for waits: the controller detects lost workers here; True when it found some."""
+        return False
 
-    def _fail_tasks(self, keys: list[str], conditions: list[dict[str, Any]]) -> list[str]:
-        args: list[Any] = [self.keys.task_prefix]
-        for key, condition in zip(keys, self._encode_many(conditions)):  # type: ignore[arg-type]
-            args += [key, condition]
-        discarded = self._scripts["FAIL_TASKS"](
-            keys=[self.keys.running, self.keys.failed, self.keys.queued], args=args)
-        return [d.decode() for d in discarded]
+    def _require_live_workers(self, pending: Mapping[str, str], n_waited: int) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.scard(self.keys.worker_state_set("running"))
+        pipe.scard(self.keys.worker_state_set("launched"))
+        running_workers, starting_workers = pipe.execute()
+        if running_workers or starting_workers:
+            return
+        queued = sum(1 for s in pending.values() if s == "queued")
+        raise NoWorkersError(
+            f"waiting for {len(pending)} of {n_waited} task(s) ({queued} queued, {len(pending) - queued} "
+            "running) but no worker is running or starting; start workers (start_*_workers) or see "
+            "worker_info for why they ended")
 
-    def release_worker_tasks(self, worker_id: str, message: str) -> tuple[list[str], list[str]]:
-        """A worker is gone: requeue its running tasks with retries left, fail the rest with
-        ``message``, and hand its priority queue to the shared queue. Returns (failed, requeued)."""
-        released = [r.decode() for r in self._scripts["RELEASE_WORKER_TASKS"](
-            keys=[self.keys.running, self.keys.queued, self.keys.failed, self.keys.priority(worker_id),
-                  self.keys.priority_workers],
-            args=[self.keys.task_prefix, worker_id, self.codec.encode({"message": message})])]
-        split = released.index("|")
-        return released[:split], released[split + 1:]
+    def end_worker(self, worker_id: str, state: str, allowed: Iterable[str], message: str,
+                   **fields: Any) -> tuple[str, list[str], list[str]] | None:
+        """Move a worker to its final ``state`` and release what it holds, in ONE atomic step.
+
+        Its running tasks are requeued (retries left) or failed with ``message``; its priority
+        queue moves to the shared queue. Returns (previous state, failed ids, requeued ids), or None
+        when its current state is not in ``allowed`` (e.g. it already ended: a re-sent call).
+        """
+        args: list[Any] = [state, self.keys.worker_set_prefix, worker_id, ",".join(allowed),
+                           self.keys.task_prefix, self.codec.encode({"message": message})]
+        for name, value in fields.items():
+            args += [name, "" if value is None else str(value)]
+        keys = self.keys
+        result = self._scripts["END_WORKER"](
+            keys=[keys.worker(worker_id), keys.workers, keys.running, keys.queued, keys.failed,
+                  keys.priority(worker_id), keys.priority_workers, keys.held_tasks(worker_id),
+                  keys.last_pop(worker_id)], args=args)
+        if not result:
+            return None
+        previous, failed, requeued = result
+        return text(previous), [text(i) for i in failed], [text(i) for i in requeued]
+
+    def sweep_orphaned_tasks(self, batch: int = 1000) -> tuple[list[str], list[str]]:
+        """Release running tasks whose holder is not running (in any state, or without a record).
+
+        The safety net behind ``end_worker``: whatever happened to a worker, none of its tasks stays
+        running forever. Works in batches (SSCAN), so Redis is never blocked for long.
+        Returns (failed ids, requeued ids).
+        """
+        failed: list[str] = []
+        requeued: list[str] = []
+        cursor: Any = 0
+        while True:
+            cursor, batch_failed, batch_requeued = self._scripts["SWEEP_ORPHANED_TASKS"](
+                keys=[self.keys.running, self.keys.queued, self.keys.failed],
+                args=[self.keys.task_prefix, self.keys.worker_prefix, cursor, batch])
+            failed += [text(i) for i in batch_failed]
+            requeued += [text(i) for i in batch_requeued]
+            if int(cursor) == 0:
+                break
+        if failed or requeued:
+            logger.warning("released %d task(s) held by workers that are not running: %d failed, %d requeued",
+                           len(failed) + len(requeued), len(failed), len(requeued))
+        return failed, requeued
 
     def close(self) -> None:
         self.redis.close()
