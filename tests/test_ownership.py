@@ -58,6 +58,7 @@ def test_a_lost_worker_can_change_no_task(rush, worker):
     for name, call in calls.items():
         with pytest.raises(WorkerNotRunningError, match="lost"):
             call()
+            pytest.fail(f"{name} was not refused")
     assert worker.terminated
     states = rush.task_states(queued + own)
     assert states[held.key] == "queued"  # requeued: it had a retry left
