@@ -18,7 +18,7 @@ from typing import Any
 from .config import RedisConfig
 from .credentials import CREDENTIALS_ENV, read_credentials, resolve_secret
 from .exceptions import ConfigError, RushError, WorkerNotRunningError
-from .heartbeat import DEFAULT_OUTAGE_TIMEOUT, first_beat, start_heartbeat
+from .heartbeat import first_beat, start_heartbeat
 from .logs import RedisLogHandler
 from .payload import load_meta, load_payload
 from .worker import RushWorker
@@ -84,10 +84,14 @@ def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,
         settings = meta.get("settings", {})
         level = logging.getLevelName(str(settings.get("log_level", "INFO")).upper())
         handler = RedisLogHandler(rush.redis, rush.keys.log, worker_id, level=level)
+        retry = rush._retry
+        handler.addFilter(lambda record: not retry.in_outage)  # stderr only while Redis is down
         root.addHandler(handler)
         if root.level > level or root.level == logging.NOTSET:
             root.setLevel(level)
         loop, _ = load_payload(rush, meta)
+        outage_timeout = float(settings.get("redis_outage_timeout") or config.outage_timeout)
+        rush.set_outage_timeout(outage_timeout)
         period = settings.get("heartbeat_period")
         expire = settings.get("heartbeat_expire")
         if not in_process:
@@ -111,9 +115,7 @@ def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,
 
     heartbeat = None
     if period:
-        heartbeat = start_heartbeat(rush, period, expire,
-                                    settings.get("redis_outage_timeout", DEFAULT_OUTAGE_TIMEOUT),
-                                    in_process=in_process)
+        heartbeat = start_heartbeat(rush, period, expire, outage_timeout, in_process=in_process)
         rush._heartbeat = heartbeat
     code = 0
     try:

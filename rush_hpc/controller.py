@@ -6,6 +6,7 @@ launched -> running -> terminated | failed | killed | lost.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import threading
@@ -13,6 +14,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+import redis
 
 from . import heartbeat as heartbeat_settings
 from .config import RedisConfig, resolve_config
@@ -31,6 +34,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 logger = logging.getLogger(__name__)
+
+#: workers of an embedded Redis give up quickly: it is only gone when its controller is
+EMBEDDED_OUTAGE_TIMEOUT = 5.0
 
 
 
@@ -314,7 +320,10 @@ class Rush(RushNetwork):
             pipe.exists(self.keys.heartbeat(worker_id))
         beating = dict(zip(hashes, pipe.execute()))
         reasons = self._gone(hashes)
+        grace = self._in_outage_grace(hashes)
         for worker_id, info in hashes.items():
+            if grace:
+                break  # Redis was down for everyone: give the workers time to beat again
             if worker_id not in reasons and info.get("heartbeat_expire") and not beating[worker_id]:
                 reasons[worker_id] = f"heartbeat expired (no beat for {info['heartbeat_expire']} s)"
         lost = []
@@ -330,6 +339,22 @@ class Rush(RushNetwork):
         self._released_by_sweep = len(failed) + len(requeued)
         return lost
 
+    def _in_outage_grace(self, hashes: Mapping[str, Mapping[str, str]]) -> bool:
+        """True shortly after a Redis outage (this client saw commands fail, or Redis restarted):
+        heartbeats that expired while Redis was down say nothing about the workers."""
+        expires = [float(h["heartbeat_expire"]) + float(h.get("heartbeat_period") or 1.0)
+                   for h in hashes.values() if h.get("heartbeat_expire")]
+        if not expires:
+            return False
+        window = max(expires)
+        if self._retry.seen_outage_within(window):
+            return True
+        try:
+            uptime = int(self.redis.info("server").get("uptime_in_seconds", window + 1))
+        except redis.ResponseError:  # INFO may be denied to an ACL user
+            return False
+        return uptime < window
+
     def _watch_workers(self) -> bool:
         return bool(self.detect_lost_workers()) or self._released_by_sweep > 0
 
@@ -340,9 +365,14 @@ class Rush(RushNetwork):
         self._monitor_stop.clear()
 
         def watch() -> None:
+            warned_at = -float("inf")
             while not self._monitor_stop.wait(interval):
                 try:
                     self.detect_lost_workers()
+                except redis.RedisError as error:  # an outage longer than outage_timeout: say it once a minute
+                    if time.monotonic() - warned_at > 60:
+                        logger.warning("lost-worker monitor: Redis unavailable (%s); still watching", error)
+                        warned_at = time.monotonic()
                 except Exception:  # noqa: BLE001 - keep watching
                     logger.exception("lost-worker monitor failed")
 
@@ -491,17 +521,25 @@ def _launcher_from_info(info: Mapping[str, str]) -> Launcher | None:
 
 
 def rsh(network: str | None = None, url: str | None = None, *, config: RedisConfig | None = None,
-        secret: str | bytes | None = None) -> Rush:
+        secret: str | bytes | None = None, redis_outage_timeout: float | None = None) -> Rush:
     """Connect to (or create) network ``network`` and return its controller.
 
     Redis: ``config``, else ``url``, else ``RUSH_HPC_URL``/``REDIS_URL``, else an embedded
     redis-server started for this controller on 127.0.0.1 with a generated password.
+
+    ``redis_outage_timeout``: how long the controller and its workers retry through a Redis outage
+    (a restart, a network blip) before giving up; default 60 s (5 s with the embedded Redis, which
+    is only gone when this controller is).
     """
     resolved = resolve_config(url, config)
     embedded = None
     if resolved is None:
         embedded = EmbeddedRedis()
-        resolved = embedded.config
+        resolved = dataclasses.replace(embedded.config, outage_timeout=EMBEDDED_OUTAGE_TIMEOUT)
+    if redis_outage_timeout is not None:
+        if not redis_outage_timeout >= 0:
+            raise ConfigError(f"redis_outage_timeout must be >= 0 seconds, got {redis_outage_timeout!r}")
+        resolved = dataclasses.replace(resolved, outage_timeout=float(redis_outage_timeout))
     try:
         return Rush(network or uuid.uuid4().hex, resolved, resolve_secret(secret), embedded)
     except BaseException:

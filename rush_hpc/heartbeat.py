@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Callable
 import redis
 
 from .exceptions import ConfigError
+from .outage import DEFAULT_OUTAGE_TIMEOUT, is_transient
 
 if TYPE_CHECKING:
     from .worker import RushWorker
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PERIOD = 1.0
 DEFAULT_EXPIRE = 5.0
-DEFAULT_OUTAGE_TIMEOUT = 60.0
 _WAKE = b"__wake__"
 
 
@@ -59,13 +59,6 @@ def _exit_now(reason: str) -> None:
     logger.warning("exiting: %s", reason)
     logging.shutdown()
     os._exit(137)
-
-
-def is_transient(error: BaseException) -> bool:
-    """Errors that an outage, a restart or a busy Redis cause, and that end by themselves."""
-    if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
-        return True
-    return isinstance(error, redis.ResponseError) and str(error).startswith(("BUSY", "LOADING", "TRYAGAIN"))
 
 
 class BeatLoop:
@@ -116,7 +109,8 @@ class BeatLoop:
                     outage_logged = False
                 if state != b"running":
                     if state in (None, b"lost", b"killed"):
-                        what = "has no record (was the network reset?)" if state is None \
+                        what = "has no record in Redis (was the network reset, or did Redis restart without " \
+                            "persistence?)" if state is None \
                             else f"was marked {state.decode()} by the controller"
                         end(f"worker {worker_id} {what}")
                     return  # terminated / failed: the worker is ending by itself
@@ -221,7 +215,8 @@ class HeartbeatProcess:
             root.removeHandler(handler)
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s rush_hpc.heartbeat: %(message)s")
-        client = self.worker.config.client(socket_timeout=max(2 * self.period, self.period + 2))
+        client = self.worker.config.client(socket_timeout=max(2 * self.period, self.period + 2),
+                                            outage_timeout=0)  # the loop rides outages itself
         loop = BeatLoop(self.worker, self.period, self.expire, self.outage_timeout, client)
 
         def should_stop() -> bool:
@@ -280,7 +275,7 @@ class Heartbeat(threading.Thread):
                  on_exit: Callable[[str], None] = _exit_now,
                  outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT) -> None:
         super().__init__(name=f"rush-heartbeat-{worker.worker_id}", daemon=True)
-        client = worker.config.client(socket_timeout=max(2 * period, period + 2))
+        client = worker.config.client(socket_timeout=max(2 * period, period + 2), outage_timeout=0)
         self.loop = BeatLoop(worker, period, expire, outage_timeout, client)
         self.worker, self.period, self.on_exit = worker, period, on_exit
         self._stop_event = threading.Event()

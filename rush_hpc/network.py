@@ -29,7 +29,7 @@ _ROW_FIELDS = ("xs", "ys", "xs_extra", "ys_extra", "condition")
 def connect(config: RedisConfig, **client_options: Any) -> redis.Redis:
     """A checked client: wrong password or unreachable Redis become clear ``RushError``s."""
     client = config.client(**client_options)
-    probe = config.client(retries=0)  # fail fast and clearly on a wrong password or address
+    probe = config.client(outage_timeout=0)  # fail fast and clearly on a wrong password or address
     try:
         probe.ping()
     except redis.AuthenticationError as error:
@@ -112,6 +112,15 @@ class RushNetwork:
                 self._on_refused(state)
                 raise WorkerNotRunningError(self._fence_id or "?", state) from None
             raise
+
+    @property
+    def _retry(self) -> Any:
+        """The client's ``OutageRetry`` (shared by its connections)."""
+        return self.redis.get_connection_kwargs().get("retry")
+
+    def set_outage_timeout(self, seconds: float) -> None:
+        """How long this client's calls retry through a Redis outage before they raise."""
+        self._retry.outage_timeout = float(seconds)
 
     def _on_refused(self, state: str) -> None:
         """Hook: a worker learns here that Redis refused it (RushWorker stops its loop)."""
