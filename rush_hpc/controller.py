@@ -23,7 +23,6 @@ from .credentials import CREDENTIALS_ENV, credentials_blob, resolve_secret, writ
 from .exceptions import ConfigError, LaunchError, RushTimeoutError, WorkerStartError
 from .launchers.base import Launcher, WorkerCommand
 from .launchers.local import LocalLauncher
-from .frames import FrameBuffer
 from .logs import read_log
 from .network import RushNetwork, text
 from .payload import GlobalsArg, resolve_globals, store_payload
@@ -459,7 +458,7 @@ class Rush(RushNetwork):
                 batch = []
         if batch:
             deleted += self.redis.unlink(*batch)
-        self._finished, self._new_tasks_index = FrameBuffer(), 0
+        self._clear_task_cache()
         self._reap_local_workers(timeout=5.0)
         self._launchers.clear()
         logger.info("reset network %s (%d keys deleted)", self.network, deleted)

@@ -262,41 +262,55 @@ end
 return {scan[1], failed, requeued}
 """
 
-# Read task rows of a list range or a whole set, in one call, as ONE JSON string: parsing one
-# string is far cheaper for the client than hundreds of thousands of reply items.
+# Read task rows, a bounded chunk per call so that Redis is never blocked for long: a range of a
+# list (by index) or one SSCAN step over a set. The state filter runs here, so rows of other states
+# never travel. Each row is one JSON string; the client joins them into one document to parse (fast),
+# and parses them one by one only when that fails (a malformed value written by someone else).
 # KEYS[1] list or set of ids
-# ARGV[1] 'list' or 'set', ARGV[2] start, ARGV[3] stop (list only), ARGV[4] task key prefix
-# returns {json, refs}: json is '[[id, xs, ys, xs_extra, ys_extra, condition, worker_id, state], ...]'
+# ARGV[1] 'list' or 'set', ARGV[2] start index (list) or cursor (set), ARGV[3] chunk size,
+# ARGV[4] task key prefix, ARGV[5] comma-separated states to keep ('' keeps all)
+# returns {rows, refs, next}: rows are '[id, xs, ys, xs_extra, ys_extra, condition, worker_id, state]'
 # with JSON-tagged values inlined (tag stripped) and null for missing ones; signed pickles are not
 # inlined (null) and listed in refs as flat pairs (0-based row, 1-based value index) for the client
-# to read and verify itself.
+# to read and verify itself; next is the next start index / cursor, '0' when done.
 FETCH_ROWS = """
-local ids
+local ids, next_position
+local count = tonumber(ARGV[3])
 if ARGV[1] == 'list' then
-  ids = redis.call('LRANGE', KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]))
+  local start = tonumber(ARGV[2])
+  ids = redis.call('LRANGE', KEYS[1], start, start + count - 1)
+  next_position = (#ids < count) and '0' or tostring(start + count)
 else
-  ids = redis.call('SMEMBERS', KEYS[1])
+  local scan = redis.call('SSCAN', KEYS[1], ARGV[2], 'COUNT', count)
+  next_position, ids = scan[1], scan[2]
 end
-local parts, refs = {}, {}
-for i, id in ipairs(ids) do
+local keep = nil
+if ARGV[5] ~= '' then
+  keep = {}
+  for state in string.gmatch(ARGV[5], '([^,]+)') do keep[state] = true end
+end
+local rows, refs = {}, {}
+for _, id in ipairs(ids) do
   local v = redis.call('HMGET', ARGV[4] .. id, 'xs', 'ys', 'xs_extra', 'ys_extra', 'condition',
                        'worker_id', 'state')
-  local row = {cjson.encode(id)}
-  for j = 1, 5 do
-    local value = v[j]
-    if not value or value == '' then
-      row[j + 1] = 'null'
-    elseif string.byte(value, 1) == 106 then
-      row[j + 1] = string.sub(value, 2)
-    else
-      row[j + 1] = 'null'
-      refs[#refs + 1] = i - 1
-      refs[#refs + 1] = j
+  if keep == nil or (v[7] and keep[v[7]]) then
+    local row = {cjson.encode(id)}
+    for j = 1, 5 do
+      local value = v[j]
+      if not value or value == '' then
+        row[j + 1] = 'null'
+      elseif string.byte(value, 1) == 106 then
+        row[j + 1] = string.sub(value, 2)
+      else
+        row[j + 1] = 'null'
+        refs[#refs + 1] = #rows
+        refs[#refs + 1] = j
+      end
     end
+    row[7] = v[6] and cjson.encode(v[6]) or 'null'
+    row[8] = v[7] and cjson.encode(v[7]) or 'null'
+    rows[#rows + 1] = '[' .. table.concat(row, ',') .. ']'
   end
-  row[7] = v[6] and cjson.encode(v[6]) or 'null'
-  row[8] = v[7] and cjson.encode(v[7]) or 'null'
-  parts[i] = '[' .. table.concat(row, ',') .. ']'
 end
-return {'[' .. table.concat(parts, ',') .. ']', refs}
+return {rows, refs, next_position}
 """

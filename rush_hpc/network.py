@@ -24,6 +24,38 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _ROW_FIELDS = ("xs", "ys", "xs_extra", "ys_extra", "condition")
+#: task ids per FETCH_ROWS call: a few ms of Redis time each, so other clients are never held up
+FETCH_CHUNK = 2000
+#: finished rows per LRANGE of the (ready-made JSON) finished list
+FINISHED_CHUNK = 20000
+
+
+def parse_rows(raw: Sequence[bytes], width: int, what: str, *, allow_longer: bool = False
+               ) -> list[list[Any] | None]:
+    """JSON rows as lists: one ``json.loads`` for all (fast); one by one when that fails, so that a
+    malformed row (non-UTF-8, bad JSON, too deep, wrong length) is reported and left out (None)."""
+    if not raw:
+        return []
+    try:
+        records = json.loads(b"[" + b",".join(raw) + b"]")
+        if all(type(r) is list and (len(r) == width or (allow_longer and len(r) == width + 1)) for r in records):
+            return records
+    except (ValueError, RecursionError):
+        pass
+    parsed: list[list[Any] | None] = []
+    for item in raw:
+        try:
+            record = json.loads(item.decode("utf-8", "replace"))
+            if type(record) is not list or not (len(record) == width or (allow_longer and len(record) == width + 1)):
+                raise ValueError(f"expected {width} fields")
+            if not isinstance(record[0], str):
+                raise ValueError("the task id is not a string")
+        except (ValueError, RecursionError) as error:
+            logger.warning("skipping a malformed row of %s (%s): %.200r", what, error, item)
+            parsed.append(None)
+            continue
+        parsed.append(record)
+    return parsed
 
 
 def connect(config: RedisConfig, **client_options: Any) -> redis.Redis:
@@ -98,6 +130,7 @@ class RushNetwork:
         #: the worker whose task calls are fenced in Redis (None: a controller, not fenced)
         self._fence_id: str | None = None
         self._finished = FrameBuffer()
+        self._finished_position = 0  # rows of the finished list read so far (bad rows included)
         self._new_tasks_index = 0
 
     def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
@@ -228,71 +261,104 @@ class RushNetwork:
                 "finished": finished, "failed": failed, "total": total}
 
     # -- fetching ------------------------------------------------------------------------------
-    def _fetch_rows(self, collection: str, kind: str, start: int = 0, stop: int = -1,
-                    states: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """Rows (one dict per task) of a list range or a set, read in one FETCH_ROWS call.
+    def _fetch_rows(self, collection: str, kind: str, states: Sequence[str] | None = None
+                    ) -> list[dict[str, Any]]:
+        """Rows (one dict per task) of a list or a set, read in chunks of ``FETCH_CHUNK`` ids.
 
-        JSON values arrive inlined in one JSON document; signed pickles are read separately and
-        verified before they are unpickled.
+        Each chunk is one FETCH_ROWS call, so Redis is never blocked for long; the state filter runs
+        in Redis. JSON values arrive inlined; signed pickles are read separately and verified before
+        they are unpickled. A row that cannot be decoded is reported (with its key) and skipped.
         """
-        text, refs = self._scripts["FETCH_ROWS"](
-            keys=[collection], args=[kind, start, stop, self.keys.task_prefix])
-        records = json.loads(text)
-        if refs:
-            self._resolve_refs(records, refs)
-        rows = []
-        for task_id, xs, ys, xs_extra, ys_extra, condition, worker_id, state in records:
-            if states is not None and state not in states:
-                continue
-            row: dict[str, Any] = {}
-            for values in (xs, ys, xs_extra, ys_extra, condition):
-                if values:
-                    row.update(values)
-            row["worker_id"] = worker_id
-            if states is not None:
-                row["state"] = state
-            row["keys"] = task_id
-            rows.append(row)
-        return rows
+        rows: list[dict[str, Any]] = []
+        position: Any = 0
+        state_filter = ",".join(states) if states is not None else ""
+        while True:
+            raw, refs, position = self._scripts["FETCH_ROWS"](
+                keys=[collection], args=[kind, position, FETCH_CHUNK, self.keys.task_prefix, state_filter])
+            records = parse_rows(raw, 8, f"tasks of {collection}")
+            if refs:
+                self._resolve_refs(records, refs)
+            for record in records:
+                if record is None:
+                    continue
+                task_id, xs, ys, xs_extra, ys_extra, condition, worker_id, state = record
+                row: dict[str, Any] = {}
+                for values in (xs, ys, xs_extra, ys_extra, condition):
+                    if isinstance(values, dict):
+                        row.update(values)
+                row["worker_id"] = worker_id
+                if states is not None:
+                    row["state"] = state
+                row["keys"] = task_id
+                rows.append(row)
+            if position in (b"0", "0", 0):
+                return rows
 
-    def _resolve_refs(self, records: list[list[Any]], refs: list[Any]) -> None:
+    def _resolve_refs(self, records: list[list[Any] | None], refs: list[Any]) -> None:
         pairs = [(int(refs[i]), int(refs[i + 1])) for i in range(0, len(refs), 2)]
+        pairs = [(row, index) for row, index in pairs if records[row] is not None]
         pipe = self.redis.pipeline(transaction=False)
         for row, index in pairs:
-            pipe.hget(self.keys.task(records[row][0]), _ROW_FIELDS[index - 1])
+            pipe.hget(self.keys.task(records[row][0]), _ROW_FIELDS[index - 1])  # type: ignore[index]
         for (row, index), blob in zip(pairs, pipe.execute()):
-            records[row][index] = self.codec.decode(blob, f"task {records[row][0]} {_ROW_FIELDS[index - 1]}")
+            record = records[row]
+            if record is None:
+                continue
+            try:
+                record[index] = self.codec.decode(blob, f"task {record[0]} {_ROW_FIELDS[index - 1]}")
+            except Exception as error:  # noqa: BLE001 - one bad value must not break the rest
+                logger.warning("skipping task %s: its %s cannot be decoded: %s", record[0],
+                               _ROW_FIELDS[index - 1], error)
+                records[row] = None
 
     def fetch_finished_tasks(self) -> pd.DataFrame:
         """Finished tasks (xs, ys and extra columns, worker_id, keys) in the order they finished.
 
         Incremental: only tasks finished since the last call are read from Redis (the finished
-        list holds ready-made JSON rows: one LRANGE, one json.loads); the rest comes from a cache
-        whose frame is a view (pandas copy-on-write keeps your changes out of it).
+        list holds ready-made JSON rows: LRANGE in chunks, one json.loads per chunk); the rest comes
+        from a cache whose frame is a view (pandas copy-on-write keeps your changes out of it).
+        A row that cannot be decoded is reported and skipped, once.
         """
-        raw = cast(list[bytes], self.redis.lrange(self.keys.finished, self._finished.n, -1))
-        if raw:
-            records = json.loads(b"[" + b",".join(raw) + b"]")
+        while True:
+            raw = cast(list[bytes], self.redis.lrange(self.keys.finished, self._finished_position,
+                                                      self._finished_position + FINISHED_CHUNK - 1))
+            if not raw:
+                break
+            self._finished_position += len(raw)
             rows = []
-            for record in records:
-                if len(record) == 7:  # signed pickles: read and verify them one by one
-                    self._resolve_pickled(record)
+            for record in parse_rows(raw, 6, "finished tasks", allow_longer=True):
+                if record is None:
+                    continue
+                if len(record) == 7 and not self._resolve_pickled(record):
+                    continue
                 task_id, xs, ys, xs_extra, ys_extra, worker_id = record[:6]
                 row: dict[str, Any] = {}
                 for values in (xs, ys, xs_extra, ys_extra):
-                    if values:
+                    if isinstance(values, dict):
                         row.update(values)
                 row["worker_id"] = worker_id
                 row["keys"] = task_id
                 rows.append(row)
             self._finished.append(rows)
+            if len(raw) < FINISHED_CHUNK:
+                break
         return self._finished.frame()
 
-    def _resolve_pickled(self, record: list[Any]) -> None:
-        fields = [_ROW_FIELDS[position - 1] for position in record[6]]
-        blobs = cast(list[bytes | None], self.redis.hmget(self.keys.task(record[0]), fields))
-        for position, field, blob in zip(record[6], fields, blobs):
-            record[position] = self.codec.decode(blob, f"task {record[0]} {field}")
+    def _resolve_pickled(self, record: list[Any]) -> bool:
+        """Read and verify the signed pickles of one finished row; False (reported) when one is bad."""
+        try:
+            fields = [_ROW_FIELDS[int(position) - 1] for position in record[6]]
+            blobs = cast(list[bytes | None], self.redis.hmget(self.keys.task(record[0]), fields))
+            for position, field, blob in zip(record[6], fields, blobs):
+                record[int(position)] = self.codec.decode(blob, f"task {record[0]} {field}")
+        except Exception as error:  # noqa: BLE001 - one bad row must not break the rest
+            logger.warning("skipping finished task %s: %s", record[0], error)
+            return False
+        return True
+
+    def _clear_task_cache(self) -> None:
+        """Forget the fetched finished tasks (after a reset)."""
+        self._finished, self._finished_position, self._new_tasks_index = FrameBuffer(), 0, 0
 
     def fetch_new_tasks(self) -> pd.DataFrame:
         """Finished tasks that no earlier ``fetch_new_tasks()`` call returned."""
@@ -318,15 +384,30 @@ class RushNetwork:
         return rows_to_frame(self._fetch_rows(self.keys.failed, "list"))
 
     def fetch_tasks_with_state(self, states: Sequence[str] = TASK_STATES) -> pd.DataFrame:
-        """Tasks in any of ``states`` with a ``state`` column; one consistent snapshot, no task twice."""
+        """Tasks in any of ``states`` with a ``state`` column, in creation order, no task twice.
+
+        Read in chunks (Redis stays responsive at millions of tasks). One state is read from its
+        own collection, so ``["running"]`` costs what the running tasks cost; several states are read
+        from the all-tasks list with the filter applied in Redis. Each task is read once, with its
+        state at the moment its chunk was read.
+        """
         states = [states] if isinstance(states, str) else list(states)
         unknown = set(states) - set(TASK_STATES)
         if unknown:
             raise TaskError(f"unknown task state(s) {sorted(unknown)}; valid: {list(TASK_STATES)}")
+        if states == ["running"]:
+            return rows_to_frame(self._fetch_rows(self.keys.running, "set", states=states))
+        if states == ["failed"]:
+            return rows_to_frame(self._fetch_rows(self.keys.failed, "list", states=states))
+        if states == ["queued"]:
+            rows = self._fetch_rows(self.keys.queued, "list", states=states)
+            for worker_id in sorted(self.redis.smembers(self.keys.priority_workers)):
+                rows += self._fetch_rows(self.keys.priority(text(worker_id)), "list", states=states)
+            return rows_to_frame(rows)
         return rows_to_frame(self._fetch_rows(self.keys.all_tasks, "list", states=states))
 
     def fetch_tasks(self) -> pd.DataFrame:
-        """Every task of the network, in creation order."""
+        """Every task of the network, in creation order (read in chunks)."""
         return rows_to_frame(self._fetch_rows(self.keys.all_tasks, "list"))
 
     def task_states(self, keys: str | Iterable[str]) -> dict[str, str]:
