@@ -128,9 +128,13 @@ class RedisConfig:
 
     # -- connecting --------------------------------------------------------------------------
     def client(self, *, socket_timeout: float | None | str = "default", decode_responses: bool = False,
-               outage_timeout: float | None = None):
+               outage_timeout: float | None = None, single_connection: bool = False):
         """A redis-py client that retries transient errors with backoff for up to ``outage_timeout``
-        seconds (default: the config's), so that a Redis restart does not end a worker."""
+        seconds (default: the config's), so that a Redis restart does not end a worker.
+
+        ``single_connection``: one dedicated connection behind a lock instead of a pool (a worker's
+        hot path: no pool checkout and release per command).
+        """
         import redis
 
         from .outage import OutageRetry
@@ -149,7 +153,8 @@ class RedisConfig:
             retry=OutageRetry(self.outage_timeout if outage_timeout is None else outage_timeout,
                               label=f"Redis at {self}"),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.ResponseError],
-            health_check_interval=30, decode_responses=decode_responses, **kwargs,
+            health_check_interval=30, decode_responses=decode_responses,
+            single_connection_client=single_connection, **kwargs,
         )
 
 

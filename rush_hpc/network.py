@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _ROW_FIELDS = ("xs", "ys", "xs_extra", "ys_extra", "condition")
-_SCRIPTS = ("CREATE_TASKS", "FINISH_TASKS", "FAIL_TASKS", "POP_TASK", "FINISH_AND_POP", "END_WORKER",
+_SCRIPTS = ("CREATE_TASKS", "CREATE_RUNNING_TASKS", "FINISH_TASKS", "FAIL_TASKS", "POP_TASK", "FINISH_AND_POP", "END_WORKER",
             "SWEEP_ORPHANED_TASKS", "SET_WORKER_STATE", "FETCH_ROWS")
 #: task ids per FETCH_ROWS call: a few ms of Redis time each, so other clients are never held up
 FETCH_CHUNK = 2000
@@ -142,12 +142,15 @@ def _key_list(keys: str | Iterable[str]) -> list[str]:
 class RushNetwork:
     """A connection to one network; the base of ``Rush`` (controller) and ``RushWorker``."""
 
+    #: one dedicated connection (a worker: its loop is one thread) rather than a pool (a controller)
+    _single_connection = False
+
     def __init__(self, network: str, config: RedisConfig, secret: bytes | None) -> None:
         self.keys = NetworkKeys(network)
         self.network = network
         self.config = config
         self.codec = Codec(secret)
-        self.redis = connect(config)
+        self.redis = connect(config, single_connection=self._single_connection)
         self._shas = {name: hashlib.sha1(getattr(lua, name).encode()).hexdigest() for name in _SCRIPTS}
         #: the worker whose task calls are fenced in Redis (None: a controller, not fenced)
         self._fence_id: str | None = None

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from .config import RedisConfig, resolve_config
 from .credentials import resolve_secret
 from .exceptions import ConfigError, TaskError, WorkerNotRunningError
-from .network import RushNetwork, _as_list_of_dicts, _extras, _key_list, text
+from .network import RushNetwork, _as_list_of_dicts, _extras, _key_list, new_task_id, text
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ class RushWorker(RushNetwork):
     running worker (the bootstrap does this for launched workers).
     """
 
+    _single_connection = True
+
     def __init__(self, network: str, url: str | None = None, *, config: RedisConfig | None = None,
                  worker_id: str | None = None, secret: str | bytes | None = None) -> None:
         resolved = resolve_config(url, config)
@@ -48,6 +50,8 @@ class RushWorker(RushNetwork):
         self._heartbeat: Any = None
         self._default_extra = {"pid": self.pid}
         self._default_extra_blob = self.codec.encode(self._default_extra)
+        self._create_running_keys = [self.keys.all_tasks, self.keys.running, self.keys.worker(self.worker_id),
+                                     self.keys.held_tasks(self.worker_id)]
         self._n_finished_seen: int | None = None
         self._pending_pop: str | None = None
 
@@ -96,11 +100,23 @@ class RushWorker(RushNetwork):
     def push_running_tasks(self, xss: Sequence[Mapping[str, Any]], extra: Any = None) -> list[str]:
         """Create tasks that this worker evaluates right now (state "running"); returns their keys."""
         xss = _as_list_of_dicts(xss, "xss")
-        if extra is None:  # the common case: the constant pid extra, encoded once per worker
-            extras: list[Any] = [self._default_extra_blob] * len(xss)
-        else:
+        if extra is not None:
             extras = [{**self._default_extra, **(e or {})} for e in _extras(extra, len(xss))]
-        return self._create_tasks(xss, extras, state="running")
+            return self._create_tasks(xss, extras, state="running")
+        # the hot path: the constant pid extra (encoded once), a script with only the keys it needs
+        encode = self.codec.encode
+        values = [encode(xs) for xs in xss]
+        pending = self._pending_create
+        call = ("running", self._default_extra_blob, values)
+        ids = pending[1] if pending is not None and pending[0] == call else [new_task_id() for _ in xss]
+        self._pending_create = (call, ids)
+        args: list[Any] = [self.keys.task_prefix, self.worker_id, self._default_extra_blob]
+        for task_id, blob in zip(ids, values):
+            args += [task_id, blob]
+        if ids:
+            self._script("CREATE_RUNNING_TASKS", self._create_running_keys, args)
+        self._pending_create = None
+        return ids
 
     def pop_task(self, timeout: float | None = None, fields: Any = None) -> Task | None:
         """Take the next queued task (own priority queue first) and mark it running.
