@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from ..frames import short_ids
 from . import branin, require, run_example
 
 bo_n_tasks = 100
@@ -38,7 +39,7 @@ def wl_bayesian_optimization(rush) -> None:
 
 
 def run(rush, n_workers: int = 4, n_tasks: int = 100, n_initial: int = 25, launcher: str = "local",
-        progress: bool = False, **options: Any):
+        progress: bool | None = None, **options: Any):
     require("sklearn", "numpy")
     rush.push_tasks([{"x1": random.uniform(-5, 10), "x2": random.uniform(0, 15)} for _ in range(n_initial)])
     ids, elapsed = run_example(rush, wl_bayesian_optimization, n_workers, n_tasks, launcher, progress,
@@ -46,7 +47,7 @@ def run(rush, n_workers: int = 4, n_tasks: int = 100, n_initial: int = 25, launc
     tasks = rush.fetch_finished_tasks()
     initial = tasks.head(n_initial)["y"].min()
     tasks = tasks.sort_values("y")
-    print(tasks[["x1", "x2", "y", "worker_id"]].head(10).to_string(index=False))
+    print(short_ids(tasks[["x1", "x2", "y", "worker_id"]].head(10)).to_string(index=False))
     best = tasks.iloc[0]
     print(f"best y = {best.y:.4f} at x1 = {best.x1:.3f}, x2 = {best.x2:.3f} (optimum 0.3979; best of the "
           f"{n_initial} random initial points: {initial:.4f}); {len(tasks)} tasks by {len(ids)} workers "

@@ -49,7 +49,7 @@ def wl_median_stopping(rush) -> None:
                 break
 
 
-def run(rush, n_workers: int = 4, n_tasks: int = 1000, launcher: str = "local", progress: bool = False,
+def run(rush, n_workers: int = 4, n_tasks: int = 1000, launcher: str = "local", progress: bool | None = None,
         **options: Any):
     require("xgboost", "numpy")
     ids, elapsed = run_example(rush, wl_median_stopping, n_workers, n_tasks, launcher, progress,
