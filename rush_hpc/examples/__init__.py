@@ -48,7 +48,8 @@ def start_workers(rush: Rush, loop: Callable[..., Any], n_workers: int, launcher
 
 
 def run_example(rush: Rush, loop: Callable[..., Any], n_workers: int, n_tasks: int, launcher: str,
-                progress: bool | None, globals: dict[str, Any], **options: Any) -> tuple[list[str], float]:
+                progress: bool | None, globals: dict[str, Any], quiet: bool = False,
+                **options: Any) -> tuple[list[str], float]:
     """Start the workers, wait until they are done, print the summary; returns (ids, seconds).
 
     ``progress``: a progress bar on stderr (None: on a terminal only, see ``rush_hpc.progress``).
@@ -57,7 +58,8 @@ def run_example(rush: Rush, loop: Callable[..., Any], n_workers: int, n_tasks: i
     ids = start_workers(rush, loop, n_workers, launcher, globals=globals, **options)
     rush.wait_for_workers(worker_ids=ids, timeout=120)
     wait_for_finished(rush, n_tasks, ids, progress=progress)
-    print(rush)
+    if not quiet:
+        print(rush)
     return ids, time.monotonic() - started
 
 

@@ -60,7 +60,7 @@ def run(rush, n_workers: int = 4, n_tasks: int = 1000, launcher: str = "local", 
     print("evaluations and RMSE per number of rounds (stopped configurations never reach 20):")
     print(per_round.to_string())
     best = tasks.iloc[0]
-    print(f"best rmse = {best.rmse:.3f} (max_depth {best.max_depth}, {best.nrounds} rounds); "
+    print(f"best rmse = {best.rmse:.3f} (max_depth {best.max_depth}, {best.nrounds} rounds)\n"
           f"{len(tasks)} tasks by {len(ids)} workers in {elapsed:.2f} s")
     return tasks
 
