@@ -76,16 +76,17 @@ def local_offset(moment: datetime | None = None) -> str:
     return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
 
 
-def format_local(timestamp: float | None, with_date: bool = True) -> str:
+def format_local(timestamp: float | None, with_date: bool = True, with_offset: bool = True) -> str:
     """A Unix timestamp as local time with its UTC offset: ``2026-11-26 08:15:02 +01:00``.
 
-    One time zone everywhere the CLI prints a time (headers, heartbeats, logs).
+    One time zone everywhere the CLI prints a time (headers, heartbeats, logs); ``with_offset=False``
+    only where the offset is already printed above (the rows of ``top``).
     """
     if timestamp is None or timestamp != timestamp:  # None or NaN
         return "-"
     moment = datetime.fromtimestamp(timestamp, tz=timezone.utc).astimezone()
     text = moment.strftime("%Y-%m-%d %H:%M:%S" if with_date else "%H:%M:%S")
-    return f"{text} {local_offset(moment)}"
+    return f"{text} {local_offset(moment)}" if with_offset else text
 
 
 def to_local_times(frame: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:

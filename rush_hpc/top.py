@@ -141,19 +141,20 @@ def _duration(seconds: float) -> str:
 
 
 def eta_text(finished: int, target: int, speed: float | None, now: float) -> str:
-    """``ETA 0:12 (08:15:14 +00:00), 25% of 5,000`` - or why there is none."""
-    done = f"{min(finished, target) / target:.0%} of {target:,}" if target > 0 else f"target {target:,}"
+    """``50% of 5,000 · ETA 0:12 (08:15:14 +00:00)`` - or why there is no ETA."""
     if finished >= target:
-        return f"target reached ({finished:,} of {target:,})"
+        return f"reached ({finished:,} of {target:,})"
+    done = f"{finished / target:.0%} of {target:,}"
     if not speed:
-        return f"ETA - (no progress yet), {done}"
+        return f"{done} · ETA - (no progress yet)"
     seconds = (target - finished) / speed
     if not math.isfinite(seconds) or seconds > 365 * 86400:
-        return f"ETA - , {done}"
-    return f"ETA {_duration(seconds)} ({format_local(now + seconds, with_date=False)}), {done}"
+        return f"{done} · ETA -"
+    return f"{done} · ETA {_duration(seconds)} ({format_local(now + seconds, with_date=False)})"
 
 
-def render(sample: Sample, history: list[tuple[float, int]], *, target: int | None = None, full_ids: bool = False, rows: int = 20, width: int = 80,
+def render(sample: Sample, history: list[tuple[float, int]], *, target: int | None = None,
+           full_ids: bool = False, rows: int = 20, width: int = 80,
            network: str = "", interval: float | None = None) -> list[Line]:
     """The lines of one frame. ``history``: (time, finished) of recent samples, oldest first."""
     c = sample.counts
@@ -174,9 +175,9 @@ def render(sample: Sample, history: list[tuple[float, int]], *, target: int | No
              else "- tasks/s (measuring)"]
     if recent is not None and len(history) > 2:
         parts.append(f"{recent:,.1f}/s over {history[-1][0] - history[0][0]:.0f} s")
-    if target is not None:
-        parts.append(eta_text(c["finished"], target, recent, sample.time))
     lines.append(Line("rate     " + " · ".join(parts)))
+    if target is not None:
+        lines.append(Line("target   " + eta_text(c["finished"], target, recent, sample.time)))
     lines.append(Line(""))
     id_width = 32 if full_ids else SHORT_ID_LENGTH
     header = f"{'worker':<{id_width}}  {'state':<10}  {'host':<12}  {'pid':>7}  {'done':>7}  {'run':>3}  {'beat':>5}  note"
@@ -185,7 +186,7 @@ def render(sample: Sample, history: list[tuple[float, int]], *, target: int | No
     for worker in ordered[:rows]:
         beat = f"{max(0.0, sample.time - worker.heartbeat):.1f}s" if worker.heartbeat else "-"
         if worker.state in ("running", "launched"):
-            note = f"since {format_local(worker.started, with_date=False)}" if worker.started else ""
+            note = f"since {format_local(worker.started, with_date=False, with_offset=False)}" if worker.started else ""
         else:
             note = worker.reason
         text = (f"{worker.worker_id[:id_width]:<{id_width}}  {worker.state:<10}  {worker.host[:12]:<12}  "
@@ -194,4 +195,4 @@ def render(sample: Sample, history: list[tuple[float, int]], *, target: int | No
         lines.append(Line(text[:width], style))
     if len(ordered) > rows:
         lines.append(Line(f"... and {len(ordered) - rows} more worker(s) (--rows)"))
-    return lines
+    return [Line(line.text[:width], line.style) for line in lines]
