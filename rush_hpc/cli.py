@@ -106,11 +106,12 @@ def echo_frame(frame: pd.DataFrame, fmt: str, limit: int | None = None, full_ids
 
 
 def network_exists(rush: Rush) -> bool:
-    """Whether the network has any key (a worker, a task, a log record, a stored loop)."""
+    """Whether the network has workers, tasks or a stored worker loop.
+
+    Log records alone do not count: a worker's last record may land just after a reset.
+    """
     keys = rush.keys
-    if rush.redis.exists(keys.workers, keys.all_tasks, keys.log, keys.payload):
-        return True
-    return next(iter(rush.redis.scan_iter(match=keys.pattern, count=1000)), None) is not None
+    return bool(rush.redis.exists(keys.workers, keys.all_tasks, keys.payload, keys.payload_meta))
 
 
 def require_network(rush: Rush) -> None:

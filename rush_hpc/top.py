@@ -185,14 +185,15 @@ def render(sample: Sample, history: list[tuple[float, int]], *, target: int | No
     ordered = sorted(sample.workers, key=lambda w: (_STATE_ORDER.get(w.state, 9), -w.finished, w.worker_id))
     for worker in ordered[:rows]:
         beat = f"{max(0.0, sample.time - worker.heartbeat):.1f}s" if worker.heartbeat else "-"
-        if worker.state in ("running", "launched"):
-            note = f"since {format_local(worker.started, with_date=False, with_offset=False)}" if worker.started else ""
-        else:
-            note = worker.reason
+        note = ""
+        if worker.state in ("running", "launched") and worker.started:
+            note = f"since {format_local(worker.started, with_date=False, with_offset=False)}"
         text = (f"{worker.worker_id[:id_width]:<{id_width}}  {worker.state:<10}  {worker.host[:12]:<12}  "
                 f"{worker.pid[:7]:>7}  {worker.finished:>7,}  {worker.running:>3}  {beat:>5}  {note}")
         style = "bold red" if worker.state in ALERT_STATES else "dim" if worker.state == "terminated" else None
-        lines.append(Line(text[:width], style))
+        lines.append(Line(text.rstrip(), style))
+        if worker.reason and worker.state not in ("running", "launched", "terminated"):
+            lines.append(Line(f"{'':{id_width}}  reason: {worker.reason}", style))  # a line of its own: readable
     if len(ordered) > rows:
         lines.append(Line(f"... and {len(ordered) - rows} more worker(s) (--rows)"))
     return [Line(line.text[:width], line.style) for line in lines]

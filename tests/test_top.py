@@ -47,8 +47,10 @@ def test_a_frame_fits_80_columns_and_highlights_lost_workers():
     running = next(line for line in lines if line.text.startswith("aaaaaaaa "))
     lost = next(line for line in lines if line.text.startswith("bbbbbbbb "))
     assert re.search(r"running\s+node-with-a-\s+123\s+40\s+1\s+0\.5s\s+since ", running.text)
-    assert re.search(r"lost\s+node2\s+456\s+10\s+0\s+-\s+heartbeat exp", lost.text)
-    assert lost.style == "bold red" and running.style is None
+    assert re.fullmatch(r"bbbbbbbb  lost\s+node2\s+456\s+10\s+0\s+-", lost.text)
+    reason = lines[lines.index(lost) + 1]
+    assert reason.text == "          reason: heartbeat expired (no beat for 5 s) and a very long explanatio"
+    assert lost.style == reason.style == "bold red" and running.style is None
     full = render(sample(1000.0, 50, workers), [(1000.0, 50)], full_ids=True, width=200)
     assert any(line.text.startswith("a" * 32) for line in full)
     assert "- tasks/s (measuring)" in full[3].text
@@ -84,7 +86,8 @@ def test_top_once_against_real_workers(rush, redis_config, tmp_path):
     alive = next(line for line in lines if line.startswith(ids[0][:8]))
     lost = next(line for line in lines if line.startswith(doomed[:8]))
     assert re.search(r"running .* 3\s+0\s+\d+\.\ds\s+since \d\d:\d\d:\d\d$", alive)
-    assert re.search(r"lost .* 3\s+0\s+(\d+\.\ds|-)\s+process \d+ ", lost)  # the last beat before it died
+    assert re.search(r"lost .* 3\s+0\s+(\d+\.\ds|-)$", lost)  # the last beat before it died
+    assert re.match(r" {10}reason: process \d+ killed by SIGKILL", lines[lines.index(lost) + 1])
     assert max(map(len, lines)) <= 80
 
     master, slave = pty.openpty()  # on a terminal: drawn in place by rich, lost workers in red
