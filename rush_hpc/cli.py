@@ -438,6 +438,8 @@ def main(argv: list[str] | None = None) -> None:
         if "--debug" in args:
             raise
         message = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, redis.exceptions.NoPermissionError):
+            message += "; the Redis (ACL) user needs access to the network's keys, rush:{NETWORK}:*"
         click.echo(f"error: Redis: {message} ({type(error).__name__}; --debug shows the traceback)", err=True)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -196,3 +196,19 @@ def test_demo_refuses_to_wipe_an_existing_network(rush, worker, cli_env):
     result = run("demo", "random-search", "--network", rush.network, "--url", url, check=False)
     assert result.returncode == 1 and "already exists" in result.stderr and "--yes" in result.stderr
     assert rush.task_states(keys) == {keys[0]: "running"}  # untouched
+
+
+def test_redis_errors_in_the_middle_of_a_command_are_one_line(raw, redis_config, network):
+    """The CLI-wide handler: an ACL user that may connect but not read the network's keys."""
+    user, password = f"cli-{network}", "cli-password"
+    raw.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["other:*"],
+                    commands=["+@all", "-@dangerous"])
+    try:
+        url = f"redis://{user}:{password}@127.0.0.1:{redis_config.port}/0"
+        result = run("status", "-n", network, "--url", url, check=False)
+    finally:
+        raw.acl_deluser(user)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+    assert "no permissions" in result.stderr and "needs access to the network's keys" in result.stderr
+    assert password not in result.stderr
