@@ -96,7 +96,10 @@ def echo_frame(frame: pd.DataFrame, fmt: str, limit: int | None = None, full_ids
     frame = to_local_times(frame, TIME_COLUMNS)
     if fmt == "csv":
         click.echo(frame.to_csv(index=False), nl=False)
-    elif fmt == "json":
+    elif fmt == "json":  # local ISO times with their offset (pandas would write UTC)
+        for column in TIME_COLUMNS:
+            if column in frame.columns:
+                frame[column] = frame[column].map(lambda t: None if t is None or t != t else t.isoformat())
         click.echo(frame.to_json(orient="records", date_format="iso", default_handler=str))
     else:
         table = frame if full_ids else short_ids(frame)

@@ -110,6 +110,7 @@ def test_workers_lines_fit_100_columns_with_long_reasons_and_times_are_local(rus
     assert re.search(r" \d\d:\d\d:\d\d \+05:30 ", line)
     records = json.loads(run("workers", "--format", "json", env={**cli_env, "TZ": "Asia/Kolkata"}).stdout)
     assert records[0]["worker_id"] == worker.worker_id and records[0]["reason"].endswith("second line")
+    assert records[0]["started_at"].endswith("+05:30") and records[0]["ended_at"] is None
 
 
 # -- logs --follow past the cap -----------------------------------------------------------------------
