@@ -119,8 +119,8 @@ def network_exists(rush: Rush) -> bool:
 
 def require_network(rush: Rush) -> None:
     if not network_exists(rush):
-        raise ConfigError(f"network {rush.network!r} does not exist at {rush.config} (it has no keys): "
-                          "check --network / RUSH_HPC_NETWORK")
+        raise ConfigError(f"network {rush.network!r} does not exist at {rush.config} (no workers, tasks or "
+                          "worker loop): check --network / RUSH_HPC_NETWORK")
 
 
 def resolve_worker_ids(rush: Rush, given: Sequence[str]) -> list[str]:
