@@ -194,6 +194,8 @@ def render(sample: Sample, history: list[tuple[float, int]], *, target: int | No
         lines.append(Line(text.rstrip(), style))
         if worker.reason and worker.state not in ("running", "launched", "terminated"):
             lines.append(Line(f"{'':{id_width}}  reason: {worker.reason}", style))  # a line of its own: readable
+    if not ordered and not c.get("total"):
+        lines.append(Line("(no workers and no tasks yet: is --network right?)"))
     if len(ordered) > rows:
         lines.append(Line(f"... and {len(ordered) - rows} more worker(s) (--rows)"))
     return [Line(line.text[:width], line.style) for line in lines]

@@ -54,6 +54,9 @@ def test_a_frame_fits_80_columns_and_highlights_lost_workers():
     full = render(sample(1000.0, 50, workers), [(1000.0, 50)], full_ids=True, width=200)
     assert any(line.text.startswith("a" * 32) for line in full)
     assert "- tasks/s (measuring)" in full[3].text
+    empty = sample(1000.0, 0)
+    empty.counts.update(total=0)
+    assert render(empty, [(1000.0, 0)])[-1].text == "(no workers and no tasks yet: is --network right?)"
 
 
 def wl_three_tasks(rush) -> None:
