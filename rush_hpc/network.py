@@ -18,7 +18,7 @@ from .codec import Codec
 from .config import RedisConfig
 from .exceptions import (NoWorkersError, RedisAuthError, RedisUnavailableError, RushTimeoutError,
                          TaskError, UnknownTaskError, WorkerNotRunningError)
-from .frames import FrameBuffer, rows_to_frame
+from .frames import FrameBuffer, check_user_columns, rows_to_frame
 from .keys import TASK_STATES, NetworkKeys
 from .outage import OutageRetry
 
@@ -85,7 +85,8 @@ def parse_rows(raw: Sequence[bytes], width: int, what: str) -> list[list[Any] | 
 def connect(config: RedisConfig, **client_options: Any) -> redis.Redis:
     """A checked client: wrong password or unreachable Redis become clear ``RushError``s."""
     client = config.client(**client_options)
-    probe = config.client(outage_timeout=0)  # fail fast and clearly on a wrong password or address
+    # fail fast and clearly on a wrong password or address, or a port that accepts and never answers
+    probe = config.client(outage_timeout=0, socket_timeout=min(config.socket_timeout or 5.0, 5.0))
     try:
         probe.ping()
     except redis.AuthenticationError as error:
@@ -121,13 +122,16 @@ def _as_list_of_dicts(values: Any, name: str) -> list[dict[str, Any]]:
         if not isinstance(value, Mapping):
             raise TaskError(f"{name}[{i}] must be a dict (column name -> value), got "
                             f"{type(value).__name__}: {value!r:.80}")
-    return [dict(v) for v in values]
+    dicts = [dict(v) for v in values]
+    check_user_columns(dicts, name)
+    return dicts
 
 
 def _extras(extra: Any, n: int, name: str = "extra") -> list[dict[str, Any] | None]:
     if extra is None:
         return [None] * n
     if isinstance(extra, Mapping):
+        check_user_columns([extra], name)
         return [dict(extra)] * n
     extras: list[dict[str, Any] | None] = list(_as_list_of_dicts(extra, name))
     if len(extras) != n:
@@ -461,29 +465,36 @@ class RushNetwork:
         return {k: s.decode() for k, s in zip(keys, states)}
 
     def wait_for_tasks(self, keys: str | Iterable[str], timeout: float | None = None,
-                       poll: float = 0.05) -> None:
+                       poll: float = 0.05, progress: bool | None = None) -> None:
         """Block until every task in ``keys`` is finished or failed.
 
         Never waits on what cannot happen: about once a second it checks the workers (a controller
         also detects lost ones), and raises ``NoWorkersError`` with the counts when tasks it waits for
         are queued or running but no worker is running or starting.
+        ``progress``: a progress bar on stderr; None (default) shows it on a terminal only.
         """
+        from . import progress as progress_display
+
         keys = _key_list(keys)
         deadline = None if timeout is None else time.monotonic() + timeout
         next_check = time.monotonic()
-        while True:
-            pending = {k: s for k, s in self.task_states(keys).items() if s not in ("finished", "failed")}
-            if not pending:
-                return
-            if time.monotonic() >= next_check:
-                if self._watch_workers():
-                    continue  # lost workers' tasks were released: look at the states again
-                self._require_live_workers(pending, len(keys))
-                next_check = time.monotonic() + 1.0
-            if deadline is not None and time.monotonic() > deadline:
-                raise RushTimeoutError(f"{len(pending)} of {len(keys)} tasks still not finished after "
-                                       f"{timeout} s (e.g. {list(pending)[:3]})")
-            time.sleep(poll)
+        with progress_display.tracker(total=len(keys), description="tasks", progress=progress) as bar:
+            while True:
+                states = self.task_states(keys)
+                pending = {k: s for k, s in states.items() if s not in ("finished", "failed")}
+                failed = sum(s == "failed" for s in states.values())
+                bar.update(done=len(keys) - len(pending), extra=f"{failed} failed" if failed else "")
+                if not pending:
+                    return
+                if time.monotonic() >= next_check:
+                    if self._watch_workers():
+                        continue  # lost workers' tasks were released: look at the states again
+                    self._require_live_workers(pending, len(keys))
+                    next_check = time.monotonic() + 1.0
+                if deadline is not None and time.monotonic() > deadline:
+                    raise RushTimeoutError(f"{len(pending)} of {len(keys)} tasks still not finished after "
+                                           f"{timeout} s (e.g. {list(pending)[:3]})")
+                time.sleep(poll)
 
     def _watch_workers(self) -> bool:
         """Hook for waits: the controller detects lost workers here; True when it found some."""

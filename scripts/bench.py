@@ -1,8 +1,10 @@
 """rush-hpc benchmark: prints a markdown table of throughput and latency numbers, measured in one run.
 
-usage: scripts/bench [--quick] [--ssh] [--slurm]
+usage: scripts/bench [--quick] [--ssh] [--slurm] [--bo | --bo-only]
 Starts its own redis-server (from PATH, else the embedded one) on 127.0.0.1. --ssh/--slurm need
-scripts/test-cluster up (they read .test-cluster/cluster.env).
+scripts/test-cluster up (they read .test-cluster/cluster.env). --bo compares the Bayesian
+optimization example with random search (median best y over 20 seeds; a few minutes, needs the
+examples extra).
 """
 
 from __future__ import annotations
@@ -376,11 +378,52 @@ def bench_slurm(config: RedisConfig) -> None:
         del info
 
 
+# -- 6. Bayesian optimization vs random search ----------------------------------------------------
+def bench_bo(config: RedisConfig, seeds: int, budget: int, n_workers: int) -> None:
+    """The examples as a user runs them (local worker processes), at the same budget: the best y among
+    the first ``budget`` finished tasks (workers overshoot by a few tasks; those are not counted)."""
+    from rush_hpc.examples import bayesian_optimization, random_search
+
+    n_initial = 25
+    best: dict[str, list[float]] = {"ADBO": [], "random search": []}
+    stuck = 0
+    started = time.perf_counter()
+    for seed in range(seeds):
+        for name in best:
+            rush = rush_hpc.rsh(network=f"bench-bo-{uuid.uuid4().hex[:8]}", config=config, secret=SECRET)
+            try:
+                if name == "ADBO":
+                    tasks = bayesian_optimization.run(rush, n_workers=n_workers, n_tasks=budget, n_initial=n_initial,
+                                                      seed=seed, quiet=True, progress=False)
+                    first = tasks.head(budget)
+                    stuck += int(first["y"].min() >= first.head(n_initial)["y"].min())
+                else:
+                    tasks = random_search.run(rush, n_workers=n_workers, n_tasks=budget, quiet=True, progress=False)
+                best[name].append(float(tasks.head(budget)["y"].min()))
+            finally:
+                rush.reset()
+                rush.close()
+        print(f"  seed {seed}: ADBO {best['ADBO'][-1]:.4f}, random search {best['random search'][-1]:.4f}",
+              file=sys.stderr, flush=True)
+    bo, rs = best["ADBO"], best["random search"]
+    wins = sum(b < r for b, r in zip(bo, rs))
+    row(f"Branin, {budget} evaluations, {n_workers} local workers: median best y over {seeds} seeds (optimum 0.3979)",
+        f"ADBO {statistics.median(bo):.4f} (worst {max(bo):.4f}); random search {statistics.median(rs):.4f} "
+        f"(worst {max(rs):.4f}); ADBO better in {wins} of {seeds}; ADBO never improved on its "
+        f"{n_initial} initial points in {stuck} of {seeds}; {time.perf_counter() - started:.0f} s",
+        "ADBO < random search")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (no 100k fetch)")
     parser.add_argument("--ssh", action="store_true", help="also time SSH worker start (needs test-cluster)")
     parser.add_argument("--slurm", action="store_true", help="also time SLURM worker start (needs test-cluster)")
+    parser.add_argument("--bo", action="store_true", help="also compare Bayesian optimization with random search")
+    parser.add_argument("--bo-only", action="store_true", help="only the Bayesian optimization comparison")
+    parser.add_argument("--bo-seeds", type=int, default=20, help="--bo: repetitions (default 20)")
+    parser.add_argument("--bo-budget", type=int, default=100, help="--bo: evaluations per run (default 100)")
+    parser.add_argument("--bo-workers", type=int, default=4, help="--bo: local workers per run (default 4)")
     args = parser.parse_args()
     server = EmbeddedRedis()
     config = server.config
@@ -389,17 +432,20 @@ def main() -> None:
         print(f"rush-hpc {rush_hpc.__version__} benchmark, {time.strftime('%Y-%m-%d')}, Python "
               f"{platform.python_version()}, redis-py {redis.__version__}, {server.binary}, "
               f"{os.cpu_count()} CPUs", file=sys.stderr)
-        bench_codec()
-        bench_loop(config, n_loop)
-        bench_queue(config, 10_000)
-        bench_wake_up(config)
-        bench_memory(config)
-        bench_fetch(config, [10_000] if args.quick else [10_000, 100_000])
-        bench_local_workers(config, n_loop)
+        if not args.bo_only:
+            bench_codec()
+            bench_loop(config, n_loop)
+            bench_queue(config, 10_000)
+            bench_wake_up(config)
+            bench_memory(config)
+            bench_fetch(config, [10_000] if args.quick else [10_000, 100_000])
+            bench_local_workers(config, n_loop)
         if args.ssh:
             bench_ssh()
         if args.slurm:
             bench_slurm(config)
+        if args.bo or args.bo_only:
+            bench_bo(config, args.bo_seeds, args.bo_budget, args.bo_workers)
     finally:
         server.stop()
     print(f"\nMeasured {time.strftime('%Y-%m-%d')} on {platform.node()} ({os.cpu_count()} CPUs, "
