@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from . import heartbeat as heartbeat_settings
 from .config import RedisConfig, resolve_config
-from .credentials import CREDENTIALS_ENV, credentials_blob, resolve_secret, write_credentials
+from .credentials import (CREDENTIALS_ENV, CredentialsFile, create_credentials_file, credentials_blob,
+                          resolve_secret, write_credentials)
 from .exceptions import ConfigError, LaunchError, RushTimeoutError, WorkerStartError
 from .launchers.base import Launcher, WorkerCommand
 from .launchers.local import LocalLauncher
@@ -45,6 +46,7 @@ class Rush(RushNetwork):
         self._log_dir: Path | None = None
         self._monitor: threading.Thread | None = None
         self._monitor_stop = threading.Event()
+        self._credential_files: list[tuple[CredentialsFile, list[str]]] = []
 
     # -- starting workers -------------------------------------------------------------------
     def _worker_log_dir(self, log_dir: str | Path | None) -> Path:
@@ -72,9 +74,27 @@ class Rush(RushNetwork):
         output and the 0600 credentials file go to ``log_dir``."""
         directory = self._worker_log_dir(log_dir)
         launcher = make_launcher(directory)
-        credentials = write_credentials(directory / "credentials.json", self.config, self.codec.secret)
-        command = WorkerCommand(self.network, launcher.python, {CREDENTIALS_ENV: str(credentials)})
-        return self.start_workers(launcher, n_workers, command)
+        credentials = create_credentials_file(directory, self.config, self.codec.secret)
+        command = WorkerCommand(self.network, launcher.python, {CREDENTIALS_ENV: str(credentials.path)})
+        try:
+            ids = self.start_workers(launcher, n_workers, command)
+        except BaseException:
+            credentials.remove()
+            raise
+        self._credential_files.append((credentials, ids))
+        return ids
+
+    def _remove_spent_credentials(self, everything: bool = False) -> None:
+        """Delete the credentials files whose workers all registered or ended (all of them with
+        ``everything``): no secret stays on disk longer than a worker may still need it."""
+        keep = []
+        launched = set(self._ids_in_state("launched")) if self._credential_files and not everything else set()
+        for credentials, ids in self._credential_files:
+            if everything or not launched.intersection(ids):
+                credentials.remove()
+            else:
+                keep.append((credentials, ids))
+        self._credential_files = keep
 
     def start_workers(self, launcher: Launcher, n_workers: int, command: WorkerCommand,
                       pre_info: Mapping[str, str] | None = None) -> list[str]:
@@ -268,6 +288,7 @@ class Rush(RushNetwork):
                 raise WorkerStartError(f"{len(failures)} worker(s) failed before registering:\n{details}",
                                        failures)
             if len(registered) >= (target or 0):
+                self._remove_spent_credentials()
                 return
             if deadline is not None and time.monotonic() > deadline:
                 details = "\n".join(f"worker {w} ({h.get('launcher')}, {h.get('state')}): "
@@ -325,6 +346,7 @@ class Rush(RushNetwork):
                                len(failed), len(requeued))
                 lost.append(worker_id)
         self._start_failures(self._worker_hashes(self._ids_in_state("launched")))
+        self._remove_spent_credentials()
         return lost
 
     def start_monitor(self, interval: float = 5.0) -> None:
@@ -453,6 +475,7 @@ class Rush(RushNetwork):
             if local:
                 self._kill(local, grace=1.0)
         self._reap_local_workers(timeout=0.0)
+        self._remove_spent_credentials(everything=True)
         super().close()
         if self._embedded is not None:
             self._embedded.stop()

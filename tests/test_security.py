@@ -169,7 +169,10 @@ def test_no_secret_in_ps_environment_files_or_logs(acl_server, tmp_path, caplog)
         try:
             ids = rush.start_local_workers(wl_until_terminated, n_workers=1, log_dir=str(tmp_path), log_level="DEBUG",
                                            **FAST)
+            credentials = list(tmp_path.glob("credentials-*.json"))
+            assert len(credentials) == 1 and oct(credentials[0].stat().st_mode & 0o777) == "0o600"
             rush.wait_for_workers(1, timeout=30)
+            assert not credentials[0].exists()  # deleted once its worker registered
             pid = int(rush.worker_info["pid"][0])
             ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
             environ = Path(f"/proc/{pid}/environ").read_bytes()
@@ -180,10 +183,9 @@ def test_no_secret_in_ps_environment_files_or_logs(acl_server, tmp_path, caplog)
         finally:
             rush.reset()
             rush.close()
-    files = "".join(p.read_text(errors="replace") for p in tmp_path.glob("*.*") if p.name != "credentials.json")
+    files = "".join(p.read_text(errors="replace") for p in tmp_path.glob("*.*"))
     for text in (ps, environ.decode(errors="replace"), script, logs, caplog.text, files):
         assert ALICE_PW not in text and secret.decode() not in text
-    assert oct((tmp_path / "credentials.json").stat().st_mode & 0o777) == "0o600"
     assert "RUSH_HPC_SECRET='***'" in script and "alice:***@" in script
 
 
@@ -197,3 +199,106 @@ def test_default_secret_file_is_private(monkeypatch, tmp_path):
     path.chmod(0o644)
     with pytest.raises(rush_hpc.ConfigError, match="chmod 600"):
         resolve_secret()
+
+
+# -- credentials files on hostile ground ----------------------------------------------------------
+def _root_or_skip(why: str) -> None:
+    if os.geteuid() != 0:
+        print(f"skipping: {why} needs root (to own a file as another uid)")
+        pytest.skip(f"{why} needs root (to own a file as another uid)")
+
+
+def wl_touch_marker(rush):
+    Path(os.environ["RUSH_TEST_MARKER"]).touch()
+
+
+def _run_worker(network: str, credentials: Path, marker: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RUSH_HPC_CREDENTIALS": str(credentials), "RUSH_TEST_MARKER": str(marker)}
+    return subprocess.run([sys.executable, "-m", "rush_hpc", "worker", "--network", network, "--worker-id",
+                           "w-victim"], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_group_or_world_writable_log_dir_is_refused_with_the_fix(rush, tmp_path):
+    shared = tmp_path / "project-group-dir"
+    for mode in (0o770, 0o1777):
+        shared.mkdir(exist_ok=True)
+        shared.chmod(mode)
+        with pytest.raises(rush_hpc.ConfigError, match=r"others can write to it.*chmod go-w"):
+            rush.start_local_workers(wl_until_terminated, log_dir=str(shared), **FAST)
+        assert not list(shared.iterdir())  # no secret was written there
+    with pytest.raises(rush_hpc.ConfigError, match="chmod go-w"):
+        rush.worker_script(credentials_file=str(shared / "creds.json"))
+
+
+def test_directory_of_another_user_is_refused(rush, tmp_path):
+    _root_or_skip("a directory of another user")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(rush_hpc.ConfigError, match="belongs to uid 65534"):
+        rush.start_local_workers(wl_until_terminated, log_dir=str(theirs), **FAST)
+
+
+def test_planted_symlink_is_never_followed(rush, tmp_path):
+    victim = tmp_path / "victim-file"
+    victim.write_text("precious")
+    link = tmp_path / "creds.json"
+    link.symlink_to(victim)
+    rush.worker_script(credentials_file=str(link))
+    assert victim.read_text() == "precious"  # the link was replaced, its target untouched
+    assert not link.is_symlink() and oct(link.stat().st_mode & 0o777) == "0o600"
+    from rush_hpc.credentials import _create_exclusive
+
+    planted = tmp_path / "planted.json"
+    planted.symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        _create_exclusive(planted, b"secret")
+    assert victim.read_text() == "precious"
+
+
+def test_worker_refuses_a_swapped_credentials_file(redis_config, network, tmp_path):
+    """A project-group member swaps the credentials file for one naming their own loop."""
+    attacker = rush_hpc.rsh(network=network, config=redis_config, secret=b"attacker-secret-0123456789")
+    marker = tmp_path / "attacker-loop-ran"
+    try:
+        attacker.store_worker_loop(wl_touch_marker)
+        swapped = tmp_path / "credentials-swapped.json"
+        attacker.worker_script(credentials_file=str(swapped))
+        # the control: a file that passes the checks does run the loop it names
+        result = _run_worker(network, swapped, marker)
+        assert result.returncode == 0 and marker.exists(), result.stderr
+        marker.unlink()
+        # mode 0644: refused
+        swapped.chmod(0o644)
+        result = _run_worker(network, swapped, marker)
+        assert result.returncode == 2 and "its mode is 644, not 600" in result.stderr
+        swapped.chmod(0o600)
+        # a symlink to a valid file: refused
+        link = tmp_path / "credentials-link.json"
+        link.symlink_to(swapped)
+        result = _run_worker(network, link, marker)
+        assert result.returncode == 2 and "symbolic link" in result.stderr
+        assert not marker.exists()
+        # owned by another uid (the attacker): refused
+        _root_or_skip("a credentials file of another uid")
+        os.chown(swapped, 65534, 65534)
+        result = _run_worker(network, swapped, marker)
+        assert result.returncode == 2 and "belongs to uid 65534" in result.stderr, result.stderr
+        assert not marker.exists()
+    finally:
+        attacker.reset()
+        attacker.close()
+
+
+def test_credentials_files_are_removed_after_registration_and_on_close(rush, tmp_path):
+    rush.start_local_workers(wl_until_terminated, n_workers=2, log_dir=str(tmp_path), **FAST)
+    first = list(tmp_path.glob("credentials-*.json"))
+    assert len(first) == 1
+    rush.wait_for_workers(2, timeout=30)
+    assert not first[0].exists()
+    rush.start_local_workers(wl_until_terminated, n_workers=1, log_dir=str(tmp_path), **FAST)
+    second = list(tmp_path.glob("credentials-*.json"))
+    assert len(second) == 1 and second != first  # a fresh name each time
+    rush.stop_workers()
+    rush.close()
+    assert not second[0].exists()
