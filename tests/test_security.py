@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import cloudpickle
@@ -132,8 +134,8 @@ def test_payload_signed_with_another_secret_is_refused(rush, redis_config):
     other.start_local_workers(wl_until_terminated, **FAST)
     original = rush.redis.get(rush.keys.payload)
     assert original[:1] == b"p"
-    # the other controller re-stored the payload with its own secret; a worker given ours refuses it
-    rush.redis.set(rush.keys.payload, other.codec.dumps_pickle({"loop": wl_until_terminated, "globals": {}}))
+    # the other controller re-stored the payload (and its metadata) with its own secret; a worker
+    # given ours refuses it
     from rush_hpc.bootstrap import run_worker
 
     assert run_worker(rush.network, "w-refuses", redis_config, SECRET, in_process=True) == 1
@@ -302,3 +304,103 @@ def test_credentials_files_are_removed_after_registration_and_on_close(rush, tmp
     rush.stop_workers()
     rush.close()
     assert not second[0].exists()
+
+
+# -- signatures bound to a network and a purpose ----------------------------------------------------
+def _credentials_for(redis_config, directory: Path) -> Path:
+    from rush_hpc.credentials import write_credentials
+
+    return write_credentials(directory / "credentials.json", redis_config, SECRET)
+
+
+def test_payload_copied_from_another_network_is_refused(redis_config, tmp_path):
+    """Same secret, two networks: a Redis writer copies A's signed loop into B."""
+    marker = tmp_path / "loop-ran"
+    a = rush_hpc.rsh(network="net-a-" + tmp_path.name[-8:], config=redis_config, secret=SECRET)
+    b = rush_hpc.rsh(network="net-b-" + tmp_path.name[-8:], config=redis_config, secret=SECRET)
+    credentials = _credentials_for(redis_config, tmp_path)
+    try:
+        a.store_worker_loop(wl_touch_marker)
+        b.store_worker_loop(wl_until_terminated)
+        for key in ("payload", "payload_meta"):
+            b.redis.set(getattr(b.keys, key), a.redis.get(getattr(a.keys, key)))
+        result = _run_worker(b.network, credentials, marker)
+        assert result.returncode == 1 and "wrong signature" in result.stderr, result.stderr
+        assert f"for another network than {b.network!r}" in result.stderr
+        assert not marker.exists()
+        # the control: the same payload runs in its own network
+        result = _run_worker(a.network, credentials, marker)
+        assert result.returncode == 0 and marker.exists(), result.stderr
+    finally:
+        for net in (a, b):
+            net.reset()
+            net.close()
+
+
+@pytest.fixture
+def evil_module(tmp_path, monkeypatch):
+    """A module that leaves a marker file when imported (what an attacker's "modules" entry would do)."""
+    name = f"rush_evil_{uuid.uuid4().hex[:8]}"
+    marker = tmp_path / "evil-imported"
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "evil"))
+    # the control: importing it does leave the marker
+    subprocess.run([sys.executable, "-c", f"import {name}"], check=True, timeout=60)
+    assert marker.exists()
+    marker.unlink()
+    return name, marker
+
+
+def test_tampered_payload_meta_is_refused_before_any_import(rush, tmp_path, evil_module):
+    name, marker = evil_module
+    rush.store_worker_loop(wl_until_terminated)
+    credentials = _credentials_for(rush.config, tmp_path)
+    envelope = json.loads(rush.redis.get(rush.keys.payload_meta))
+    meta = json.loads(envelope["meta"])
+    attempts = {
+        "edited, old signature": json.dumps({**envelope, "meta": json.dumps({**meta, "modules": [name]})}),
+        "unsigned (plain meta)": json.dumps({**meta, "modules": [name]}),
+        "signature dropped": json.dumps({"meta": json.dumps({**meta, "modules": [name]})}),
+    }
+    for what, forged in attempts.items():
+        rush.redis.set(rush.keys.payload_meta, forged)
+        result = _run_worker(rush.network, credentials, tmp_path / "unused")
+        assert result.returncode == 1, (what, result.stderr)
+        assert "wrong signature" in result.stderr or "not signed" in result.stderr, (what, result.stderr)
+        assert not marker.exists(), f"{what}: the module was imported before the check"
+
+
+def test_tampered_spill_path_is_never_opened(rush, tmp_path):
+    """The spill path would point at a FIFO: a worker that opened it would hang (and time out)."""
+    rush.store_worker_loop(wl_until_terminated)
+    credentials = _credentials_for(rush.config, tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    envelope = json.loads(rush.redis.get(rush.keys.payload_meta))
+    meta = {**json.loads(envelope["meta"]), "spill_path": str(fifo)}
+    rush.redis.set(rush.keys.payload_meta, json.dumps({**envelope, "meta": json.dumps(meta)}))
+    result = _run_worker(rush.network, credentials, tmp_path / "unused")
+    assert result.returncode == 1 and "wrong signature" in result.stderr
+
+
+def test_older_signed_payload_of_the_same_network_does_not_match_the_meta(rush, tmp_path):
+    rush.store_worker_loop(wl_touch_marker)
+    old_blob = rush.redis.get(rush.keys.payload)
+    rush.store_worker_loop(wl_until_terminated)
+    rush.redis.set(rush.keys.payload, old_blob)
+    marker = tmp_path / "old-loop-ran"
+    result = _run_worker(rush.network, _credentials_for(rush.config, tmp_path), marker)
+    assert result.returncode == 1 and "does not match the SHA-256" in result.stderr
+    assert not marker.exists()
+
+
+def test_a_value_larger_than_the_limit_never_reaches_redis(rush, worker):
+    big = {"x": b"0" * (65 * 1024 * 1024)}  # above the 64 MB default
+    with pytest.raises(rush_hpc.TaskError, match="larger than the 64 MiB limit"):
+        rush.push_tasks([big])
+    assert rush.n_queued_tasks == 0 and rush.redis.keys(rush.keys.task("*")) == []
+    key = worker.push_running_tasks([{"x": 1}])
+    with pytest.raises(rush_hpc.TaskError, match="limit"):
+        worker.push_results(key, [{"y": "y" * (65 * 1024 * 1024)}])
+    assert rush.n_finished_tasks == 0
