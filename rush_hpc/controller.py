@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from . import heartbeat as heartbeat_settings
 from .config import RedisConfig, resolve_config
@@ -430,7 +430,7 @@ class Rush(RushNetwork):
             self.stop_workers(type=type)
         deleted = 0
         batch: list[bytes] = []
-        for key in self.redis.scan_iter(match=self.keys.pattern, count=1000):
+        for key in self._network_key_names():
             batch.append(key)
             if len(batch) >= 1000:
                 deleted += self.redis.unlink(*batch)
@@ -441,6 +441,29 @@ class Rush(RushNetwork):
         self._reap_local_workers(timeout=5.0)
         self._launchers.clear()
         logger.info("reset network %s (%d keys deleted)", self.network, deleted)
+
+    def _network_key_names(self) -> Iterator[Any]:
+        """Every key of the network: ``SCAN MATCH``, or - for an ACL user denied SCAN (see the README's
+        ACL line: SCAN would list other networks' key names) - the keys the network's indexes name."""
+        import redis
+
+        try:
+            yield from self.redis.scan_iter(match=self.keys.pattern, count=1000)
+            return
+        except redis.exceptions.NoPermissionError:
+            pass
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lrange(k.all_tasks, 0, -1)
+        pipe.smembers(k.workers)
+        pipe.smembers(k.priority_workers)
+        task_ids, worker_ids, priority_ids = pipe.execute()
+        yield from (k.task(text(t)) for t in task_ids)
+        for worker_id in {text(w) for w in worker_ids} | {text(w) for w in priority_ids}:
+            yield from (k.worker(worker_id), k.heartbeat(worker_id), k.control(worker_id), k.priority(worker_id))
+        yield from (k.worker_state_set(s) for s in ("launched", "running", "terminated", "killed", "lost", "failed"))
+        yield from (k.all_tasks, k.queued, k.priority_workers, k.running, k.finished, k.failed, k.workers,
+                    k.terminate, k.log, k.payload, k.payload_meta)
 
     def _reap_local_workers(self, timeout: float) -> None:
         for launcher in {id(l): l for l in self._launchers.values()}.values():

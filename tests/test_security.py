@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+import shlex
 import subprocess
 import sys
 import uuid
@@ -26,23 +27,36 @@ ADMIN_PW = "admin-pw-c0ffee"
 ALICE_PW = "alice-pw-deadbeef"
 
 
+def readme_acl_rules() -> list[str]:
+    """The ACL rules of the README's ``ACL SETUSER alice ...`` line: the test applies exactly those."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if "ACL SETUSER alice" in line)
+    words = shlex.split(line.split("ACL SETUSER alice", 1)[1])
+    return [f">{ALICE_PW}" if word == ">alice-password" else word for word in words]
+
+
 @pytest.fixture(scope="module")
 def acl_server(tmp_path_factory):
-    process, port = start_redis_server(
-        tmp_path_factory.mktemp("redis-acl"), "--requirepass", ADMIN_PW,
-        "--user", "alice", "on", f">{ALICE_PW}", "~rush:{alice-net}:*", "&*", "+@all", "-@admin",
-        "-@dangerous", "+info")
+    process, port = start_redis_server(tmp_path_factory.mktemp("redis-acl"), "--requirepass", ADMIN_PW)
+    admin = redis.Redis(port=port, password=ADMIN_PW)
+    admin.execute_command("ACL", "SETUSER", "alice", *readme_acl_rules())
+    admin.close()
     yield port
     stop(process)
 
 
 def test_acl_user_restricted_to_its_network_works_end_to_end(acl_server):
+    """The README's ACL line is enough to run a whole network (workers, fetches, reset)."""
     url = f"redis://alice:{ALICE_PW}@127.0.0.1:{acl_server}/0"
+    admin = redis.Redis(port=acl_server, password=ADMIN_PW)
     rush = rush_hpc.rsh(network="alice-net", url=url, secret=SECRET)
     try:
         rush.start_local_workers(wl_random_search, n_workers=2, globals={"branin": branin}, **FAST)
+        rush.wait_for_workers(2, timeout=30)
         wait_until(lambda: len(rush._ids_in_state("terminated")) == 2, 30, what="workers to end")
-        assert rush.n_finished_tasks >= 100
+        assert rush.n_finished_tasks >= 100 and len(rush.fetch_finished_tasks()) >= 100
+        rush.push_tasks([{"x1": 1.0, "x2": 2.0}], extra=[{"t": (1, 2)}])  # a signed pickle too
+        assert len(rush.fetch_queued_tasks()) == 1 and len(rush.worker_info) == 2
         other = rush_hpc.rsh(network="bob-net", url=url, secret=SECRET)
         with pytest.raises(redis.exceptions.NoPermissionError):
             other.push_tasks([{"x": 1}])
@@ -50,6 +64,40 @@ def test_acl_user_restricted_to_its_network_works_end_to_end(acl_server):
     finally:
         rush.reset()
         rush.close()
+    assert list(admin.scan_iter(match="rush:{alice-net}:*")) == []  # reset found every key without SCAN
+    admin.close()
+
+
+def test_acl_user_cannot_reach_other_networks_or_the_server(acl_server):
+    """What a user holding the README's ACL line would try against other networks on a shared Redis."""
+    admin = redis.Redis(port=acl_server, password=ADMIN_PW)
+    admin.set("rush:{bob-net}:payload", "bob's")
+    alice = redis.Redis(port=acl_server, username="alice", password=ALICE_PW)
+    alice.set("rush:{alice-net}:x", "1")
+    attempts = [("SCAN", "0"), ("SCAN", "0", "MATCH", "rush:*"), ("KEYS", "*"), ("RANDOMKEY",),
+                ("DBSIZE",), ("SCRIPT", "FLUSH"), ("SCRIPT", "KILL"), ("FUNCTION", "FLUSH"),
+                ("PUBLISH", "rush", "x"), ("SUBSCRIBE", "rush"), ("FLUSHALL",), ("FLUSHDB",),
+                ("GET", "rush:{bob-net}:payload"), ("SET", "rush:{bob-net}:payload", "forged"),
+                ("EXISTS", "rush:{bob-net}:payload"), ("TYPE", "rush:{bob-net}:payload"),
+                ("EVAL", "return redis.call('GET', 'rush:{bob-net}:payload')", "0"),
+                ("SORT", "rush:{alice-net}:x", "BY", "nosort", "GET", "rush:{bob-net}:*"),
+                ("CONFIG", "SET", "dir", "/tmp"), ("MODULE", "LOAD", "/tmp/evil.so"), ("DEBUG", "SLEEP", "0"),
+                ("CLIENT", "KILL", "127.0.0.1:1"), ("CLIENT", "LIST"), ("MONITOR",), ("SHUTDOWN",),
+                ("ACL", "SETUSER", "alice", "+@all"), ("SWAPDB", "0", "1"), ("MIGRATE", "127.0.0.1", "1", "k", "0", "1")]
+    allowed = []
+    for command in attempts:
+        try:
+            alice.execute_command(*command)
+        except redis.ResponseError:
+            continue
+        allowed.append(command)
+    assert allowed == []
+    assert admin.get("rush:{bob-net}:payload") == b"bob's"
+    assert alice.evalsha(alice.script_load("return 1"), 0) == 1  # scripts of its own still load and run
+    alice.delete("rush:{alice-net}:x")
+    admin.delete("rush:{bob-net}:payload")
+    alice.close()
+    admin.close()
 
 
 def test_wrong_password_and_missing_password_give_clear_errors(acl_server):
@@ -70,7 +118,8 @@ def tls_files(tmp_path_factory):
     ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key", "-out", "ca.crt",
         "-subj", "/CN=rush-test-ca")
     (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name, extra in (("server", ["-extfile", "san.ext"]), ("client", [])):
+    (d / "other.ext").write_text("subjectAltName=DNS:other.example\n")
+    for name, extra in (("server", ["-extfile", "san.ext"]), ("client", []), ("other", ["-extfile", "other.ext"])):
         ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
             "-subj", f"/CN={name}")
         ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
@@ -102,6 +151,25 @@ def test_tls_with_client_certificate_end_to_end_with_a_local_worker(tls_server, 
         rush.close()
     with pytest.raises(rush_hpc.RedisUnavailableError, match="cannot reach Redis"):
         rush_hpc.rsh(network="x", url=f"rediss://:{ADMIN_PW}@127.0.0.1:{tls_server}/0?ssl_ca_certs={tls_files}/ca.crt")
+
+
+def test_tls_certificate_for_another_host_is_refused(tls_files, tmp_path):
+    """A server presenting a valid certificate (same CA) issued for another host name."""
+    process, port = start_redis_server(
+        tmp_path / "data", "--tls-cert-file", str(tls_files / "other.crt"), "--tls-key-file",
+        str(tls_files / "other.key"), "--tls-ca-cert-file", str(tls_files / "ca.crt"),
+        "--tls-auth-clients", "no", "--requirepass", ADMIN_PW, tls=True)
+    try:
+        url = f"rediss://:{ADMIN_PW}@127.0.0.1:{port}/0?ssl_ca_certs={tls_files}/ca.crt"
+        with pytest.raises(rush_hpc.RedisUnavailableError, match="(?i)hostname|IP address mismatch"):
+            rush_hpc.rsh(network="tls-other", url=url, secret=SECRET)
+        # the control: only the host name check refuses it (the chain is valid)
+        loose = redis.Redis(port=port, password=ADMIN_PW, ssl=True, ssl_ca_certs=str(tls_files / "ca.crt"),
+                            ssl_check_hostname=False)
+        assert loose.ping()
+        loose.close()
+    finally:
+        stop(process)
 
 
 class _Exploit:
