@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import logging
 import os
@@ -20,6 +22,7 @@ import rush_hpc
 from rush_hpc import RedisAuthError, SignatureError
 
 from conftest import SECRET, start_redis_server, stop, wait_until
+from rush_hpc.server import free_port
 from test_workers import FAST, branin, wl_random_search, wl_until_terminated
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -472,3 +475,255 @@ def test_a_value_larger_than_the_limit_never_reaches_redis(rush, worker):
     with pytest.raises(rush_hpc.TaskError, match="limit"):
         worker.push_results(key, [{"y": "y" * (65 * 1024 * 1024)}])
     assert rush.n_finished_tasks == 0
+
+
+# -- SSH host keys: a throwaway sshd on loopback, and a fake one that records what it is sent --------
+@dataclasses.dataclass
+class Sshd:
+    port: int
+    directory: Path
+    log: Path
+    client_key: Path
+    host_keys: dict[str, str]  # name -> "ssh-ed25519 AAAA..."
+
+    def known_hosts(self, key: str, name: str | None = None) -> None:
+        name = name or f"[127.0.0.1]:{self.port}"
+        (self.directory / "known_hosts").write_text(f"{name} {self.host_keys[key]}\n")
+
+    def ssh_config(self, *extra: str) -> str:
+        path = self.directory / f"ssh_config-{uuid.uuid4().hex[:6]}"
+        path.write_text("\n".join(["Host 127.0.0.1", *(f"  {line}" for line in extra),  # first value wins
+                                   f"  UserKnownHostsFile {self.directory / 'known_hosts'}",
+                                   f"  GlobalKnownHostsFile {self.directory / 'global_known_hosts'}"]) + "\n")
+        return str(path)
+
+    def launcher(self, ssh_config: str | None = None, **options):
+        from rush_hpc.launchers.ssh import SSHLauncher
+
+        return SSHLauncher([f"root@127.0.0.1:{self.port}"], network="n", credentials=b"{}",
+                           ssh_config=ssh_config or self.ssh_config(), connect_kwargs=self.connect_kwargs,
+                           **options)
+
+    @property
+    def connect_kwargs(self) -> dict:
+        return {"key_filename": str(self.client_key), "look_for_keys": False, "allow_agent": False}
+
+    def logins(self) -> int:
+        return self.log.read_text().count("Accepted publickey")
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    if os.geteuid() != 0:
+        print("skipping: the throwaway sshd runs as root (privilege separation)")
+        pytest.skip("the throwaway sshd runs as root (privilege separation); run the tests as root")
+    if not Path("/usr/sbin/sshd").exists():
+        pytest.fail("/usr/sbin/sshd is missing: install openssh-server (scripts/install-deps does)")
+    d = tmp_path_factory.mktemp("sshd")
+    d.chmod(0o700)
+    for name in ("host_a", "host_b", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name), "-C", name], check=True)
+    (d / "authorized_keys").write_text((d / "client.pub").read_text())
+    (d / "global_known_hosts").write_text("")
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_a'}\nPidFile {d / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+        "LogLevel VERBOSE\n")
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    log = d / "sshd.log"
+    process = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(d / "sshd_config"), "-E", str(log)])
+    wait_until(lambda: _listening(port) or process.poll() is not None, 10, what="sshd to listen")
+    if process.poll() is not None:
+        pytest.fail(f"sshd exited: {log.read_text() if log.exists() else ''}")
+    keys = {name: " ".join((d / f"{name}.pub").read_text().split()[:2]) for name in ("host_a", "host_b")}
+    yield Sshd(port, d, log, d / "client", keys)
+    process.terminate()
+    process.wait(10)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _run_over_ssh(launcher) -> str:
+    connection = launcher.connect(launcher.hosts[0])
+    try:
+        return launcher._exec(connection, "echo reached", timeout=30)[1].strip()
+    finally:
+        connection.close()
+
+
+def test_unknown_ssh_host_key_is_refused_before_logging_in(sshd, rush):
+    from rush_hpc.launchers.ssh_connection import HostKeyError
+
+    (sshd.directory / "known_hosts").write_text("")
+    before = sshd.logins()
+    with pytest.raises(HostKeyError, match=r"not known \(ssh-ed25519 SHA256:.*ssh-keyscan -p \d+ 127.0.0.1 >> "
+                                           r".*known_hosts.*host_key_policy='accept-new'"):
+        _run_over_ssh(sshd.launcher())
+    # the same through the public API: no worker, no credentials, a LaunchError naming the fix
+    with pytest.raises(rush_hpc.LaunchError, match="host key of .* is not known.*accept-new"):
+        rush.start_ssh_workers(wl_until_terminated, hosts=[f"root@127.0.0.1:{sshd.port}"],
+                               ssh_config=sshd.ssh_config(), connect_kwargs=sshd.connect_kwargs)
+    assert sshd.logins() == before  # the client key was never offered
+    assert (sshd.directory / "known_hosts").read_text() == ""
+
+
+def test_known_ssh_host_key_is_accepted_plain_or_hashed(sshd):
+    sshd.known_hosts("host_a")
+    assert _run_over_ssh(sshd.launcher(host_key_policy="reject")) == "reached"
+    subprocess.run(["ssh-keygen", "-q", "-H", "-f", str(sshd.directory / "known_hosts")], check=True,
+                   capture_output=True)
+    assert "|1|" in (sshd.directory / "known_hosts").read_text()
+    assert _run_over_ssh(sshd.launcher()) == "reached"
+    # HostKeyAlias: the key is looked up under the alias
+    sshd.known_hosts("host_a", name="my-alias")
+    assert _run_over_ssh(sshd.launcher(sshd.ssh_config("HostKeyAlias my-alias"))) == "reached"
+
+
+def test_accept_new_records_the_key_then_it_is_known(sshd):
+    known = sshd.directory / "known_hosts"
+    known.write_text("")
+    assert _run_over_ssh(sshd.launcher(host_key_policy="accept-new")) == "reached"
+    assert known.read_text() == f"[127.0.0.1]:{sshd.port} {sshd.host_keys['host_a']}\n"
+    assert _run_over_ssh(sshd.launcher(host_key_policy="reject")) == "reached"
+    # StrictHostKeyChecking of the ssh_config is honoured; an explicit policy wins over it
+    known.write_text("")
+    from rush_hpc.launchers.ssh_connection import HostKeyError
+
+    with pytest.raises(HostKeyError, match="not known"):
+        _run_over_ssh(sshd.launcher(sshd.ssh_config("StrictHostKeyChecking yes")))
+    with pytest.raises(HostKeyError, match="not known"):
+        _run_over_ssh(sshd.launcher(sshd.ssh_config("StrictHostKeyChecking no"), host_key_policy="reject"))
+    assert known.read_text() == ""
+    assert _run_over_ssh(sshd.launcher(sshd.ssh_config("StrictHostKeyChecking accept-new"))) == "reached"
+    assert sshd.host_keys["host_a"] in known.read_text()
+    with pytest.raises(rush_hpc.ConfigError, match="host_key_policy must be one of"):
+        sshd.launcher(host_key_policy="accept-any")
+    # what scripts/test-cluster's ssh_config says today: accepted, and nothing written anywhere
+    known.write_text("")
+    loose = sshd.ssh_config("StrictHostKeyChecking no", "UserKnownHostsFile /dev/null")
+    assert _run_over_ssh(sshd.launcher(loose)) == "reached" and known.read_text() == ""
+
+
+def test_ssh_gateway_host_key_is_checked_too(sshd):
+    from rush_hpc.launchers.ssh_connection import HostKeyError
+
+    gateway = f"root@127.0.0.1:{sshd.port}"
+    sshd.known_hosts("host_a")
+    assert _run_over_ssh(sshd.launcher(gateway=gateway)) == "reached"
+    sshd.known_hosts("host_b")
+    before = sshd.logins()
+    with pytest.raises(HostKeyError, match="CHANGED"):
+        _run_over_ssh(sshd.launcher(gateway=gateway))
+    assert sshd.logins() == before
+
+
+def test_changed_ssh_host_key_is_refused_even_with_accept_new(sshd):
+    from rush_hpc.launchers.ssh_connection import HostKeyError
+
+    sshd.known_hosts("host_b")  # known_hosts remembers another key for this host:port
+    before = sshd.logins()
+    for policy in ("reject", "accept-new"):
+        with pytest.raises(HostKeyError, match=r"CHANGED.*intercepting.*ssh-keygen -R \[127.0.0.1\]:\d+"):
+            _run_over_ssh(sshd.launcher(host_key_policy=policy))
+    assert sshd.logins() == before
+    assert (sshd.directory / "known_hosts").read_text().count("\n") == 1  # nothing added
+    revoked = sshd.directory / "known_hosts"
+    revoked.write_text(f"@revoked * {sshd.host_keys['host_a']}\n")
+    with pytest.raises(HostKeyError, match="@revoked"):
+        _run_over_ssh(sshd.launcher(host_key_policy="accept-new"))
+    assert sshd.logins() == before
+
+
+class _RecordingServer:
+    """A fake sshd with a fresh host key: records every authentication attempt it receives."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        import paramiko
+
+        self.attempts: list[tuple[str, str]] = []
+        self.key = paramiko.Ed25519Key.from_private_key(io.StringIO(self._keyfile()))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(5)
+        self.port = self.sock.getsockname()[1]
+        recorder = self
+
+        class Interface(paramiko.ServerInterface):
+            def get_allowed_auths(self, username):
+                return "password,publickey"
+
+            def check_auth_password(self, username, password):
+                recorder.attempts.append((username, password))
+                return paramiko.AUTH_FAILED
+
+            def check_auth_publickey(self, username, key):
+                recorder.attempts.append((username, key.get_name()))
+                return paramiko.AUTH_FAILED
+
+        def handle(client) -> None:
+            transport = paramiko.Transport(client)
+            transport.add_server_key(self.key)
+            try:
+                transport.start_server(server=Interface())
+                transport.accept(10)
+            except Exception:  # noqa: BLE001 - the client hangs up, as it should
+                pass
+            finally:
+                transport.close()
+
+        def serve() -> None:
+            while True:
+                try:
+                    client, _ = self.sock.accept()
+                except OSError:
+                    return
+                threading.Thread(target=handle, args=(client,), daemon=True).start()
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    @staticmethod
+    def _keyfile() -> str:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as directory:
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", f"{directory}/k"], check=True)
+            return Path(f"{directory}/k").read_text()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_spoofed_ssh_host_never_receives_the_password(tmp_path):
+    from rush_hpc.launchers.ssh import SSHLauncher
+    from rush_hpc.launchers.ssh_connection import HostKeyError
+
+    server = _RecordingServer()
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host 127.0.0.1\n  UserKnownHostsFile {tmp_path / 'kh'}\n  GlobalKnownHostsFile /dev/null\n")
+    options = {"network": "n", "credentials": b"{}", "ssh_config": str(config), "connect_timeout": 5,
+               "connect_kwargs": {"password": "hunter2-ssh-password", "look_for_keys": False, "allow_agent": False}}
+    try:
+        launcher = SSHLauncher([f"alice@127.0.0.1:{server.port}"], **options)
+        with pytest.raises(HostKeyError, match="not known"):
+            launcher.connect(launcher.hosts[0]).open()
+        assert server.attempts == []
+        # the control: trusting it (accept-new) does hand it the password - which is what the check prevents
+        trusting = SSHLauncher([f"alice@127.0.0.1:{server.port}"], host_key_policy="accept-new", **options)
+        with pytest.raises(Exception):  # noqa: B017 - the fake server refuses every login
+            trusting.connect(trusting.hosts[0]).open()
+        assert ("alice", "hunter2-ssh-password") in server.attempts
+    finally:
+        server.close()
