@@ -47,6 +47,7 @@ class Rush(RushNetwork):
         self._monitor: threading.Thread | None = None
         self._monitor_stop = threading.Event()
         self._credential_files: list[tuple[CredentialsFile, list[str]]] = []
+        self._credentials_lock = threading.Lock()  # the monitor thread removes them too
 
     # -- starting workers -------------------------------------------------------------------
     def _worker_log_dir(self, log_dir: str | Path | None) -> Path:
@@ -81,20 +82,22 @@ class Rush(RushNetwork):
         except BaseException:
             credentials.remove()
             raise
-        self._credential_files.append((credentials, ids))
+        with self._credentials_lock:
+            self._credential_files.append((credentials, ids))
         return ids
 
     def _remove_spent_credentials(self, everything: bool = False) -> None:
         """Delete the credentials files whose workers all registered or ended (all of them with
         ``everything``): no secret stays on disk longer than a worker may still need it."""
-        keep = []
-        launched = set(self._ids_in_state("launched")) if self._credential_files and not everything else set()
-        for credentials, ids in self._credential_files:
-            if everything or not launched.intersection(ids):
-                credentials.remove()
-            else:
-                keep.append((credentials, ids))
-        self._credential_files = keep
+        with self._credentials_lock:
+            keep = []
+            launched = set(self._ids_in_state("launched")) if self._credential_files and not everything else set()
+            for credentials, ids in self._credential_files:
+                if everything or not launched.intersection(ids):
+                    credentials.remove()
+                else:
+                    keep.append((credentials, ids))
+            self._credential_files = keep
 
     def start_workers(self, launcher: Launcher, n_workers: int, command: WorkerCommand,
                       pre_info: Mapping[str, str] | None = None) -> list[str]:
