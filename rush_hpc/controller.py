@@ -6,6 +6,7 @@ launched -> running -> terminated | failed | killed | lost.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import threading
@@ -14,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import redis
+
 from . import heartbeat as heartbeat_settings
 from .config import RedisConfig, resolve_config
 from .credentials import (CREDENTIALS_ENV, CredentialsFile, create_credentials_file, credentials_blob,
@@ -21,7 +24,6 @@ from .credentials import (CREDENTIALS_ENV, CredentialsFile, create_credentials_f
 from .exceptions import ConfigError, LaunchError, RushTimeoutError, WorkerStartError
 from .launchers.base import Launcher, WorkerCommand
 from .launchers.local import LocalLauncher
-from .frames import FrameBuffer
 from .logs import read_log
 from .network import RushNetwork, text
 from .payload import GlobalsArg, resolve_globals, store_payload
@@ -32,6 +34,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 logger = logging.getLogger(__name__)
+
+#: workers of an embedded Redis give up quickly: it is only gone when its controller is
+EMBEDDED_OUTAGE_TIMEOUT = 5.0
 
 
 
@@ -46,6 +51,7 @@ class Rush(RushNetwork):
         self._log_dir: Path | None = None
         self._monitor: threading.Thread | None = None
         self._monitor_stop = threading.Event()
+        self._released_by_sweep = 0
         self._credential_files: list[tuple[CredentialsFile, list[str]]] = []
         self._credentials_lock = threading.Lock()  # the monitor thread removes them too
 
@@ -337,20 +343,44 @@ class Rush(RushNetwork):
             pipe.exists(self.keys.heartbeat(worker_id))
         beating = dict(zip(hashes, pipe.execute()))
         reasons = self._gone(hashes)
+        grace = self._in_outage_grace(hashes)
         for worker_id, info in hashes.items():
+            if grace:
+                break  # Redis was down for everyone: give the workers time to beat again
             if worker_id not in reasons and info.get("heartbeat_expire") and not beating[worker_id]:
                 reasons[worker_id] = f"heartbeat expired (no beat for {info['heartbeat_expire']} s)"
         lost = []
         for worker_id, reason in reasons.items():
-            if set_worker_state(self, worker_id, "lost", ("running",), reason=reason,
-                                ended_at=f"{time.time():.3f}") is not None:
-                failed, requeued = self.release_worker_tasks(worker_id, f"worker {worker_id} lost: {reason}")
+            ended = self.end_worker(worker_id, "lost", ("running",), f"worker {worker_id} lost: {reason}",
+                                    reason=reason, ended_at=f"{time.time():.3f}")
+            if ended is not None:
                 logger.warning("worker %s lost (%s); %d task(s) failed, %d requeued", worker_id, reason,
-                               len(failed), len(requeued))
+                               len(ended[1]), len(ended[2]))
                 lost.append(worker_id)
         self._start_failures(self._worker_hashes(self._ids_in_state("launched")))
+        failed, requeued = self.sweep_orphaned_tasks()
+        self._released_by_sweep = len(failed) + len(requeued)
         self._remove_spent_credentials()
         return lost
+
+    def _in_outage_grace(self, hashes: Mapping[str, Mapping[str, str]]) -> bool:
+        """True shortly after a Redis outage (this client saw commands fail, or Redis restarted):
+        heartbeats that expired while Redis was down say nothing about the workers."""
+        expires = [float(h["heartbeat_expire"]) + float(h.get("heartbeat_period") or 1.0)
+                   for h in hashes.values() if h.get("heartbeat_expire")]
+        if not expires:
+            return False
+        window = max(expires)
+        if self._retry.seen_outage_within(window):
+            return True
+        try:
+            uptime = int(self.redis.info("server").get("uptime_in_seconds", window + 1))
+        except redis.ResponseError:  # INFO may be denied to an ACL user
+            return False
+        return uptime < window
+
+    def _watch_workers(self) -> bool:
+        return bool(self.detect_lost_workers()) or self._released_by_sweep > 0
 
     def start_monitor(self, interval: float = 5.0) -> None:
         """Run ``detect_lost_workers()`` every ``interval`` seconds in a background thread."""
@@ -359,9 +389,14 @@ class Rush(RushNetwork):
         self._monitor_stop.clear()
 
         def watch() -> None:
+            warned_at = -float("inf")
             while not self._monitor_stop.wait(interval):
                 try:
                     self.detect_lost_workers()
+                except redis.RedisError as error:  # an outage longer than outage_timeout: say it once a minute
+                    if time.monotonic() - warned_at > 60:
+                        logger.warning("lost-worker monitor: Redis unavailable (%s); still watching", error)
+                        warned_at = time.monotonic()
                 except Exception:  # noqa: BLE001 - keep watching
                     logger.exception("lost-worker monitor failed")
 
@@ -376,11 +411,19 @@ class Rush(RushNetwork):
         """
         if type not in ("terminate", "kill"):
             raise ConfigError(f"type must be 'terminate' or 'kill', got {type!r}")
-        ids = list(worker_ids) if worker_ids is not None else self._ids_in_state("running", "launched")
-        if type == "terminate":
+        if not self.redis.exists(self.keys.workers):
+            raise ConfigError(f"network {self.network!r} has no workers in Redis at {self.config} "
+                              "(a typo in the network name, or was it reset?)")
+        if worker_ids is not None:
+            worker_ids = list(worker_ids)
+            known = self.redis.smismember(self.keys.workers, worker_ids) if worker_ids else []
+            unknown = [w for w, k in zip(worker_ids, known) if not k]
+            if unknown:
+                raise ConfigError(f"unknown worker id(s) in network {self.network!r}: {unknown[:5]}; "
+                                  "see rush.worker_info (or `rush-hpc workers`)")
+        ids = worker_ids if worker_ids is not None else self._ids_in_state("running", "launched")
+        if type == "terminate":  # to each worker alive now: workers started later are not affected
             pipe = self.redis.pipeline(transaction=False)
-            if worker_ids is None:
-                pipe.set(self.keys.terminate, "1")
             for worker_id in ids:
                 pipe.rpush(self.keys.control(worker_id), "terminate")
             pipe.execute()
@@ -391,10 +434,10 @@ class Rush(RushNetwork):
         hashes = self._worker_hashes(ids)
         killed = []
         for worker_id in ids:
-            if set_worker_state(self, worker_id, "killed", ("launched", "running"),
-                                reason="killed by the controller", ended_at=f"{time.time():.3f}") is None:
+            if self.end_worker(worker_id, "killed", ("launched", "running"),
+                               f"worker {worker_id} killed by the controller",
+                               reason="killed by the controller", ended_at=f"{time.time():.3f}") is None:
                 continue
-            self.release_worker_tasks(worker_id, f"worker {worker_id} killed by the controller")
             self.redis.rpush(self.keys.control(worker_id), "kill")
             killed.append(worker_id)
         deadline = time.monotonic() + grace
@@ -440,7 +483,7 @@ class Rush(RushNetwork):
                 batch = []
         if batch:
             deleted += self.redis.unlink(*batch)
-        self._finished, self._new_tasks_index = FrameBuffer(), 0
+        self._clear_task_cache()
         self._reap_local_workers(timeout=5.0)
         self._launchers.clear()
         logger.info("reset network %s (%d keys deleted)", self.network, deleted)
@@ -448,8 +491,6 @@ class Rush(RushNetwork):
     def _network_key_names(self) -> Iterator[Any]:
         """Every key of the network: ``SCAN MATCH``, or - for an ACL user denied SCAN (see the README's
         ACL line: SCAN would list other networks' key names) - the keys the network's indexes name."""
-        import redis
-
         try:
             yield from self.redis.scan_iter(match=self.keys.pattern, count=1000)
             return
@@ -462,11 +503,13 @@ class Rush(RushNetwork):
         pipe.smembers(k.priority_workers)
         task_ids, worker_ids, priority_ids = pipe.execute()
         yield from (k.task(text(t)) for t in task_ids)
+        per_worker = [getattr(k, name) for name in ("worker", "heartbeat", "control", "priority", "held_tasks",
+                                                    "last_pop") if hasattr(k, name)]
         for worker_id in {text(w) for w in worker_ids} | {text(w) for w in priority_ids}:
-            yield from (k.worker(worker_id), k.heartbeat(worker_id), k.control(worker_id), k.priority(worker_id))
+            yield from (key(worker_id) for key in per_worker)
         yield from (k.worker_state_set(s) for s in ("launched", "running", "terminated", "killed", "lost", "failed"))
-        yield from (k.all_tasks, k.queued, k.priority_workers, k.running, k.finished, k.failed, k.workers,
-                    k.terminate, k.log, k.payload, k.payload_meta)
+        yield from (v for v in vars(k).values()  # the fixed keys: tasks:all, queued, log, payload, ...
+                    if isinstance(v, str) and v.startswith(k.prefix) and not v.endswith((":", "*")))
 
     def _reap_local_workers(self, timeout: float) -> None:
         for launcher in {id(l): l for l in self._launchers.values()}.values():
@@ -526,17 +569,25 @@ def _launcher_from_info(info: Mapping[str, str]) -> Launcher | None:
 
 
 def rsh(network: str | None = None, url: str | None = None, *, config: RedisConfig | None = None,
-        secret: str | bytes | None = None) -> Rush:
+        secret: str | bytes | None = None, redis_outage_timeout: float | None = None) -> Rush:
     """Connect to (or create) network ``network`` and return its controller.
 
     Redis: ``config``, else ``url``, else ``RUSH_HPC_URL``/``REDIS_URL``, else an embedded
     redis-server started for this controller on 127.0.0.1 with a generated password.
+
+    ``redis_outage_timeout``: how long the controller and its workers retry through a Redis outage
+    (a restart, a network blip) before giving up; default 60 s (5 s with the embedded Redis, which
+    is only gone when this controller is).
     """
     resolved = resolve_config(url, config)
     embedded = None
     if resolved is None:
         embedded = EmbeddedRedis()
-        resolved = embedded.config
+        resolved = dataclasses.replace(embedded.config, outage_timeout=EMBEDDED_OUTAGE_TIMEOUT)
+    if redis_outage_timeout is not None:
+        if not redis_outage_timeout >= 0:
+            raise ConfigError(f"redis_outage_timeout must be >= 0 seconds, got {redis_outage_timeout!r}")
+        resolved = dataclasses.replace(resolved, outage_timeout=float(redis_outage_timeout))
     try:
         return Rush(network or uuid.uuid4().hex, resolved, resolve_secret(secret), embedded)
     except BaseException:
