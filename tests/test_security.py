@@ -734,3 +734,18 @@ def test_spoofed_ssh_host_never_receives_the_password(tmp_path):
         assert ("alice", "hunter2-ssh-password") in server.attempts
     finally:
         server.close()
+
+
+@pytest.mark.xfail(strict=True, reason="RushNetwork must build its codec as Codec(secret, network) "
+                   "(rush_hpc/network.py, owned by the lead); remove this marker with that change")
+def test_task_values_of_one_network_are_refused_in_another(redis_config):
+    a = rush_hpc.rsh(network="values-a", config=redis_config, secret=SECRET)
+    b = rush_hpc.rsh(network="values-b", config=redis_config, secret=SECRET)
+    try:
+        blob = a.codec.encode({"x": (1, 2)})  # a signed pickle
+        assert a.codec.decode(blob) == {"x": (1, 2)}
+        with pytest.raises(rush_hpc.SignatureError, match="for another network than 'values-b'"):
+            b.codec.decode(blob)
+    finally:
+        a.close()
+        b.close()
