@@ -64,7 +64,7 @@ def check_private_directory(directory: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _create_exclusive(path: Path, data: bytes) -> None:
+def create_private_file(path: Path, data: bytes) -> None:
     """Create ``path`` 0600 and write ``data``; fails if anything (a file, a symlink) is there."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
@@ -89,7 +89,7 @@ def write_private(path: str | os.PathLike[str], data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    _create_exclusive(temporary, data)
+    create_private_file(temporary, data)
     try:
         os.replace(temporary, path)
     except BaseException:
@@ -127,7 +127,7 @@ def resolve_secret(secret: str | bytes | None = None, *, create: bool = True,
     value = secrets.token_hex(32).encode()
     default.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
-        _create_exclusive(default, value)
+        create_private_file(default, value)
     except FileExistsError:  # another process created it first: use theirs, so both agree
         return _read_secret_file(default)
     return value
@@ -175,7 +175,7 @@ def create_credentials_file(directory: str | os.PathLike[str], config: RedisConf
     folder = check_private_directory(directory)
     path = folder / f"credentials-{secrets.token_hex(12)}.json"
     try:
-        _create_exclusive(path, credentials_blob(config, secret))
+        create_private_file(path, credentials_blob(config, secret))
     except OSError as error:
         raise ConfigError(f"cannot create the credentials file {path}: {error}") from None
     return CredentialsFile(path)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, cast
 
 from .codec import Codec
+from .credentials import create_private_file
 from .exceptions import ConfigError, EnvironmentMismatchError, PayloadError, SignatureError
 
 if TYPE_CHECKING:
@@ -149,8 +150,8 @@ def store_payload(network: RushNetwork, loop: Callable[..., Any], globals_: Mapp
                 f"{max_size / 1e6:.0f} MB limit for Redis. Pass payload_dir= (a directory every "
                 "worker can read) or make the globals smaller (load large data inside the loop).")
         path = Path(spill_dir) / f"rush-payload-{network.network}-{uuid.uuid4().hex}.pkl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(blob)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        create_private_file(path, blob)  # 0600, O_EXCL|O_NOFOLLOW: the globals may be private too
         meta["spill_path"] = str(path)
         blob = b""
     meta_text = json.dumps(meta, sort_keys=True)

@@ -327,12 +327,12 @@ def test_planted_symlink_is_never_followed(rush, tmp_path):
     rush.worker_script(credentials_file=str(link))
     assert victim.read_text() == "precious"  # the link was replaced, its target untouched
     assert not link.is_symlink() and oct(link.stat().st_mode & 0o777) == "0o600"
-    from rush_hpc.credentials import _create_exclusive
+    from rush_hpc.credentials import create_private_file
 
     planted = tmp_path / "planted.json"
     planted.symlink_to(victim)
     with pytest.raises(FileExistsError):
-        _create_exclusive(planted, b"secret")
+        create_private_file(planted, b"secret")
     assert victim.read_text() == "precious"
 
 
