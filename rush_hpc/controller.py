@@ -366,11 +366,10 @@ class Rush(RushNetwork):
     def _in_outage_grace(self, hashes: Mapping[str, Mapping[str, str]]) -> bool:
         """True shortly after a Redis outage (this client saw commands fail, or Redis restarted):
         heartbeats that expired while Redis was down say nothing about the workers."""
-        expires = [float(h["heartbeat_expire"]) + float(h.get("heartbeat_period") or 1.0)
-                   for h in hashes.values() if h.get("heartbeat_expire")]
-        if not expires:
+        window = max((_seconds(h.get("heartbeat_expire")) + _seconds(h.get("heartbeat_period"))
+                      for h in hashes.values() if h.get("heartbeat_expire")), default=0.0)
+        if not window:
             return False
-        window = max(expires)
         if self._retry.seen_outage_within(window):
             return True
         try:
@@ -431,15 +430,18 @@ class Rush(RushNetwork):
         self._kill(ids, kill_grace)
 
     def _kill(self, ids: Sequence[str], grace: float) -> None:
-        hashes = self._worker_hashes(ids)
-        killed = []
         for worker_id in ids:
-            if self.end_worker(worker_id, "killed", ("launched", "running"),
-                               f"worker {worker_id} killed by the controller",
-                               reason="killed by the controller", ended_at=f"{time.time():.3f}") is None:
-                continue
-            self.redis.rpush(self.keys.control(worker_id), "kill")
-            killed.append(worker_id)
+            self.end_worker(worker_id, "killed", ("launched", "running"), f"worker {worker_id} killed by the controller",
+                            reason="killed by the controller", ended_at=f"{time.time():.3f}")
+        # every requested worker that is killed or lost now gets the kill, whatever end_worker answered:
+        # one declared lost earlier (frozen, cut off) may still run, and a re-sent end_worker is refused
+        hashes = self._worker_hashes(ids)
+        killed = [w for w in ids if hashes[w].get("state") in ("killed", "lost")]
+        if killed:
+            pipe = self.redis.pipeline(transaction=False)
+            for worker_id in killed:
+                pipe.rpush(self.keys.control(worker_id), "kill")
+            pipe.execute()
         deadline = time.monotonic() + grace
         pending = set(killed)
         while pending and time.monotonic() < deadline:
@@ -566,6 +568,15 @@ def _launcher_from_info(info: Mapping[str, str]) -> Launcher | None:
 
         return SlurmJobs()
     return None
+
+
+def _seconds(value: str | None, limit: float = 3600.0) -> float:
+    """A duration read from a worker hash (untrusted): a number of seconds in [0, limit], else 0."""
+    try:
+        seconds = float(value or 0)
+    except ValueError:
+        return 0.0
+    return seconds if 0.0 <= seconds <= limit else 0.0
 
 
 def rsh(network: str | None = None, url: str | None = None, *, config: RedisConfig | None = None,

@@ -11,6 +11,7 @@ rush:{N}:tasks:all                  list    every task id, in creation order
 rush:{N}:tasks:queued               list    ids waiting in the shared queue
 rush:{N}:tasks:priority:<worker>    list    ids waiting for one worker (popped before the shared queue)
 rush:{N}:tasks:priority_workers     set     workers that have a priority list
+rush:{N}:tasks:wake                 list    wake-up tokens for workers blocked in pop_task (capped)
 rush:{N}:tasks:running              set     ids being evaluated
 rush:{N}:tasks:finished             list    finished rows as JSON, append-only (incremental fetch by index)
 rush:{N}:tasks:failed               list    ids that failed, append-only
@@ -22,7 +23,8 @@ rush:{N}:worker:<id>                hash    pid, hostname, launcher, host, job_i
 rush:{N}:worker:<id>:heartbeat      string  refreshed by the worker, expires when it stops beating
 rush:{N}:worker:<id>:control        list    "terminate" / "kill" messages for that worker
 rush:{N}:worker:<id>:tasks          set     ids of the running tasks this worker holds (ownership)
-rush:{N}:worker:<id>:pop            string  "<request id> <task id>" of its last pop (a re-sent pop repeats it)
+rush:{N}:worker:<id>:pop            hash    request id -> task id of its recent pops (a re-sent pop repeats)
+rush:{N}:worker:<id>:wake           list    wake-up tokens for its priority tasks (capped)
 rush:{N}:log                        list    worker log records (JSON), capped
 rush:{N}:payload                    string  the signed, pickled worker loop + globals
 rush:{N}:payload:meta               string  JSON: environment fingerprint, size, spill path
@@ -54,6 +56,7 @@ class NetworkKeys:
         self.all_tasks = self.prefix + "tasks:all"
         self.queued = self.prefix + "tasks:queued"
         self.priority_workers = self.prefix + "tasks:priority_workers"
+        self.wake = self.prefix + "tasks:wake"
         self.running = self.prefix + "tasks:running"
         self.finished = self.prefix + "tasks:finished"
         self.failed = self.prefix + "tasks:failed"
@@ -66,8 +69,12 @@ class NetworkKeys:
     def task(self, task_id: str) -> str:
         return self.task_prefix + task_id
 
+    @property
+    def priority_prefix(self) -> str:
+        return self.prefix + "tasks:priority:"
+
     def priority(self, worker_id: str) -> str:
-        return self.prefix + "tasks:priority:" + worker_id
+        return self.priority_prefix + worker_id
 
     def worker(self, worker_id: str) -> str:
         return self.worker_prefix + worker_id
@@ -84,5 +91,8 @@ class NetworkKeys:
     def held_tasks(self, worker_id: str) -> str:
         return self.worker_prefix + worker_id + ":tasks"
 
-    def last_pop(self, worker_id: str) -> str:
+    def pops(self, worker_id: str) -> str:
         return self.worker_prefix + worker_id + ":pop"
+
+    def worker_wake(self, worker_id: str) -> str:
+        return self.worker_prefix + worker_id + ":wake"

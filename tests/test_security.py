@@ -231,7 +231,7 @@ def test_tampered_task_value_is_refused(rush, worker, caplog):
     plain = worker.push_running_tasks([{"x": 2}])
     worker.push_results(plain, [{"y": 2}])
     rush.redis.hset(rush.keys.task(plain[0]), "xs", _unsigned_pickle())
-    rush.redis.lset(rush.keys.finished, 0, f'["{plain[0]}", null, {{"y": 2}}, null, null, "w", [1]]')
+    rush.redis.lset(rush.keys.finished, 0, f'["{plain[0]}", null, {{"y": 2}}, null, null, null, "w", "finished", [1]]')
     other = rush_hpc.rsh(network=rush.network, config=rush.config, secret=SECRET)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
