@@ -24,7 +24,8 @@ class RedisConfig:
 
     ``ssl=True`` (or a ``rediss://`` URL) turns on TLS; ``ssl_ca_certs`` names the CA that signed the
     server certificate, ``ssl_certfile``/``ssl_keyfile`` a client certificate for mutual TLS, and
-    ``ssl_cert_reqs="none"`` skips verification (not recommended).
+    ``ssl_cert_reqs="none"`` skips verification (not recommended). The server certificate must name
+    ``host`` (host name checking is always on while certificates are verified).
     """
 
     host: str = "127.0.0.1"
@@ -143,8 +144,11 @@ class RedisConfig:
         if self.cluster:
             return self._cluster_client(socket_timeout, decode_responses)
         if self.ssl:
+            # host name checking explicitly on: redis-py's default changed between versions (5.x
+            # accepted a certificate issued for another host); off only with verification off
             kwargs.update(ssl=True, ssl_cert_reqs=self.ssl_cert_reqs, ssl_ca_certs=self.ssl_ca_certs,
-                          ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
+                          ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile,
+                          ssl_check_hostname=self.ssl_cert_reqs != "none")
         return redis.Redis(
             host=self.host, port=self.port, db=self.db, username=self.username,
             password=self.password,
@@ -164,9 +168,10 @@ class RedisConfig:
         from redis.cluster import RedisCluster
 
         kwargs: dict[str, Any] = {}
-        if self.ssl:
+        if self.ssl:  # host name checking explicitly on, as for a single server
             kwargs.update(ssl=True, ssl_cert_reqs=self.ssl_cert_reqs, ssl_ca_certs=self.ssl_ca_certs,
-                          ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
+                          ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile,
+                          ssl_check_hostname=self.ssl_cert_reqs != "none")
         return RedisCluster(
             host=self.host, port=self.port, username=self.username, password=self.password,
             socket_timeout=self.socket_timeout if isinstance(socket_timeout, str) else socket_timeout,

@@ -13,13 +13,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import redis
 
 from . import heartbeat as heartbeat_settings
 from .config import RedisConfig, resolve_config
-from .credentials import CREDENTIALS_ENV, credentials_blob, resolve_secret, write_credentials
+from .credentials import (CREDENTIALS_ENV, CredentialsFile, create_credentials_file, credentials_blob,
+                          resolve_secret, write_credentials)
 from .exceptions import ConfigError, LaunchError, RushTimeoutError, WorkerStartError
 from .launchers.base import Launcher, WorkerCommand
 from .launchers.local import LocalLauncher
@@ -51,6 +52,8 @@ class Rush(RushNetwork):
         self._monitor: threading.Thread | None = None
         self._monitor_stop = threading.Event()
         self._released_by_sweep = 0
+        self._credential_files: list[tuple[CredentialsFile, list[str]]] = []
+        self._credentials_lock = threading.Lock()  # the monitor thread removes them too
 
     # -- starting workers -------------------------------------------------------------------
     def _worker_log_dir(self, log_dir: str | Path | None) -> Path:
@@ -78,9 +81,29 @@ class Rush(RushNetwork):
         output and the 0600 credentials file go to ``log_dir``."""
         directory = self._worker_log_dir(log_dir)
         launcher = make_launcher(directory)
-        credentials = write_credentials(directory / "credentials.json", self.config, self.codec.secret)
-        command = WorkerCommand(self.network, launcher.python, {CREDENTIALS_ENV: str(credentials)})
-        return self.start_workers(launcher, n_workers, command)
+        credentials = create_credentials_file(directory, self.config, self.codec.secret)
+        command = WorkerCommand(self.network, launcher.python, {CREDENTIALS_ENV: str(credentials.path)})
+        try:
+            ids = self.start_workers(launcher, n_workers, command)
+        except BaseException:
+            credentials.remove()
+            raise
+        with self._credentials_lock:
+            self._credential_files.append((credentials, ids))
+        return ids
+
+    def _remove_spent_credentials(self, everything: bool = False) -> None:
+        """Delete the credentials files whose workers all registered or ended (all of them with
+        ``everything``): no secret stays on disk longer than a worker may still need it."""
+        with self._credentials_lock:
+            keep = []
+            launched = set(self._ids_in_state("launched")) if self._credential_files and not everything else set()
+            for credentials, ids in self._credential_files:
+                if everything or not launched.intersection(ids):
+                    credentials.remove()
+                else:
+                    keep.append((credentials, ids))
+            self._credential_files = keep
 
     def start_workers(self, launcher: Launcher, n_workers: int, command: WorkerCommand,
                       pre_info: Mapping[str, str] | None = None) -> list[str]:
@@ -274,6 +297,7 @@ class Rush(RushNetwork):
                 raise WorkerStartError(f"{len(failures)} worker(s) failed before registering:\n{details}",
                                        failures)
             if len(registered) >= (target or 0):
+                self._remove_spent_credentials()
                 return
             if deadline is not None and time.monotonic() > deadline:
                 details = "\n".join(f"worker {w} ({h.get('launcher')}, {h.get('state')}): "
@@ -336,6 +360,7 @@ class Rush(RushNetwork):
         self._start_failures(self._worker_hashes(self._ids_in_state("launched")))
         failed, requeued = self.sweep_orphaned_tasks()
         self._released_by_sweep = len(failed) + len(requeued)
+        self._remove_spent_credentials()
         return lost
 
     def _in_outage_grace(self, hashes: Mapping[str, Mapping[str, str]]) -> bool:
@@ -453,7 +478,7 @@ class Rush(RushNetwork):
             self.stop_workers(type=type)
         deleted = 0
         batch: list[bytes] = []
-        for key in self.redis.scan_iter(match=self.keys.pattern, count=1000):
+        for key in self._network_key_names():
             batch.append(key)
             if len(batch) >= 1000:
                 deleted += self.redis.unlink(*batch)
@@ -464,6 +489,29 @@ class Rush(RushNetwork):
         self._reap_local_workers(timeout=5.0)
         self._launchers.clear()
         logger.info("reset network %s (%d keys deleted)", self.network, deleted)
+
+    def _network_key_names(self) -> Iterator[Any]:
+        """Every key of the network: ``SCAN MATCH``, or - for an ACL user denied SCAN (see the README's
+        ACL line: SCAN would list other networks' key names) - the keys the network's indexes name."""
+        try:
+            yield from self.redis.scan_iter(match=self.keys.pattern, count=1000)
+            return
+        except redis.exceptions.NoPermissionError:
+            pass
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lrange(k.all_tasks, 0, -1)
+        pipe.smembers(k.workers)
+        pipe.smembers(k.priority_workers)
+        task_ids, worker_ids, priority_ids = pipe.execute()
+        yield from (k.task(text(t)) for t in task_ids)
+        per_worker = [getattr(k, name) for name in ("worker", "heartbeat", "control", "priority", "held_tasks",
+                                                    "last_pop") if hasattr(k, name)]
+        for worker_id in {text(w) for w in worker_ids} | {text(w) for w in priority_ids}:
+            yield from (key(worker_id) for key in per_worker)
+        yield from (k.worker_state_set(s) for s in ("launched", "running", "terminated", "killed", "lost", "failed"))
+        yield from (v for v in vars(k).values()  # the fixed keys: tasks:all, queued, log, payload, ...
+                    if isinstance(v, str) and v.startswith(k.prefix) and not v.endswith((":", "*")))
 
     def _reap_local_workers(self, timeout: float) -> None:
         for launcher in {id(l): l for l in self._launchers.values()}.values():
@@ -498,6 +546,7 @@ class Rush(RushNetwork):
             if local:
                 self._kill(local, grace=1.0)
         self._reap_local_workers(timeout=0.0)
+        self._remove_spent_credentials(everything=True)
         super().close()
         if self._embedded is not None:
             self._embedded.stop()

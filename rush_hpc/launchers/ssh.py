@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from ..exceptions import ConfigError, LaunchError, tail
 from .base import Launcher, WorkerCommand, WorkerInfo
+from .ssh_connection import check_host_key_policy, open_connection
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class SSHLauncher(Launcher):
                  python: str | None = None, setup: Sequence[str] = (), env: Mapping[str, str] | None = None,
                  log_dir: str = "~/.rush-hpc/logs", connect_kwargs: Mapping[str, Any] | None = None,
                  gateway: str | None = None, ssh_config: str | None = None,
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 10.0, host_key_policy: str | None = None) -> None:
         if not hosts:
             raise ConfigError("start_ssh_workers needs at least one host")
         defaults = {"n_workers": n_workers, "python": python or sys.executable, "setup": list(setup),
@@ -83,6 +84,7 @@ class SSHLauncher(Launcher):
         self.log_dir = log_dir
         self.connect_kwargs = dict(connect_kwargs or {})
         self.gateway, self.ssh_config, self.connect_timeout = gateway, ssh_config, connect_timeout
+        self.host_key_policy = check_host_key_policy(host_key_policy)  # see ssh_connection.py
         self._checked: dict[str, float] = {}
         self.check_interval = 3.0  # seconds between SSH checks of workers that did not register yet
 
@@ -95,15 +97,9 @@ class SSHLauncher(Launcher):
 
     # -- connections ---------------------------------------------------------------------------
     def connect(self, host: HostSpec):
-        from fabric import Config, Connection
-
-        config = Config(runtime_ssh_path=self.ssh_config) if self.ssh_config else Config()
-        if self.ssh_config:
-            config.load_ssh_config()
-        gateway = Connection(self.gateway, config=config, connect_kwargs=self.connect_kwargs) \
-            if self.gateway else None
-        return Connection(host.host, user=host.user, port=host.port, config=config, gateway=gateway,
-                          connect_kwargs=self.connect_kwargs, connect_timeout=self.connect_timeout)
+        return open_connection(host.host, user=host.user, port=host.port, gateway=self.gateway,
+                               ssh_config=self.ssh_config, connect_kwargs=self.connect_kwargs,
+                               timeout=self.connect_timeout, host_key_policy=self.host_key_policy)
 
     @staticmethod
     def _exec(connection, script: str, stdin: bytes = b"", timeout: float = 120) -> tuple[int, str, str]:
