@@ -505,13 +505,9 @@ class Rush(RushNetwork):
         pipe.smembers(k.priority_workers)
         task_ids, worker_ids, priority_ids = pipe.execute()
         yield from (k.task(text(t)) for t in task_ids)
-        per_worker = [getattr(k, name) for name in ("worker", "heartbeat", "control", "priority", "held_tasks",
-                                                    "last_pop") if hasattr(k, name)]
         for worker_id in {text(w) for w in worker_ids} | {text(w) for w in priority_ids}:
-            yield from (key(worker_id) for key in per_worker)
-        yield from (k.worker_state_set(s) for s in ("launched", "running", "terminated", "killed", "lost", "failed"))
-        yield from (v for v in vars(k).values()  # the fixed keys: tasks:all, queued, log, payload, ...
-                    if isinstance(v, str) and v.startswith(k.prefix) and not v.endswith((":", "*")))
+            yield from k.worker_keys(worker_id)
+        yield from k.fixed_keys()
 
     def _reap_local_workers(self, timeout: float) -> None:
         for launcher in {id(l): l for l in self._launchers.values()}.values():

@@ -2,7 +2,8 @@
 
 All keys of network ``N`` start with ``rush:{N}:``. The ``{N}`` hash tag puts a whole network in one
 Redis Cluster slot, so the Lua scripts (which touch task hashes they derive from ids) stay legal
-there, and ``reset()`` finds everything with one ``SCAN MATCH rush:{N}:*``.
+there, and ``reset()`` finds everything with one ``SCAN MATCH rush:{N}:*`` (or, for an ACL user denied
+SCAN, from ``fixed_keys()`` plus the per-task and per-worker keys of the ids the network lists).
 
 ==================================  ======  ================================================
 key                                 type    holds
@@ -26,6 +27,7 @@ rush:{N}:worker:<id>:tasks          set     ids of the running tasks this worker
 rush:{N}:worker:<id>:pop            hash    request id -> task id of its recent pops (a re-sent pop repeats)
 rush:{N}:worker:<id>:wake           list    wake-up tokens for its priority tasks (capped)
 rush:{N}:log                        list    worker log records (JSON), capped
+rush:{N}:log:seq                    string  how many log records were ever written (logs --follow)
 rush:{N}:payload                    string  the signed, pickled worker loop + globals
 rush:{N}:payload:meta               string  JSON: environment fingerprint, size, spill path
 ==================================  ======  ================================================
@@ -39,6 +41,7 @@ from .exceptions import ConfigError
 
 _NETWORK_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
 TASK_STATES = ("queued", "running", "finished", "failed")
+WORKER_STATES = ("launched", "running", "terminated", "killed", "lost", "failed")
 
 
 class NetworkKeys:
@@ -64,6 +67,7 @@ class NetworkKeys:
         self.log = self.prefix + "log"
         self.payload = self.prefix + "payload"
         self.payload_meta = self.prefix + "payload:meta"
+        self.log_seq = self.log + ":seq"
         self.pattern = self.prefix + "*"
 
     def task(self, task_id: str) -> str:
@@ -96,3 +100,15 @@ class NetworkKeys:
 
     def worker_wake(self, worker_id: str) -> str:
         return self.worker_prefix + worker_id + ":wake"
+
+    def fixed_keys(self) -> list[str]:
+        """Every key of the network whose name does not depend on a task or worker id."""
+        return [self.all_tasks, self.queued, self.priority_workers, self.wake, self.running, self.finished,
+                self.failed, self.workers, self.log, self.log_seq, self.payload, self.payload_meta,
+                *(self.worker_state_set(state) for state in WORKER_STATES)]
+
+    def worker_keys(self, worker_id: str) -> list[str]:
+        """Every key of one worker."""
+        return [self.worker(worker_id), self.heartbeat(worker_id), self.control(worker_id),
+                self.held_tasks(worker_id), self.pops(worker_id), self.worker_wake(worker_id),
+                self.priority(worker_id)]

@@ -153,7 +153,7 @@ class RushNetwork:
         self.keys = NetworkKeys(network)
         self.network = network
         self.config = config
-        self.codec = Codec(secret)
+        self.codec = Codec(secret, network)
         self.redis = connect(config, single_connection=self._single_connection)
         self._shas = {name: hashlib.sha1(getattr(lua, name).encode()).hexdigest() for name in _SCRIPTS}
         #: the worker whose task calls are fenced in Redis (None: a controller, not fenced)

@@ -736,8 +736,6 @@ def test_spoofed_ssh_host_never_receives_the_password(tmp_path):
         server.close()
 
 
-@pytest.mark.xfail(strict=True, reason="RushNetwork must build its codec as Codec(secret, network) "
-                   "(rush_hpc/network.py, owned by the lead); remove this marker with that change")
 def test_task_values_of_one_network_are_refused_in_another(redis_config):
     a = rush_hpc.rsh(network="values-a", config=redis_config, secret=SECRET)
     b = rush_hpc.rsh(network="values-b", config=redis_config, secret=SECRET)
