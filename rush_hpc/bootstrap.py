@@ -21,6 +21,7 @@ from .exceptions import ConfigError, RushError, WorkerNotRunningError
 from .heartbeat import Heartbeat, HeartbeatProcess, first_beat, make_heartbeat
 from .logs import RedisLogHandler
 from .payload import load_meta, load_payload
+from .walltime import DEFAULT_WALLTIME_MARGIN, job_end_time
 from .worker import RushWorker
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,10 @@ def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,
                 signal.signal(signum, lambda signum, frame: _on_signal(rush, signum))
         if period:
             first_beat(rush, expire)  # the key exists before the worker counts as running
-        rush.register(**_launch_context(), heartbeat_period=period, heartbeat_expire=expire)
+        rush.job_end = job_end_time()
+        rush.walltime_margin = float(settings.get("walltime_margin") or DEFAULT_WALLTIME_MARGIN)
+        rush.register(**_launch_context(), heartbeat_period=period, heartbeat_expire=expire,
+                      job_end=f"{rush.job_end:.0f}" if rush.job_end else None)
     except WorkerNotRunningError as error:  # killed (or reset) before it could register
         print(f"rush-hpc worker {worker_id}: {error}", file=sys.stderr, flush=True)
         _bootstrap_cleanup(rush, heartbeat, root, handler)
@@ -118,7 +122,9 @@ def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,
     code = 0
     try:
         loop(rush)
-        _end(rush, "terminated", ("running",), f"worker {worker_id} terminated while the task was running")
+        walltime = rush.job_end is not None and rush.near_walltime
+        _end(rush, "terminated", ("running",), f"worker {worker_id} terminated while the task was running",
+             **({"reason": "walltime"} if walltime else {}))
         logger.info("worker %s terminated", worker_id)
     except WorkerNotRunningError as error:
         logger.warning("%s", error)  # the controller ended it and released its tasks already

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from .config import RedisConfig, resolve_config
 from .credentials import resolve_secret
 from .exceptions import ConfigError, TaskError, WorkerNotRunningError
+from .walltime import DEFAULT_WALLTIME_MARGIN, seconds_left
 from .network import RushNetwork, _as_list_of_dicts, _extras, _key_list, new_task_id, text
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,10 @@ class RushWorker(RushNetwork):
                                      self.keys.held_tasks(self.worker_id)]
         self._n_finished_seen: int | None = None
         self._pending_pop: str | None = None
+        #: the end of this worker's allocation (epoch seconds; the bootstrap asks SLURM), None: no limit
+        self.job_end: float | None = None
+        #: stop taking tasks this many seconds before ``job_end``
+        self.walltime_margin = DEFAULT_WALLTIME_MARGIN
 
     # -- lifecycle -----------------------------------------------------------------------------
     def register(self, **info: Any) -> None:
@@ -81,7 +86,10 @@ class RushWorker(RushNetwork):
         """
         if self._terminated.is_set():
             return True
-        if self._heartbeat is not None and self._heartbeat.terminate_requested():
+        if self.job_end is not None and self.near_walltime:
+            logger.info("worker %s: %.0f s of its allocation left: terminating", self.worker_id, self.time_left)
+            self._terminated.set()
+        elif self._heartbeat is not None and self._heartbeat.terminate_requested():
             self._terminated.set()
         elif self._heartbeat is None or not self._heartbeat.is_alive():
             messages = self.redis.lrange(self.keys.control(self.worker_id), 0, -1)
@@ -91,6 +99,18 @@ class RushWorker(RushNetwork):
 
     def _on_refused(self, state: str) -> None:
         self._terminated.set()
+
+    @property
+    def time_left(self) -> float | None:
+        """Seconds until this worker's allocation ends (SLURM walltime), None without a limit."""
+        return seconds_left(self.job_end)
+
+    @property
+    def near_walltime(self) -> bool:
+        """True within ``walltime_margin`` seconds of the allocation's end: start no new work. The
+        worker's ``pop_task`` returns None then, and ``terminated`` becomes True."""
+        left = seconds_left(self.job_end)
+        return left is not None and left <= self.walltime_margin
 
     def terminate(self) -> None:
         """Make ``terminated`` true in this process (signal handlers and the heartbeat use this)."""
@@ -123,8 +143,11 @@ class RushWorker(RushNetwork):
 
         Waits up to ``timeout`` seconds for one (None: return at once) blocked in Redis, not polling:
         creating or requeueing a task wakes a waiting worker at once. Returns None when none came.
-        Raises ``WorkerNotRunningError`` when this worker may no longer take tasks.
+        Returns None at once near the end of the allocation (``near_walltime``): no task is started
+        that cannot finish. Raises ``WorkerNotRunningError`` when this worker may no longer take tasks.
         """
+        if self.job_end is not None and self.near_walltime:
+            return None
         keys = self.keys
         script_keys = [keys.priority(self.worker_id), keys.queued, keys.running, keys.worker(self.worker_id),
                        keys.held_tasks(self.worker_id), keys.pops(self.worker_id)]
@@ -171,6 +194,9 @@ class RushWorker(RushNetwork):
         Discarded results are logged as by ``push_results``. Returns the next task, or None when the
         queues stay empty for ``timeout`` seconds.
         """
+        if self.job_end is not None and self.near_walltime:
+            self.push_results(keys, yss, extra)
+            return None
         finish = self._finish_args(keys, yss, extra)
         args = [*finish[:2], self._pop_request(), *finish[2:]]
         self._n_finished_seen, discarded, popped = self._script(
