@@ -52,6 +52,7 @@ class Rush(RushNetwork):
         self._monitor: threading.Thread | None = None
         self._monitor_stop = threading.Event()
         self._released_by_sweep = 0
+        self._adapt: Any = None
         self._credential_files: list[tuple[CredentialsFile, list[str]]] = []
         self._credentials_lock = threading.Lock()  # the monitor thread removes them too
 
@@ -410,6 +411,8 @@ class Rush(RushNetwork):
         """
         if type not in ("terminate", "kill"):
             raise ConfigError(f"type must be 'terminate' or 'kill', got {type!r}")
+        if worker_ids is None:
+            self._stop_adapt()  # stopping every worker also stops the policy that would replace them
         if not self.redis.exists(self.keys.workers):
             raise ConfigError(f"network {self.network!r} has no workers in Redis at {self.config} "
                               "(a typo in the network name, or was it reset?)")
@@ -461,6 +464,44 @@ class Rush(RushNetwork):
         for launcher, group in force.values():
             launcher.kill(group)
         logger.info("killed %d worker(s) of network %s", len(killed), self.network)
+
+    # -- elastic workers ---------------------------------------------------------------------
+    def adapt(self, minimum: int | None = 0, maximum: int = 1, launcher: str = "local", *,
+              worker_loop: Callable[..., Any] | None = None, interval: float = 2.0, idle_timeout: float = 60.0,
+              lifetime_stagger: float | None = None, max_start_failures: int = 3,
+              **launcher_options: Any) -> None:
+        """Keep between ``minimum`` and ``maximum`` workers alive by themselves (a policy thread).
+
+        Starts workers (``start_<launcher>_workers(worker_loop, **launcher_options)``) while tasks wait
+        and fewer than ``maximum`` are alive (starting ones count), replaces lost and failed ones,
+        starts the replacement of a worker whose allocation ends within ``lifetime_stagger`` seconds
+        (default: 120 s for SLURM launchers, 0 otherwise), and asks workers idle for ``idle_timeout``
+        seconds to terminate, down to ``minimum``. After ``max_start_failures`` failed starts in a row it
+        stops with an error (``adapt_status()``). ``adapt(None)`` or ``stop_workers()`` stops it.
+        See ``rush_hpc.adapt``.
+        """
+        from .adapt import AdaptPolicy
+
+        self._stop_adapt()
+        if minimum is None:
+            return
+        if worker_loop is None:
+            raise ConfigError("adapt needs worker_loop=... (the loop the workers it starts run)")
+        if lifetime_stagger is None:
+            lifetime_stagger = 120.0 if launcher in ("slurm", "sbatch") else 0.0
+        policy = AdaptPolicy(self, int(minimum), int(maximum), launcher, worker_loop, interval, idle_timeout,
+                             lifetime_stagger, max_start_failures, dict(launcher_options))
+        self._adapt = policy
+        policy.start()
+
+    def adapt_status(self) -> dict[str, str]:
+        """The elastic-workers policy as recorded in Redis (also by another controller); {} if none."""
+        return {text(k): text(v) for k, v in self.redis.hgetall(self.keys.adapt).items()}
+
+    def _stop_adapt(self) -> None:
+        policy, self._adapt = self._adapt, None
+        if policy is not None:
+            policy.stop()
 
     # -- logs -------------------------------------------------------------------------------
     def read_log(self, worker_ids: Sequence[str] | None = None, n: int | None = None) -> pd.DataFrame:
@@ -536,6 +577,7 @@ class Rush(RushNetwork):
         rather than left to crash on a vanished server.
         """
         self._monitor_stop.set()
+        self._stop_adapt()
         if self._embedded is not None:
             local = [w for w in self._ids_in_state("running", "launched")
                      if isinstance(self._launchers.get(w), LocalLauncher)]

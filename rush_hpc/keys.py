@@ -26,6 +26,7 @@ rush:{N}:worker:<id>:control        list    "terminate" / "kill" messages for th
 rush:{N}:worker:<id>:tasks          set     ids of the running tasks this worker holds (ownership)
 rush:{N}:worker:<id>:pop            hash    request id -> task id of its recent pops (a re-sent pop repeats)
 rush:{N}:worker:<id>:wake           list    wake-up tokens for its priority tasks (capped)
+rush:{N}:adapt                      hash    the elastic-workers policy: bounds, launcher, status, error
 rush:{N}:log                        list    worker log records (JSON), capped
 rush:{N}:log:seq                    string  how many log records were ever written (logs --follow)
 rush:{N}:payload                    string  the signed, pickled worker loop + globals
@@ -68,6 +69,7 @@ class NetworkKeys:
         self.payload = self.prefix + "payload"
         self.payload_meta = self.prefix + "payload:meta"
         self.log_seq = self.log + ":seq"
+        self.adapt = self.prefix + "adapt"
         self.pattern = self.prefix + "*"
 
     def task(self, task_id: str) -> str:
@@ -104,7 +106,7 @@ class NetworkKeys:
     def fixed_keys(self) -> list[str]:
         """Every key of the network whose name does not depend on a task or worker id."""
         return [self.all_tasks, self.queued, self.priority_workers, self.wake, self.running, self.finished,
-                self.failed, self.workers, self.log, self.log_seq, self.payload, self.payload_meta,
+                self.failed, self.workers, self.log, self.log_seq, self.payload, self.payload_meta, self.adapt,
                 *(self.worker_state_set(state) for state in WORKER_STATES)]
 
     def worker_keys(self, worker_id: str) -> list[str]:
