@@ -188,8 +188,14 @@ def worker(network: str, worker_id: str | None) -> None:
 @cli.command()
 @network_options
 def status(rush: Rush) -> None:
-    """The <Rush> summary: running workers and task counts."""
+    """The <Rush> summary: running workers and task counts (and the elastic-workers policy, if any)."""
     click.echo(str(rush))
+    policy = rush.adapt_status()
+    if policy:
+        line = (f"* Adapt: {policy.get('status')} ({policy.get('launcher')}, {policy.get('minimum')}.."
+                f"{policy.get('maximum')} workers, {policy.get('alive', '?')} alive, {policy.get('started')} "
+                f"started; controller {policy.get('controller')})")
+        click.echo(line + (f"\n  {policy['error']}" if policy.get("error") else ""))
 
 
 @cli.command()

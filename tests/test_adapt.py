@@ -67,3 +67,17 @@ def test_failing_starts_stop_adapt_with_an_error(rush, tmp_path):
     assert int(status["started"]) <= 12  # a few tries, not a loop
     with pytest.raises(Exception):
         rush.wait_for_tasks(rush.fetch_tasks()["keys"].tolist(), timeout=5)
+
+
+def test_status_shows_the_policy_to_another_process(rush, redis_config):
+    import subprocess
+    import sys
+
+    rush.adapt(1, 3, worker_loop=wl_queue, interval=0.3, idle_timeout=60, **FAST)
+    wait_until(lambda: rush.adapt_status().get("alive") == "1", timeout=30, what="one worker alive")
+    env = {**os.environ, "RUSH_HPC_URL": redis_config.to_url(show_secrets=True), "RUSH_HPC_NETWORK": rush.network}
+    out = subprocess.run([sys.executable, "-m", "rush_hpc", "status"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "* Adapt: running (local, 1..3 workers, 1 alive" in out.stdout
+    rush.adapt(None)
