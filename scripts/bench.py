@@ -414,6 +414,41 @@ def bench_bo(config: RedisConfig, seeds: int, budget: int, n_workers: int) -> No
         "ADBO < random search")
 
 
+def readme_table() -> dict[str, str]:
+    """The last measured table in the README (measurement -> result)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Benchmark", 1)[-1].split("\n## ", 1)[0]
+    table: dict[str, str] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) >= 2 and cells[0] not in ("measurement", "---"):
+            table.setdefault(cells[0], cells[1])
+    return table
+
+
+def headline(result: str) -> tuple[float, str] | None:
+    """The first number of a result and its unit: '2,133 tasks/s; ...' -> (2133.0, 'tasks/s')."""
+    import re
+
+    match = re.search(r"([\d,]+(?:\.\d+)?)\s*(tasks/s|ms|us|s|B)\b", result)
+    return (float(match.group(1).replace(",", "")), match.group(2)) if match else None
+
+
+def regressions(rows: list[tuple[str, str, str]], last: dict[str, str], tolerance: float = 0.10) -> list[str]:
+    """Rows more than ``tolerance`` worse than the same row of the README's table."""
+    found = []
+    for what, value, _ in rows:
+        now, before = headline(value), headline(last.get(what, ""))
+        if not now or not before or now[1] != before[1] or not before[0]:
+            continue
+        higher_is_better = now[1] == "tasks/s"
+        change = (before[0] - now[0]) / before[0] if higher_is_better else (now[0] - before[0]) / before[0]
+        if change > tolerance:
+            found.append(f"{what}: {now[0]:g} {now[1]} against {before[0]:g} {before[1]} in the README "
+                         f"({change:.0%} worse)")
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (no 100k fetch)")
@@ -453,6 +488,10 @@ def main() -> None:
     print("| measurement | result | target |\n|---|---|---|")
     for what, value, target in ROWS:
         print(f"| {what} | {value} | {target} |")
+    worse = regressions(ROWS, readme_table())
+    if worse:
+        print("\nREGRESSION (more than 10% worse than the README's table):\n" + "\n".join(f"- {w}" for w in worse))
+        sys.exit(1)
 
 
 if __name__ == "__main__":
