@@ -1,6 +1,6 @@
-"""Review of issue 10 (task ownership): attacks that the change does not survive.
+"""Task ownership under attack (issue 10): the adversarial review's cases, kept as regression tests.
 
-Each test states the invariant it checks; each fails on b160310 (main at review time).
+Each test states the invariant it checks; each failed on the first version of the ownership change.
 Real Redis, real worker processes; faults injected with a TCP proxy or interleavings forced by
 wrapping one client call.
 """
@@ -19,6 +19,7 @@ from rush_hpc.config import RedisConfig
 
 from conftest import SECRET, wait_until
 from faults import DroppingProxy
+from test_ownership import pid_of, process_gone
 
 FAST = {"heartbeat_period": 0.2, "heartbeat_expire": 1.0}
 
@@ -36,20 +37,6 @@ def where(raw, rush, key: str) -> list[str]:
         if key.encode() in raw.lrange(rush.keys.priority(worker.decode()), 0, -1):
             found.append("priority")
     return found
-
-
-def process_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    import psutil
-
-    return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-
-
-def pid_of(rush, worker_id: str) -> int:
-    return int(rush.worker_info.set_index("worker_id").loc[worker_id, "pid"])
 
 
 class PatternDroppingProxy(DroppingProxy):
