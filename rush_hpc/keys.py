@@ -17,14 +17,13 @@ rush:{N}:tasks:running              set     ids being evaluated
 rush:{N}:tasks:finished             list    finished rows as JSON, append-only (incremental fetch by index)
 rush:{N}:tasks:failed               list    ids that failed, append-only
 rush:{N}:task:<id>                  hash    xs, ys, xs_extra, ys_extra, condition, state, worker_id,
-                                            max_retries, n_retries
+                                            max_retries, n_retries, pop_request
 rush:{N}:workers                    set     every worker id ever launched or registered
 rush:{N}:workers:<state>            set     launched / running / terminated / killed / lost / failed
 rush:{N}:worker:<id>                hash    pid, hostname, launcher, host, job_id, python, state, reason, ...
 rush:{N}:worker:<id>:heartbeat      string  refreshed by the worker, expires when it stops beating
 rush:{N}:worker:<id>:control        list    "terminate" / "kill" messages for that worker
 rush:{N}:worker:<id>:tasks          set     ids of the running tasks this worker holds (ownership)
-rush:{N}:worker:<id>:pop            hash    request id -> task id of its recent pops (a re-sent pop repeats)
 rush:{N}:worker:<id>:wake           list    wake-up tokens for its priority tasks (capped)
 rush:{N}:adapt                      hash    the elastic-workers policy: bounds, launcher, status, error
 rush:{N}:log                        list    worker log records (JSON), capped
@@ -97,9 +96,6 @@ class NetworkKeys:
     def held_tasks(self, worker_id: str) -> str:
         return self.worker_prefix + worker_id + ":tasks"
 
-    def pops(self, worker_id: str) -> str:
-        return self.worker_prefix + worker_id + ":pop"
-
     def worker_wake(self, worker_id: str) -> str:
         return self.worker_prefix + worker_id + ":wake"
 
@@ -112,5 +108,5 @@ class NetworkKeys:
     def worker_keys(self, worker_id: str) -> list[str]:
         """Every key of one worker."""
         return [self.worker(worker_id), self.heartbeat(worker_id), self.control(worker_id),
-                self.held_tasks(worker_id), self.pops(worker_id), self.worker_wake(worker_id),
+                self.held_tasks(worker_id), self.worker_wake(worker_id),
                 self.priority(worker_id)]

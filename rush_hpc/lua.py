@@ -230,16 +230,14 @@ return discarded
 """
 
 # Pop one task for a worker: its priority list first, then the shared queue; mark it running and
-# held by the worker. `request` identifies the call: a re-sent pop (its reply was lost) returns the
-# task the first one popped instead of popping another.
+# held by the worker. `request` identifies the call and is kept in the task: a re-sent pop (its reply
+# was lost) finds the task it popped among the few the worker holds, instead of popping another.
 _POP = """
-local function pop(priority, queued, running, held, pops, prefix, worker_id, request)
-  local earlier = redis.call('HGET', pops, request)
-  if earlier then  -- a re-sent pop: the task it popped, if this worker still holds it
-    if redis.call('SISMEMBER', held, earlier) == 1 then
-      return {earlier, redis.call('HGET', prefix .. earlier, 'xs')}
+local function pop(priority, queued, running, held, prefix, worker_id, request)
+  for _, held_id in ipairs(redis.call('SMEMBERS', held)) do
+    if redis.call('HGET', prefix .. held_id, 'pop_request') == request then
+      return {held_id, redis.call('HGET', prefix .. held_id, 'xs')}
     end
-    return false
   end
   local id = redis.call('LPOP', priority)
   if not id then id = redis.call('LPOP', queued) end
@@ -247,37 +245,31 @@ local function pop(priority, queued, running, held, pops, prefix, worker_id, req
   local key = prefix .. id
   redis.call('SADD', running, id)
   redis.call('SADD', held, id)
-  redis.call('HSET', key, 'state', 'running', 'worker_id', worker_id)
-  if redis.call('HSET', pops, request, id) == 1 and redis.call('HLEN', pops) > 16 then
-    local record = redis.call('HGETALL', pops)  -- keep the records of tasks it still holds
-    for i = 1, #record, 2 do
-      if redis.call('SISMEMBER', held, record[i + 1]) == 0 then redis.call('HDEL', pops, record[i]) end
-    end
-  end
+  redis.call('HSET', key, 'state', 'running', 'worker_id', worker_id, 'pop_request', request)
   return {id, redis.call('HGET', key, 'xs')}
 end
 """
 
 # KEYS[1] this worker's priority list, KEYS[2] shared queue, KEYS[3] running set, KEYS[4] worker hash,
-# KEYS[5] worker's held-tasks set, KEYS[6] worker's pop records (request id -> task id)
+# KEYS[5] worker's held-tasks set
 # ARGV[1] task key prefix, ARGV[2] worker id, ARGV[3] request id
 # returns {id, xs} or nil when both queues are empty
 POP_TASK = _REQUIRE_RUNNING + _POP + """
 local refused = require_running(KEYS[4])
 if refused then return refused end
-return pop(KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3])
+return pop(KEYS[1], KEYS[2], KEYS[3], KEYS[5], ARGV[1], ARGV[2], ARGV[3])
 """
 
 # Finish tasks and pop the next one in ONE round trip (a queue worker's whole step).
 # KEYS[1] running set, KEYS[2] finished list, KEYS[3] worker hash, KEYS[4] worker's held-tasks set,
-# KEYS[5] this worker's priority list, KEYS[6] shared queue, KEYS[7] worker's pop records
+# KEYS[5] this worker's priority list, KEYS[6] shared queue
 # ARGV[1] task key prefix, ARGV[2] worker id, ARGV[3] pop request id, then triples as FINISH_TASKS
 # returns {number of finished tasks, {discarded ids}, {id, xs} or false}
 FINISH_AND_POP = _REQUIRE_RUNNING + _FINISH + _POP + """
 local refused = require_running(KEYS[3])
 if refused then return refused end
 local discarded = finish(KEYS[1], KEYS[2], KEYS[4], ARGV[1], ARGV[2], 4)
-local popped = pop(KEYS[5], KEYS[6], KEYS[1], KEYS[4], KEYS[7], ARGV[1], ARGV[2], ARGV[3])
+local popped = pop(KEYS[5], KEYS[6], KEYS[1], KEYS[4], ARGV[1], ARGV[2], ARGV[3])
 return {redis.call('LLEN', KEYS[2]), discarded, popped}
 """
 
@@ -314,7 +306,7 @@ return set_state(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 5)
 # list goes to the shared queue. Nobody can observe an ended worker that still holds tasks.
 # KEYS[1] worker hash, KEYS[2] workers set, KEYS[3] running set, KEYS[4] queued list, KEYS[5] failed
 # list, KEYS[6] worker's priority list, KEYS[7] set of workers with priority lists, KEYS[8] worker's
-# held-tasks set, KEYS[9] worker's pop records, KEYS[10] the shared queue's wake-up list
+# held-tasks set, KEYS[9] the shared queue's wake-up list
 # ARGV[1] new state, ARGV[2] worker-state set prefix, ARGV[3] worker id, ARGV[4] allowed current
 # states (as SET_WORKER_STATE), ARGV[5] task key prefix, ARGV[6] condition (encoded), then field/value pairs
 # returns false when the transition is not allowed, else {previous state, {failed ids}, {requeued ids}}
@@ -324,12 +316,12 @@ if previous == false then return false end
 local failed, requeued = {}, {}
 local waiting = redis.call('LRANGE', KEYS[6], 0, -1)
 for _, id in ipairs(waiting) do redis.call('RPUSH', KEYS[4], id) end
-wake(KEYS[10], #waiting)
-redis.call('DEL', KEYS[6], KEYS[9])
+wake(KEYS[9], #waiting)
+redis.call('DEL', KEYS[6])
 redis.call('SREM', KEYS[7], ARGV[3])
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[8])) do
   redis.call('SREM', KEYS[3], id)
-  release_task(ARGV[5] .. id, id, KEYS[4], KEYS[5], ARGV[6], requeued, failed, KEYS[10])
+  release_task(ARGV[5] .. id, id, KEYS[4], KEYS[5], ARGV[6], requeued, failed, KEYS[9])
 end
 redis.call('DEL', KEYS[8])
 return {previous, failed, requeued}

@@ -535,8 +535,8 @@ class RushNetwork:
         keys = self.keys
         result = self._script(
             "END_WORKER", [keys.worker(worker_id), keys.workers, keys.running, keys.queued, keys.failed,
-                  keys.priority(worker_id), keys.priority_workers, keys.held_tasks(worker_id),
-                  keys.pops(worker_id), keys.wake], args, client)
+                  keys.priority(worker_id), keys.priority_workers, keys.held_tasks(worker_id), keys.wake],
+            args, client)
         if not result:
             return None
         previous, failed, requeued = result

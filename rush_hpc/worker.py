@@ -150,7 +150,7 @@ class RushWorker(RushNetwork):
             return None
         keys = self.keys
         script_keys = [keys.priority(self.worker_id), keys.queued, keys.running, keys.worker(self.worker_id),
-                       keys.held_tasks(self.worker_id), keys.pops(self.worker_id)]
+                       keys.held_tasks(self.worker_id)]
         deadline = time.monotonic() + timeout if timeout else None
         while True:
             popped = self._script("POP_TASK", script_keys, [keys.task_prefix, self.worker_id, self._pop_request()])
@@ -167,7 +167,7 @@ class RushWorker(RushNetwork):
         """The request id of the next pop: a re-sent call (lost reply, redis-py's retry) and the next
         call after one that raised both repeat the pending id, and so get the task it popped."""
         if self._pending_pop is None:
-            self._pending_pop = uuid.uuid4().hex
+            self._pending_pop = new_task_id()  # 96 random bits, kept in the task it pops
         return self._pending_pop
 
     def _task(self, popped: list[bytes]) -> Task:
@@ -202,7 +202,7 @@ class RushWorker(RushNetwork):
         self._n_finished_seen, discarded, popped = self._script(
             "FINISH_AND_POP", [self.keys.running, self.keys.finished, self.keys.worker(self.worker_id),
                                self.keys.held_tasks(self.worker_id), self.keys.priority(self.worker_id),
-                               self.keys.queued, self.keys.pops(self.worker_id)], args)
+                               self.keys.queued], args)
         self._pending_pop = None
         self._report_discarded(discarded, "results")
         if popped:

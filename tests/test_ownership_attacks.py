@@ -387,15 +387,13 @@ def test_a_worker_cut_off_then_reset_is_gone_within_two_periods_of_link_up(redis
 
 # -- 12. pop idempotency is per worker, not per request: two threads of one worker -----------------
 def test_a_re_sent_pop_returns_its_own_task_when_another_pop_came_between(rush, worker):
-    """POP_TASK keeps ONE last-pop record per worker. A worker that pops from two threads (one
-    RushWorker is shared by threads elsewhere in the tests): pop R1 runs (reply lost), pop R2 runs,
-    redis-py re-sends R1 -> the record now names R2, so R1 pops a third task; the first stays
-    running, held by a live worker, until it ends. Reproduced at the script level (the re-send is
-    the same EVALSHA with the same arguments)."""
+    """A worker that pops from two threads: pop R1 runs (reply lost), pop R2 runs, redis-py re-sends
+    R1 -> it must get R1's task back (not a third one, which would leave the first running, held by a
+    live worker, until it ends). Reproduced at the script level (the re-send is the same EVALSHA with
+    the same arguments)."""
     keys = rush.push_tasks([{"x": i} for i in range(3)])
     script_keys = [rush.keys.priority(worker.worker_id), rush.keys.queued, rush.keys.running,
-                   rush.keys.worker(worker.worker_id), rush.keys.held_tasks(worker.worker_id),
-                   rush.keys.pops(worker.worker_id)]
+                   rush.keys.worker(worker.worker_id), rush.keys.held_tasks(worker.worker_id)]
 
     def pop(request: str) -> str:
         return worker._script("POP_TASK", script_keys, [rush.keys.task_prefix, worker.worker_id, request])[0]
