@@ -68,7 +68,7 @@ def _check_random_search(rush, ids, launcher):
     info = rush.worker_info.set_index("worker_id").loc[ids]
     assert (info.launcher == launcher).all()
     assert all("_" in j for j in info.job_id) and info.node.notna().all()
-    wait_until(lambda: set(rush._ids_in_state("terminated")) == set(ids), 60, what="workers to end")
+    wait_until(lambda: set(rush.worker_ids(state="terminated")) == set(ids), 60, what="workers to end")
     assert rush.n_finished_tasks >= 100 and rush.n_running_tasks == 0
 
 
@@ -162,10 +162,10 @@ def test_time_limit_signal_ends_cleanly_and_timeout_is_the_reason_when_killed(sl
     honours = info.loc[[j for j in info.index if j.endswith("_0")][0], "worker_id"]
     ignores = info.loc[[j for j in info.index if j.endswith("_1")][0], "worker_id"]
     # the signal comes 50 s before the 1-minute limit: the honouring worker ends cleanly
-    wait_until(lambda: honours in slurm_rush._ids_in_state("terminated"), 45, poll=0.5, what="clean end")
+    wait_until(lambda: honours in slurm_rush.worker_ids(state="terminated"), 45, poll=0.5, what="clean end")
     assert slurm_rush.fetch_finished_tasks()["y"].tolist() == ["finished before the time limit"]
     # the other one is killed at the limit: lost with reason TIMEOUT, its task failed with it
-    wait_until(lambda: ignores in slurm_rush.detect_lost_workers() or ignores in slurm_rush._ids_in_state("lost"),
+    wait_until(lambda: ignores in slurm_rush.detect_lost_workers() or ignores in slurm_rush.worker_ids(state="lost"),
                150, poll=1.0, what="TIMEOUT")
     reason = slurm_rush.worker_info.set_index("worker_id").loc[ignores, "reason"]
     assert "TIMEOUT" in reason or "heartbeat" in reason

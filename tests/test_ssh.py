@@ -102,7 +102,7 @@ def test_workers_on_three_hosts_run_the_random_search(srush, ssh_env):
     else:
         assert sorted(set(info.hostname)) == sorted(ssh_env["hosts"])  # each namespace has its own
     assert (info.launcher == "ssh").all() and info.pid.notna().all()
-    wait_until(lambda: set(srush._ids_in_state("terminated")) == set(ids), 60, what="workers to end")
+    wait_until(lambda: set(srush.worker_ids(state="terminated")) == set(ids), 60, what="workers to end")
     frame = srush.fetch_finished_tasks()
     assert len(frame) >= 100 and set(frame["worker_id"]) <= set(ids)
 
@@ -153,7 +153,7 @@ def test_kill_through_redis_and_by_ssh_when_the_worker_does_not_answer(srush, ss
     # the namespaces share the PID space: freeze one worker so that only SSH can kill it
     os.kill(pids[ids[1]], signal.SIGSTOP)
     srush.stop_workers(type="kill", kill_grace=1.0)
-    assert set(srush._ids_in_state("killed")) == set(ids)
+    assert set(srush.worker_ids(state="killed")) == set(ids)
     for pid in pids.values():
         wait_until(lambda: "Z" in (ssh(ssh_env, ssh_env["hosts"][0], f"ps -o stat= -p {pid}") or "Z"), 10,
                    what=f"process {pid} to die")

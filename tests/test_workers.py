@@ -54,7 +54,7 @@ def test_random_search_with_four_local_workers(rush):
     ids = rush.start_local_workers(worker_loop=wl_random_search, n_workers=4,
                                    globals={"branin": branin}, **FAST)
     rush.wait_for_workers(4, timeout=30)
-    wait_until(lambda: set(rush._ids_in_state("terminated")) == set(ids), 30, what="workers to end")
+    wait_until(lambda: set(rush.worker_ids(state="terminated")) == set(ids), 30, what="workers to end")
     frame = rush.fetch_finished_tasks()
     assert len(frame) >= 100 and frame["y"].min() < 5
     assert set(frame["worker_id"]) <= set(ids) and {"x1", "x2", "y", "pid", "keys"} <= set(frame.columns)
@@ -72,7 +72,7 @@ def test_globals_given_as_names_are_looked_up_in_the_caller(rush):
 
     helper = abs  # noqa: F841 - found by name
     ids = rush.start_local_workers(worker_loop=loop, n_workers=1, globals=["limit", "helper"], **FAST)
-    wait_until(lambda: rush._ids_in_state("terminated") == ids, 30, what="worker to end")
+    wait_until(lambda: rush.worker_ids(state="terminated") == ids, 30, what="worker to end")
     assert rush.n_finished_tasks == 3
     with pytest.raises(rush_hpc.ConfigError, match="'nope' is not defined"):
         rush.start_local_workers(worker_loop=loop, globals=["nope"])
@@ -126,7 +126,7 @@ def test_frozen_worker_is_lost_by_heartbeat_and_exits_when_it_wakes_up(rush):
         assert rush.n_failed_tasks == 1
     finally:
         os.kill(pid, signal.SIGCONT)
-    process = rush._launchers[ids[0]].processes[ids[0]]
+    process = rush._supervisor.handles[ids[0]].process
     assert process.wait(10) == 137  # it learned it was lost and gave up
 
 
@@ -134,7 +134,7 @@ def test_terminate_is_graceful(rush):
     ids = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=2, **FAST)
     rush.wait_for_workers(2, timeout=30)
     rush.stop_workers(type="terminate")
-    wait_until(lambda: set(rush._ids_in_state("terminated")) == set(ids), 10, what="terminated")
+    wait_until(lambda: set(rush.worker_ids(state="terminated")) == set(ids), 10, what="terminated")
     assert rush.n_running_workers == 0
 
 
@@ -144,7 +144,7 @@ def test_kill_stops_the_process_and_fails_its_task(rush):
     rush.wait_for_workers(worker_ids=ids, timeout=30)
     wait_until(lambda: rush.n_running_tasks == 1, 10, what="the task to run")
     rush.stop_workers(type="kill", worker_ids=ids)
-    process = rush._launchers[ids[0]].processes[ids[0]]
+    process = rush._supervisor.handles[ids[0]].process
     assert process.poll() is not None
     info = rush.worker_info.set_index("worker_id").loc[ids[0]]
     assert info.state == "killed"
@@ -153,7 +153,7 @@ def test_kill_stops_the_process_and_fails_its_task(rush):
 
 def test_loop_that_raises_marks_the_worker_failed_with_traceback(rush):
     ids = rush.start_local_workers(worker_loop=wl_raises, n_workers=1, **FAST)
-    wait_until(lambda: rush._ids_in_state("failed") == ids, 30, what="failed worker")
+    wait_until(lambda: rush.worker_ids(state="failed") == ids, 30, what="failed worker")
     info = rush.worker_info.set_index("worker_id").loc[ids[0]]
     assert "objective exploded" in info.reason
     assert "ValueError" in rush.redis.hget(rush.keys.worker(ids[0]), "traceback").decode()
@@ -233,7 +233,7 @@ def test_monitor_detects_lost_workers_in_the_background(rush):
     rush.wait_for_workers(1, timeout=30)
     rush.start_monitor(interval=0.1)
     os.kill(int(rush.worker_info["pid"][0]), signal.SIGKILL)
-    wait_until(lambda: rush._ids_in_state("lost") == ids, 5, what="monitor")
+    wait_until(lambda: rush.worker_ids(state="lost") == ids, 5, what="monitor")
 
 
 def test_large_payload_spills_to_a_shared_directory(rush, tmp_path, monkeypatch):
@@ -248,7 +248,7 @@ def test_large_payload_spills_to_a_shared_directory(rush, tmp_path, monkeypatch)
         rush.push_results(rush.push_running_tasks([{"n": len(blob)}]), [{"y": 1}])
 
     ids = rush.start_local_workers(worker_loop=loop, globals={"blob": blob}, payload_dir=str(tmp_path), **FAST)
-    wait_until(lambda: rush._ids_in_state("terminated") == ids, 30, what="worker to end")
+    wait_until(lambda: rush.worker_ids(state="terminated") == ids, 30, what="worker to end")
     assert rush.fetch_finished_tasks()["n"].tolist() == [5000]
     assert rush.redis.get(rush.keys.payload) == b"" and list(tmp_path.glob("rush-payload-*.pkl"))
 
@@ -257,7 +257,7 @@ def test_closing_a_controller_with_embedded_redis_kills_its_local_workers():
     rush = rush_hpc.rsh(network="embedded-close")
     ids = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=2, **FAST)
     rush.wait_for_workers(2, timeout=30)
-    processes = [rush._launchers[w].processes[w] for w in ids]
+    processes = [rush._supervisor.handles[w].process for w in ids]
     rush.close()
     assert all(p.poll() is not None for p in processes)
 
@@ -268,7 +268,7 @@ def test_priority_tasks_of_a_worker_that_ends_go_to_the_shared_queue(rush):
     keys = rush.push_priority_tasks([{"x": 1}, {"x": 2}], priority=ids * 2)
     assert rush.n_queued_priority_tasks == 2
     rush.stop_workers(type="terminate")
-    wait_until(lambda: rush._ids_in_state("terminated") == ids, 10, what="terminated")
+    wait_until(lambda: rush.worker_ids(state="terminated") == ids, 10, what="terminated")
     assert rush.n_queued_priority_tasks == 0
     assert rush.fetch_queued_tasks()["keys"].tolist() == keys
 
@@ -278,6 +278,6 @@ def test_workers_without_heartbeat_still_terminate_and_are_found_lost_by_process
     rush.wait_for_workers(worker_ids=ids, timeout=30)
     assert rush.redis.exists(rush.keys.heartbeat(ids[0])) == 0
     rush.stop_workers(type="terminate", worker_ids=ids[:1])
-    wait_until(lambda: rush._ids_in_state("terminated") == ids[:1], 10, what="terminated")
+    wait_until(lambda: rush.worker_ids(state="terminated") == ids[:1], 10, what="terminated")
     os.kill(int(rush.worker_info.set_index("worker_id").loc[ids[1], "pid"]), signal.SIGKILL)
     assert wait_until(rush.detect_lost_workers, 5, what="lost") == ids[1:]

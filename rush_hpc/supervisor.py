@@ -1,0 +1,276 @@
+"""The supervisor: watches, waits for, finds lost, kills and reaps workers - over handles.
+
+The controller starts workers (``controller.py``); everything after that lives here. The
+supervisor acts on workers only through handles: the trusted ones the launchers returned (held in
+memory), or handles rebuilt from a worker hash by the launcher registry with strict validation
+(see ``launchers/base.py``). Values read from Redis never name a file to read, a pid to signal,
+a job to cancel or a host to contact on their own. The tail of a worker's output is shown in
+exceptions only when a trusted handle holds its path, and never written back into Redis: the
+worker hash's ``reason`` stays short.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+
+from . import defaults
+from .exceptions import ConfigError, RushTimeoutError, WorkerStartError
+from .launchers.base import Handle, HandleContext, handle_from_info
+from .states import ACTIVE, WorkerState, set_worker_state
+
+if TYPE_CHECKING:
+    from .network import RushNetwork
+
+logger = logging.getLogger(__name__)
+
+_MAX_REASON = 2000  # characters of a reason read from Redis that an error message shows
+
+
+def _decode(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _now() -> str:
+    return f"{time.time():.3f}"
+
+
+class Supervisor:
+    """Watches the workers of one network for one controller."""
+
+    def __init__(self, network: RushNetwork) -> None:
+        self.network = network
+        self.handles: dict[str, Handle] = {}  # trusted: returned by the launchers of this controller
+        self.context = HandleContext()
+        self._monitor: threading.Thread | None = None
+        self._monitor_stop = threading.Event()
+        self._squeue_checked = 0.0
+
+    # -- what Redis says ---------------------------------------------------------------------
+    def worker_hashes(self, worker_ids: Iterable[str] | None = None) -> dict[str, dict[str, str]]:
+        keys = self.network.keys
+        redis = self.network.redis
+        ids = sorted(_decode(w) for w in redis.smembers(keys.workers)) if worker_ids is None else list(worker_ids)
+        pipe = redis.pipeline(transaction=False)
+        for worker_id in ids:
+            pipe.hgetall(keys.worker(worker_id))
+        return {wid: {_decode(k): _decode(v) for k, v in h.items()} for wid, h in zip(ids, pipe.execute())}
+
+    def worker_ids(self, *states: WorkerState | str) -> list[str]:
+        """Ids of the workers in any of ``states`` (every worker without states), sorted."""
+        keys = self.network.keys
+        if not states:
+            return sorted(_decode(w) for w in self.network.redis.smembers(keys.workers))
+        pipe = self.network.redis.pipeline(transaction=False)
+        for state in states:
+            pipe.smembers(keys.worker_state_set(WorkerState(state).value))
+        return sorted({_decode(w) for members in pipe.execute() for w in members})
+
+    # -- handles -----------------------------------------------------------------------------
+    def add(self, handles: Iterable[Handle]) -> None:
+        for handle in handles:
+            self.handles[handle.worker_id] = handle
+
+    def handle(self, worker_id: str, info: Mapping[str, str]) -> Handle | None:
+        """The trusted handle, else one rebuilt (validated) from the worker hash, else None."""
+        return self.handles.get(worker_id) or handle_from_info(worker_id, info, self.context)
+
+    def _grouped(self, infos: Mapping[str, Mapping[str, str]]) -> dict[type[Handle], list[Handle]]:
+        groups: dict[type[Handle], list[Handle]] = {}
+        for worker_id, info in infos.items():
+            handle = self.handle(worker_id, info)
+            if handle is not None:
+                groups.setdefault(type(handle), []).append(handle)
+        return groups
+
+    def gone(self, infos: Mapping[str, Mapping[str, str]], *, registered: bool = False) -> dict[str, str]:
+        """Ask each kind of handle, one batch per kind, which processes / jobs have ended."""
+        reasons: dict[str, str] = {}
+        for kind, handles in self._grouped(infos).items():
+            if registered and not kind.checks_running_workers:
+                continue
+            reasons.update(kind.check(handles))
+        return reasons
+
+    def output_tail(self, worker_id: str) -> str:
+        handle = self.handles.get(worker_id)  # only trusted handles read output files
+        return handle.output_tail() if handle is not None else ""
+
+    def _with_output(self, worker_id: str, reason: str) -> str:
+        output = self.output_tail(worker_id)
+        reason = reason[:_MAX_REASON]
+        return reason + (f"\n--- end of its output ---\n{output}" if output else "")
+
+    # -- waiting -----------------------------------------------------------------------------
+    def wait_for_workers(self, n: int | None = None, worker_ids: Sequence[str] | None = None,
+                         timeout: float | None = defaults.WAIT_TIMEOUT, poll: float = defaults.WAIT_POLL) -> None:
+        if n is None and worker_ids is None:
+            raise ConfigError("wait_for_workers needs n= or worker_ids=")
+        target = len(worker_ids) if worker_ids is not None else (n or 0)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            hashes = self.worker_hashes(worker_ids)
+            registered = [w for w, h in hashes.items() if h.get("started_at")]
+            waiting = {w: h for w, h in hashes.items() if not h.get("started_at")}
+            failures = self.start_failures(waiting)
+            if failures:
+                details = "\n".join(f"worker {w}: {r}" for w, r in failures.items())
+                raise WorkerStartError(f"{len(failures)} worker(s) failed before registering:\n{details}",
+                                       failures)
+            if len(registered) >= target:
+                return
+            problems = self.start_problems(waiting)
+            if problems:
+                details = "\n".join(f"worker {w}: {r}" for w, r in problems.items())
+                raise WorkerStartError(f"{len(problems)} worker(s) will not start:\n{details}", problems)
+            if deadline is not None and time.monotonic() > deadline:
+                details = "\n".join(f"worker {w} ({h.get('launcher')}, {h.get('state')}): "
+                                    f"{self._with_output(w, 'not registered')}"
+                                    for w, h in list(waiting.items())[:10])
+                raise RushTimeoutError(f"only {len(registered)} of {target} workers registered within "
+                                       f"{timeout} s.\n{details}")
+            time.sleep(poll)
+
+    def start_problems(self, waiting: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+        """Launched workers that will never start (asked at most every ``SQUEUE_INTERVAL_S``)."""
+        launched = {w: h for w, h in waiting.items() if h.get("state") == WorkerState.LAUNCHED.value}
+        now = time.monotonic()
+        if not launched or now - self._squeue_checked < defaults.SQUEUE_INTERVAL_S:
+            return {}
+        self._squeue_checked = now
+        problems: dict[str, str] = {}
+        for kind, handles in self._grouped(launched).items():
+            problems.update(kind.start_problems(handles))
+        return problems
+
+    def start_failures(self, waiting: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+        """Workers that failed or exited before registering: ``{worker_id: reason + output}``.
+
+        Exited ones are marked failed with a short reason (their output stays out of Redis).
+        """
+        failures = {w: self._with_output(w, h.get("reason") or "failed")
+                    for w, h in waiting.items() if h.get("state") == WorkerState.FAILED.value}
+        launched = {w: h for w, h in waiting.items() if h.get("state") == WorkerState.LAUNCHED.value}
+        for worker_id, reason in self.gone(launched).items():
+            reason = f"{reason} before registering"
+            if set_worker_state(self.network, worker_id, WorkerState.FAILED, (WorkerState.LAUNCHED.value,),
+                                reason=reason, ended_at=_now()) is not None:
+                failures[worker_id] = self._with_output(worker_id, reason)
+        return failures
+
+    # -- lost workers ------------------------------------------------------------------------
+    def detect_lost_workers(self) -> list[str]:
+        network = self.network
+        hashes = self.worker_hashes(self.worker_ids(WorkerState.RUNNING))
+        pipe = network.redis.pipeline(transaction=False)
+        for worker_id in hashes:
+            pipe.exists(network.keys.heartbeat(worker_id))
+        beating = dict(zip(hashes, pipe.execute()))
+        reasons = self.gone(hashes, registered=True)
+        for worker_id, info in hashes.items():
+            if worker_id not in reasons and info.get("heartbeat_expire") and not beating[worker_id]:
+                reasons[worker_id] = f"heartbeat expired (no beat for {info['heartbeat_expire']} s)"
+        lost = []
+        for worker_id, reason in reasons.items():
+            if set_worker_state(network, worker_id, WorkerState.LOST, (WorkerState.RUNNING.value,),
+                                reason=reason, ended_at=_now()) is not None:
+                failed, requeued = network.release_worker_tasks(worker_id, f"worker {worker_id} lost: {reason}")
+                logger.warning("worker %s lost (%s); %d task(s) failed, %d requeued", worker_id, reason,
+                               len(failed), len(requeued))
+                lost.append(worker_id)
+        self._kill_lost({w: hashes[w] for w in lost})
+        self.start_failures(self.worker_hashes(self.worker_ids(WorkerState.LAUNCHED)))
+        self.record_final_states()
+        return lost
+
+    def _kill_lost(self, infos: Mapping[str, Mapping[str, str]]) -> None:
+        """Cancel what is left of lost workers where that frees resources (SLURM jobs, requeued ones too)."""
+        for kind, handles in self._grouped(infos).items():
+            if kind.kill_when_lost:
+                kind.kill_all(handles)
+                self._record_kill(kind, handles)
+
+    def record_final_states(self) -> None:
+        """Join the scheduler's final state (NODE_FAIL, TIMEOUT, CANCELLED...) to ended workers of
+        this controller, once each (field ``job_state``): also when the worker ended cleanly."""
+        active = set(self.worker_ids(*ACTIVE))
+        ended = [w for w, h in self.handles.items() if h.reports_final_state and w not in active]
+        if not ended:
+            return
+        hashes = self.worker_hashes(ended)
+        todo = {w: h for w, h in hashes.items() if h and not h.get("job_state")}
+        pipe = self.network.redis.pipeline(transaction=False)
+        for kind, handles in self._grouped(todo).items():
+            for worker_id, state in kind.final_states(handles).items():
+                pipe.hset(self.network.keys.worker(worker_id), "job_state", state)
+        pipe.execute()
+
+    def start_monitor(self, interval: float = defaults.MONITOR_INTERVAL) -> None:
+        if self._monitor is not None and self._monitor.is_alive():
+            return
+        self._monitor_stop.clear()
+
+        def watch() -> None:
+            while not self._monitor_stop.wait(interval):
+                try:
+                    self.detect_lost_workers()
+                except Exception:  # noqa: BLE001 - keep watching
+                    logger.exception("lost-worker monitor failed")
+
+        self._monitor = threading.Thread(target=watch, name=f"rush-monitor-{self.network.network}", daemon=True)
+        self._monitor.start()
+
+    def stop_monitor(self) -> None:
+        self._monitor_stop.set()
+
+    # -- killing -----------------------------------------------------------------------------
+    def kill(self, ids: Sequence[str], grace: float = defaults.KILL_GRACE) -> list[str]:
+        """Mark killed, release their tasks, ask them through Redis, then force what did not go."""
+        network = self.network
+        hashes = self.worker_hashes(ids)
+        killed = []
+        for worker_id in ids:
+            if set_worker_state(network, worker_id, WorkerState.KILLED, reason="killed by the controller",
+                                ended_at=_now()) is None:
+                continue
+            network.release_worker_tasks(worker_id, f"worker {worker_id} killed by the controller")
+            network.redis.rpush(network.keys.control(worker_id), "kill")
+            killed.append(worker_id)
+        deadline = time.monotonic() + grace
+        pending = set(killed)
+        while pending and time.monotonic() < deadline:
+            pipe = network.redis.pipeline(transaction=False)
+            order = list(pending)
+            for worker_id in order:
+                pipe.exists(network.keys.heartbeat(worker_id))
+            ended = self.gone({w: hashes[w] for w in order})
+            pending = {w for w, beat in zip(order, pipe.execute()) if beat and w not in ended}
+            if pending:
+                time.sleep(0.05)
+        for kind, handles in self._grouped({w: hashes[w] for w in killed}).items():
+            force = [h for h in handles if h.worker_id in pending or kind.always_force_kill]
+            if force:
+                kind.kill_all(force)
+                self._record_kill(kind, force)
+        logger.info("killed %d worker(s) of network %s", len(killed), network.network)
+        return killed
+
+    def _record_kill(self, kind: type[Handle], handles: Sequence[Handle]) -> None:
+        if kind.kill_record:
+            pipe = self.network.redis.pipeline(transaction=False)
+            for handle in handles:
+                pipe.hset(self.network.keys.worker(handle.worker_id), kind.kill_record, _now())
+            pipe.execute()
+
+    # -- reaping -----------------------------------------------------------------------------
+    def reap(self, timeout: float = 0.0) -> None:
+        """Collect exited local children (waiting up to ``timeout`` in all); the rest run on."""
+        deadline = time.monotonic() + timeout
+        for handle in list(self.handles.values()):
+            handle.reap(max(0.0, deadline - time.monotonic()))
+
+    def forget(self) -> None:
+        """Drop every handle (after reset: the workers are gone or no longer ours to watch)."""
+        self.handles.clear()
