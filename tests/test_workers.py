@@ -8,16 +8,19 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import cloudpickle
+import numpy as np
 import pytest
 
 import rush_hpc
 from rush_hpc import PayloadError, RushTimeoutError, WorkerStartError
 from rush_hpc.examples import branin
+from rush_hpc.states import WorkerState
 
-from conftest import wait_until
+from conftest import SECRET, wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests are not importable on workers
 
@@ -194,6 +197,9 @@ def test_worker_that_never_registers_is_reported_with_its_stderr(rush, tmp_path)
     with pytest.raises(WorkerStartError, match="(?s)exited with code 3 before registering.*libpython3"):
         rush.wait_for_workers(1, timeout=30)
     assert rush.worker_info["state"].tolist() == ["failed"]
+    # the output is shown, never copied into Redis: the stored reason stays short
+    assert rush.worker_info["reason"].tolist() == [f"process {rush.worker_info['pid'][0]} exited with code 3 "
+                                                   "before registering"]
 
 
 def test_wait_for_workers_timeout_lists_the_missing(rush):
@@ -281,3 +287,127 @@ def test_workers_without_heartbeat_still_terminate_and_are_found_lost_by_process
     wait_until(lambda: rush.worker_ids(state="terminated") == ids[:1], 10, what="terminated")
     os.kill(int(rush.worker_info.set_index("worker_id").loc[ids[1], "pid"]), signal.SIGKILL)
     assert wait_until(rush.detect_lost_workers, 5, what="lost") == ids[1:]
+
+
+def test_dry_run_script_has_no_secrets(rush):
+    script = rush.sbatch_script(n_workers=8, partition="debug")
+    assert "#SBATCH --array=0-7" in script and SECRET.decode() not in script
+    assert "RUSH_HPC_CREDENTIALS=" in script
+
+
+def test_a_refused_start_leaves_no_worker_record(rush, tmp_path):
+    with pytest.raises(rush_hpc.LaunchError, match="no-such-sbatch"):
+        rush.start_sbatch_workers(wl_until_terminated, n_workers=2, log_dir=str(tmp_path),
+                                  sbatch=str(tmp_path / "no-such-sbatch"))
+    with pytest.raises(rush_hpc.ConfigError, match="extra_directives"):
+        rush.start_sbatch_workers(wl_until_terminated, log_dir=str(tmp_path), extra_directives={"x\ny": 1})
+    assert rush.worker_ids == [] and rush.worker_ids(state="launched") == [] and rush.worker_info.empty
+
+
+def test_worker_ids_is_a_list_and_filters_by_state(rush):
+    ids = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=np.int64(2), **FAST)
+    rush.wait_for_workers(worker_ids=ids, timeout=30)
+    assert rush.worker_ids == sorted(ids) and isinstance(rush.worker_ids, list)
+    assert rush.worker_ids(state="running") == sorted(ids) == rush.worker_ids_in("running", "lost")
+    assert rush.worker_ids(state=[WorkerState.TERMINATED]) == [] and rush.worker_ids() == sorted(ids)
+    rush.stop_workers(type="terminate")
+    wait_until(lambda: rush.worker_ids(state="terminated") == sorted(ids), 10, what="terminated")
+
+
+def test_private_log_dir_is_removed_by_reset_and_close(redis_config, network):
+    first = rush_hpc.rsh(network=network, config=redis_config, secret=SECRET)
+    first.start_local_workers(worker_loop=wl_until_terminated, n_workers=1, **FAST)
+    directory = first._log_dir
+    assert directory is not None and (directory / "credentials.json").exists()
+    first.wait_for_workers(1, timeout=30)
+    first.reset()
+    assert not directory.exists()
+    ids = first.start_local_workers(worker_loop=wl_until_terminated, n_workers=1, **FAST)
+    directory = first._log_dir
+    first.wait_for_workers(1, timeout=30)
+    first.close()  # a worker still runs: it keeps its directory
+    assert directory is not None and directory.exists()
+    second = rush_hpc.rsh(network=network, config=redis_config, secret=SECRET)
+    second.stop_workers(type="terminate")
+    wait_until(lambda: second.worker_ids(state="terminated") == ids, 10, what="terminated")
+    third = rush_hpc.rsh(network=network, config=redis_config, secret=SECRET)
+    third.start_local_workers(worker_loop=wl_until_terminated, n_workers=1, **FAST)
+    third_dir = third._log_dir
+    third.wait_for_workers(worker_ids=third.worker_ids(state=["running", "launched"]), timeout=30)
+    third.stop_workers(type="terminate")
+    wait_until(lambda: not third.worker_ids(state="running"), 10, what="terminated")
+    third.close()
+    assert third_dir is not None and not third_dir.exists()
+    second.reset()
+    second.close()
+    import shutil
+
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_starting_after_close_is_refused(redis_config, network):
+    controller = rush_hpc.rsh(network=network, config=redis_config, secret=SECRET)
+    controller.close()
+    with pytest.raises(rush_hpc.RushError, match="is closed"):
+        controller.start_local_workers(worker_loop=wl_until_terminated)
+
+
+def test_local_workers_import_modules_next_to_the_controllers_script(redis_config, network, tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mylib.py").write_text("def double(x):\n    return 2 * x\n")
+    (tmp_path / "sub" / "script.py").write_text(textwrap.dedent("""
+        import sys, time
+        import rush_hpc
+        from mylib import double
+
+        def loop(rush):
+            import mylib
+            rush.push_results(rush.push_running_tasks([{"x": 21}]), [{"y": mylib.double(21)}])
+
+        rush = rush_hpc.rsh(network=sys.argv[1], url=sys.argv[2], secret=sys.argv[3])
+        rush.start_local_workers(loop, n_workers=1, heartbeat_period=None)
+        deadline = time.monotonic() + 30
+        while rush.n_finished_tasks < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print("y =", rush.fetch_finished_tasks()["y"].tolist(), double(1))
+        rush.reset()
+        rush.close()
+    """))
+    result = subprocess.run([sys.executable, "sub/script.py", network, redis_config.to_url(show_secrets=True),
+                             SECRET.decode()], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert "y = [42] 2" in result.stdout, result.stderr
+
+
+def test_a_redis_writer_cannot_make_a_second_controller_kill_read_or_cancel(rush, redis_config, network, tmp_path):
+    """Worker hashes forged by someone who can write Redis: pids of other processes (and pid 1),
+    a job id that is an scancel option, a host we never used, paths of secret files."""
+    import socket
+
+    from rush_hpc.states import set_worker_state
+
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    secret_file = tmp_path / "credentials.json"
+    secret_file.write_text("hunter2-the-redis-password")
+    host = socket.gethostname()
+    forged = {
+        "a" * 32: {"launcher": "local", "host": host, "pid": str(victim.pid), "stderr": str(secret_file),
+                   "stdout": str(secret_file)},
+        "b" * 32: {"launcher": "local", "host": host, "pid": "1"},
+        "c" * 32: {"launcher": "sbatch", "job_id": "--user=root", "stderr": str(secret_file)},
+        "d" * 32: {"launcher": "ssh", "host": "root@attacker.example", "pid": "4242", "stdout": "/etc/shadow"},
+    }
+    try:
+        for worker_id, info in forged.items():
+            set_worker_state(rush, worker_id, "launched", **info)
+        second = rush_hpc.rsh(network=network, config=redis_config, secret=SECRET)
+        with pytest.raises(WorkerStartError) as error:
+            second.wait_for_workers(worker_ids=list(forged), timeout=1)
+        assert "hunter2" not in str(error.value) and f"process {victim.pid} is gone" in str(error.value)
+        second.stop_workers(type="kill", kill_grace=0.2)
+        second.detect_lost_workers()
+        assert victim.poll() is None  # never signalled
+        assert "hunter2" not in str(rush.worker_info.to_dict())
+        second.close()
+    finally:
+        victim.kill()
+        victim.wait()

@@ -229,7 +229,7 @@ _REGISTRY: dict[str, str | type[Handle]] = {
     "local": "local:LocalHandle",
     "ssh": "ssh:SshHandle",
     "slurm": "slurm:SlurmHandle",
-    "sbatch": "slurm:SlurmHandle",
+    "sbatch": "slurm:SbatchHandle",
 }
 
 
