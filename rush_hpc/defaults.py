@@ -23,7 +23,8 @@ SLURM_TIME = "01:00:00"
 SLURM_JOB_NAME = "rush-worker"
 #: Seconds a sacct answer is reused for the same job ids (lost-worker checks poll often).
 SACCT_CACHE_S = 1.0
-#: Seconds between two squeue checks of pending jobs while waiting for workers.
+#: Seconds between two squeue checks of pending jobs while waiting for workers (a reason that will
+#: not clear is reported once two checks in a row agree on it).
 SQUEUE_INTERVAL_S = 2.0
 
 #: Seconds ``stop_workers(type="kill")`` waits for workers to answer the kill message before

@@ -47,6 +47,7 @@ class Supervisor:
         self._monitor: threading.Thread | None = None
         self._monitor_stop = threading.Event()
         self._squeue_checked = 0.0
+        self._problems_seen: dict[str, str] = {}
 
     # -- what Redis says ---------------------------------------------------------------------
     def worker_hashes(self, worker_ids: Iterable[str] | None = None) -> dict[str, dict[str, str]]:
@@ -140,10 +141,14 @@ class Supervisor:
         if not launched or now - self._squeue_checked < defaults.SQUEUE_INTERVAL_S:
             return {}
         self._squeue_checked = now
-        problems: dict[str, str] = {}
+        seen: dict[str, str] = {}
         for kind, handles in self._grouped(launched).items():
-            problems.update(kind.start_problems(handles))
-        return problems
+            seen.update(kind.start_problems(handles))
+        # only what two checks in a row agree on: right after a submission SLURM shows a passing
+        # reason (PartitionConfig for a job whose real problem is PartitionTimeLimit)
+        confirmed = {w: p for w, p in seen.items() if self._problems_seen.get(w) == p}
+        self._problems_seen = seen
+        return confirmed
 
     def start_failures(self, waiting: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
         """Workers that failed or exited before registering: ``{worker_id: reason + output}``.
