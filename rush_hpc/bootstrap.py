@@ -17,8 +17,8 @@ from typing import Any
 
 from .config import RedisConfig
 from .credentials import CREDENTIALS_ENV, read_credentials, resolve_secret
-from .exceptions import ConfigError, RushError
-from .heartbeat import Heartbeat
+from .exceptions import ConfigError, RushError, WorkerNotRunningError
+from .heartbeat import first_beat, start_heartbeat
 from .logs import RedisLogHandler
 from .payload import load_meta, load_payload
 from .worker import RushWorker
@@ -50,29 +50,30 @@ def _credentials() -> tuple[RedisConfig, bytes | None]:
 
 
 def _record_failure(rush: RushWorker, stage: str, error: BaseException) -> None:
+    """The worker failed: record why, and release its tasks, in one step."""
     message = f"{stage}: {type(error).__name__}: {error}"
     trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     print(f"rush-hpc worker {rush.worker_id}: {message}", file=sys.stderr, flush=True)
     try:
-        rush.set_state("failed", ("", "launched", "running"), reason=message,
-                       traceback=trace, ended_at=f"{time.time():.3f}")
+        _end(rush, "failed", ("", "launched", "running"), f"worker {rush.worker_id} failed: {message}",
+             reason=message, traceback=trace)
         logger.error("worker %s failed: %s\n%s", rush.worker_id, message, trace)
     except Exception as redis_error:  # noqa: BLE001 - best effort, Redis may be the problem
         print(f"rush-hpc worker {rush.worker_id}: could not record the failure in Redis: {redis_error}",
               file=sys.stderr, flush=True)
 
 
-def _release_running_tasks(rush: RushWorker, reason: str) -> None:
-    """Nothing stays running when a worker ends: requeue (retries left) or fail its tasks."""
-    failed, requeued = rush.release_worker_tasks(rush.worker_id, reason)
-    if failed or requeued:
+def _end(rush: RushWorker, state: str, allowed: tuple[str, ...], message: str, **fields: str) -> None:
+    """End the worker and hand back its running tasks and priority queue in ONE atomic step."""
+    ended = rush.end_worker(rush.worker_id, state, allowed, message, ended_at=f"{time.time():.3f}", **fields)
+    if ended and (ended[1] or ended[2]):
         logger.warning("worker %s ended with %d running task(s) (%d failed, %d requeued): %s",
-                       rush.worker_id, len(failed) + len(requeued), len(failed), len(requeued), reason)
+                       rush.worker_id, len(ended[1]) + len(ended[2]), len(ended[1]), len(ended[2]), message)
 
 
 def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,
                secret: bytes | None = None, *, in_process: bool = False) -> int:
-    """Run one worker to its end; returns the process exit code (0 terminated, 1 failed)."""
+    """Run one worker to its end; returns the process exit code (0 terminated, 1 failed, 3 refused)."""
     if config is None:
         config, secret = _credentials()
     rush = RushWorker(network, config=config, worker_id=worker_id, secret=secret)
@@ -83,37 +84,49 @@ def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,
         settings = meta.get("settings", {})
         level = logging.getLevelName(str(settings.get("log_level", "INFO")).upper())
         handler = RedisLogHandler(rush.redis, rush.keys.log, worker_id, level=level)
+        retry = rush._retry
+        handler.addFilter(lambda record: not retry.in_outage)  # stderr only while Redis is down
         root.addHandler(handler)
         if root.level > level or root.level == logging.NOTSET:
             root.setLevel(level)
         loop, _ = load_payload(rush, meta)
+        outage_timeout = float(settings.get("redis_outage_timeout") or config.outage_timeout)
+        rush.set_outage_timeout(outage_timeout)
+        period = settings.get("heartbeat_period")
+        expire = settings.get("heartbeat_expire")
+        if not in_process:
+            for signum in GRACEFUL_SIGNALS:
+                signal.signal(signum, lambda signum, frame: _on_signal(rush, signum))
+        if period:
+            first_beat(rush, expire)  # the key exists before the worker counts as running
+        rush.register(**_launch_context(), heartbeat_period=period, heartbeat_expire=expire)
+    except WorkerNotRunningError as error:  # killed (or reset) before it could register
+        print(f"rush-hpc worker {worker_id}: {error}", file=sys.stderr, flush=True)
+        if handler:
+            root.removeHandler(handler)
+        rush.close()
+        return 3
     except BaseException as error:  # noqa: BLE001 - every bootstrap error goes to Redis
         _record_failure(rush, "worker bootstrap failed", error)
         if handler:
             root.removeHandler(handler)
+        rush.close()
         return 1
 
-    period = settings.get("heartbeat_period")
-    expire = settings.get("heartbeat_expire")
-    heartbeat = Heartbeat(rush, period, expire) if period else None
-    if not in_process:
-        for signum in GRACEFUL_SIGNALS:
-            signal.signal(signum, lambda signum, frame: _on_signal(rush, signum))
-    if heartbeat:
-        heartbeat.beat()  # the key exists before the worker counts as running: never "lost" at birth
-    rush.register(**_launch_context(), heartbeat_period=period, heartbeat_expire=expire)
-    if heartbeat:
-        heartbeat.start()
+    heartbeat = None
+    if period:
+        heartbeat = start_heartbeat(rush, period, expire, outage_timeout, in_process=in_process)
         rush._heartbeat = heartbeat
     code = 0
     try:
         loop(rush)
-        rush.set_state("terminated", ("running",), ended_at=f"{time.time():.3f}")
+        _end(rush, "terminated", ("running",), f"worker {worker_id} terminated while the task was running")
         logger.info("worker %s terminated", worker_id)
-        _release_running_tasks(rush, f"worker {worker_id} terminated while the task was running")
+    except WorkerNotRunningError as error:
+        logger.warning("%s", error)  # the controller ended it and released its tasks already
+        code = 3
     except BaseException as error:  # noqa: BLE001
         _record_failure(rush, "worker loop raised", error)
-        _release_running_tasks(rush, f"worker {worker_id} failed: {type(error).__name__}: {error}")
         code = 1
     finally:
         if heartbeat:

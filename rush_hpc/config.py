@@ -39,6 +39,8 @@ class RedisConfig:
     ssl_cert_reqs: str = "required"
     socket_timeout: float | None = 60.0
     socket_connect_timeout: float = 5.0
+    #: how long every client retries through a Redis outage (restart, network blip) before giving up
+    outage_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 < self.port < 65536:
@@ -122,11 +124,12 @@ class RedisConfig:
 
     # -- connecting --------------------------------------------------------------------------
     def client(self, *, socket_timeout: float | None | str = "default", decode_responses: bool = False,
-               retries: int = 6):
-        """A redis-py client that retries transient errors with exponential backoff."""
+               outage_timeout: float | None = None):
+        """A redis-py client that retries transient errors with backoff for up to ``outage_timeout``
+        seconds (default: the config's), so that a Redis restart does not end a worker."""
         import redis
-        from redis.backoff import ExponentialBackoff
-        from redis.retry import Retry
+
+        from .outage import OutageRetry
 
         kwargs: dict[str, Any] = {}
         if self.ssl:
@@ -137,8 +140,9 @@ class RedisConfig:
             password=self.password,
             socket_timeout=self.socket_timeout if isinstance(socket_timeout, str) else socket_timeout,
             socket_connect_timeout=self.socket_connect_timeout,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=retries),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            retry=OutageRetry(self.outage_timeout if outage_timeout is None else outage_timeout,
+                              label=f"Redis at {self}"),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.ResponseError],
             health_check_interval=30, decode_responses=decode_responses, **kwargs,
         )
 

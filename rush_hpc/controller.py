@@ -6,10 +6,12 @@ Watching, waiting for, finding lost, killing and reaping workers is the supervis
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +24,6 @@ from . import heartbeat as heartbeat_settings
 from .config import RedisConfig, resolve_config
 from .credentials import CREDENTIALS_ENV, credentials_blob, resolve_secret, write_credentials
 from .exceptions import ConfigError, LaunchError, RushError
-from .frames import FrameBuffer
 from .launchers.base import Handle, Launcher, WorkerCommand
 from .launchers.local import LocalLauncher
 from .logs import read_log
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 logger = logging.getLogger(__name__)
+
+#: workers of an embedded Redis give up quickly: it is only gone when its controller is
+EMBEDDED_OUTAGE_TIMEOUT = 5.0
 
 
 class WorkerIds(list[str]):
@@ -338,9 +342,21 @@ class Rush(RushNetwork):
         """
         return self._supervisor.detect_lost_workers()
 
+    def _watch_workers(self) -> bool:
+        """Hook of the waits (``wait_for_tasks``): detect lost workers; True when tasks were released."""
+        return bool(self.detect_lost_workers()) or self._supervisor.released_by_sweep > 0
+
     def start_monitor(self, interval: float = defaults.MONITOR_INTERVAL) -> None:
         """Run ``detect_lost_workers()`` every ``interval`` seconds in a background thread."""
         self._supervisor.start_monitor(interval)
+
+    def stop_monitor(self) -> None:
+        """Stop the background lost-worker checks of ``start_monitor``."""
+        self._supervisor.stop_monitor()
+
+    @property
+    def _monitor_stop(self) -> threading.Event:  # kept for callers of the old attribute
+        return self._supervisor._monitor_stop
 
     def stop_workers(self, type: str = "terminate", worker_ids: Sequence[str] | None = None,
                      kill_grace: float = defaults.KILL_GRACE) -> None:
@@ -349,11 +365,19 @@ class Rush(RushNetwork):
         """
         if type not in ("terminate", "kill"):
             raise ConfigError(f"type must be 'terminate' or 'kill', got {type!r}")
-        ids = list(worker_ids) if worker_ids is not None else self._supervisor.worker_ids(*ACTIVE)
-        if type == "terminate":
+        if not self.redis.exists(self.keys.workers):
+            raise ConfigError(f"network {self.network!r} has no workers in Redis at {self.config} "
+                              "(a typo in the network name, or was it reset?)")
+        if worker_ids is not None:
+            worker_ids = list(worker_ids)
+            known = self.redis.smismember(self.keys.workers, worker_ids) if worker_ids else []
+            unknown = [w for w, k in zip(worker_ids, known) if not k]
+            if unknown:
+                raise ConfigError(f"unknown worker id(s) in network {self.network!r}: {unknown[:5]}; "
+                                  "see rush.worker_info (or `rush-hpc workers`)")
+        ids = worker_ids if worker_ids is not None else self._supervisor.worker_ids(*ACTIVE)
+        if type == "terminate":  # to each worker alive now: workers started later are not affected
             pipe = self.redis.pipeline(transaction=False)
-            if worker_ids is None:
-                pipe.set(self.keys.terminate, "1")
             for worker_id in ids:
                 pipe.rpush(self.keys.control(worker_id), "terminate")
             pipe.execute()
@@ -386,7 +410,7 @@ class Rush(RushNetwork):
                 batch = []
         if batch:
             deleted += self.redis.unlink(*batch)
-        self._finished, self._new_tasks_index = FrameBuffer(), 0
+        self._clear_task_cache()
         self._supervisor.reap(timeout=5.0)
         if type == "kill":  # every worker we started is gone (killed, reaped, its job cancelled)
             self._remove_log_dir(set())
@@ -459,17 +483,25 @@ def _float_or_none(value: Any) -> float | None:
 
 
 def rsh(network: str | None = None, url: str | None = None, *, config: RedisConfig | None = None,
-        secret: str | bytes | None = None) -> Rush:
+        secret: str | bytes | None = None, redis_outage_timeout: float | None = None) -> Rush:
     """Connect to (or create) network ``network`` and return its controller.
 
     Redis: ``config``, else ``url``, else ``RUSH_HPC_URL``/``REDIS_URL``, else an embedded
     redis-server started for this controller on 127.0.0.1 with a generated password.
+
+    ``redis_outage_timeout``: how long the controller and its workers retry through a Redis outage
+    (a restart, a network blip) before giving up; default 60 s (5 s with the embedded Redis, which
+    is only gone when this controller is).
     """
     resolved = resolve_config(url, config)
     embedded = None
     if resolved is None:
         embedded = EmbeddedRedis()
-        resolved = embedded.config
+        resolved = dataclasses.replace(embedded.config, outage_timeout=EMBEDDED_OUTAGE_TIMEOUT)
+    if redis_outage_timeout is not None:
+        if not redis_outage_timeout >= 0:
+            raise ConfigError(f"redis_outage_timeout must be >= 0 seconds, got {redis_outage_timeout!r}")
+        resolved = dataclasses.replace(resolved, outage_timeout=float(redis_outage_timeout))
     try:
         return Rush(network or uuid.uuid4().hex, resolved, resolve_secret(secret), embedded)
     except BaseException:

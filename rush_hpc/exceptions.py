@@ -13,7 +13,10 @@ The hierarchy::
     │   ├── SignatureError          a pickled value without a valid HMAC signature: refused, never unpickled
     │   └── EnvironmentMismatchError  the worker's Python / cloudpickle / rush-hpc differ from the controller's
     ├── WorkerError                 a worker failed to start or misbehaved
-    │   └── WorkerStartError        workers that exited or failed before registering (with their stderr tail)
+    │   ├── WorkerStartError        workers that exited or failed before registering (with their stderr tail)
+    │   ├── WorkerNotRunningError   a worker that is no longer "running" (lost, killed, ended, reset) tried to
+    │   │                           change a task: refused in Redis; its loop ends
+    │   └── NoWorkersError          a wait for tasks that cannot end: no worker is alive or starting
     ├── LaunchError                 a launcher could not start some workers (per host / per job reasons)
     │   └── CommandError            an external command (sbatch, ssh, ...) exited non-zero
     └── RushTimeoutError            a wait ran out of time (named so that it does not shadow ``TimeoutError``)
@@ -76,6 +79,20 @@ class WorkerStartError(WorkerError):
     def __init__(self, message: str, failures: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.failures = failures or {}
+
+
+class WorkerNotRunningError(WorkerError):
+    """This worker may no longer change tasks: the controller declared it lost or killed, it ended,
+    or its network was reset. Raised by every task call; it ends the worker loop."""
+
+    def __init__(self, worker_id: str, state: str) -> None:
+        super().__init__(f"worker {worker_id} is {state}, not running: Redis refused the task change "
+                         "(its tasks were released to other workers); the worker stops")
+        self.worker_id, self.state = worker_id, state
+
+
+class NoWorkersError(WorkerError):
+    """Waiting for tasks that no worker is alive to run."""
 
 
 class LaunchError(RushError):

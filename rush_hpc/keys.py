@@ -21,7 +21,8 @@ rush:{N}:workers:<state>            set     launched / running / terminated / ki
 rush:{N}:worker:<id>                hash    pid, hostname, launcher, host, job_id, python, state, reason, ...
 rush:{N}:worker:<id>:heartbeat      string  refreshed by the worker, expires when it stops beating
 rush:{N}:worker:<id>:control        list    "terminate" / "kill" messages for that worker
-rush:{N}:terminate                  string  set by stop_workers(): every worker of the network terminates
+rush:{N}:worker:<id>:tasks          set     ids of the running tasks this worker holds (ownership)
+rush:{N}:worker:<id>:pop            string  "<request id> <task id>" of its last pop (a re-sent pop repeats it)
 rush:{N}:log                        list    worker log records (JSON), capped
 rush:{N}:payload                    string  the signed, pickled worker loop + globals
 rush:{N}:payload:meta               string  JSON: environment fingerprint, size, spill path
@@ -57,7 +58,6 @@ class NetworkKeys:
         self.finished = self.prefix + "tasks:finished"
         self.failed = self.prefix + "tasks:failed"
         self.workers = self.prefix + "workers"
-        self.terminate = self.prefix + "terminate"
         self.log = self.prefix + "log"
         self.payload = self.prefix + "payload"
         self.payload_meta = self.prefix + "payload:meta"
@@ -80,3 +80,9 @@ class NetworkKeys:
 
     def control(self, worker_id: str) -> str:
         return self.worker_prefix + worker_id + ":control"
+
+    def held_tasks(self, worker_id: str) -> str:
+        return self.worker_prefix + worker_id + ":tasks"
+
+    def last_pop(self, worker_id: str) -> str:
+        return self.worker_prefix + worker_id + ":pop"

@@ -13,8 +13,8 @@ import redis
 from . import lua
 from .codec import Codec
 from .config import RedisConfig
-from .exceptions import (RedisAuthError, RedisUnavailableError, RushTimeoutError, TaskError,
-                         UnknownTaskError)
+from .exceptions import (NoWorkersError, RedisAuthError, RedisUnavailableError, RushTimeoutError,
+                         TaskError, UnknownTaskError, WorkerNotRunningError)
 from .frames import FrameBuffer, rows_to_frame
 from .keys import TASK_STATES, NetworkKeys
 
@@ -24,12 +24,44 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _ROW_FIELDS = ("xs", "ys", "xs_extra", "ys_extra", "condition")
+#: task ids per FETCH_ROWS call: a few ms of Redis time each, so other clients are never held up
+FETCH_CHUNK = 2000
+#: finished rows per LRANGE of the (ready-made JSON) finished list
+FINISHED_CHUNK = 20000
+
+
+def parse_rows(raw: Sequence[bytes], width: int, what: str, *, allow_longer: bool = False
+               ) -> list[list[Any] | None]:
+    """JSON rows as lists: one ``json.loads`` for all (fast); one by one when that fails, so that a
+    malformed row (non-UTF-8, bad JSON, too deep, wrong length) is reported and left out (None)."""
+    if not raw:
+        return []
+    try:
+        records = json.loads(b"[" + b",".join(raw) + b"]")
+        if all(type(r) is list and (len(r) == width or (allow_longer and len(r) == width + 1)) for r in records):
+            return records
+    except (ValueError, RecursionError):
+        pass
+    parsed: list[list[Any] | None] = []
+    for item in raw:
+        try:
+            record = json.loads(item.decode("utf-8", "replace"))
+            if type(record) is not list or not (len(record) == width or (allow_longer and len(record) == width + 1)):
+                raise ValueError(f"expected {width} fields")
+            if not isinstance(record[0], str):
+                raise ValueError("the task id is not a string")
+        except (ValueError, RecursionError) as error:
+            logger.warning("skipping a malformed row of %s (%s): %.200r", what, error, item)
+            parsed.append(None)
+            continue
+        parsed.append(record)
+    return parsed
 
 
 def connect(config: RedisConfig, **client_options: Any) -> redis.Redis:
     """A checked client: wrong password or unreachable Redis become clear ``RushError``s."""
     client = config.client(**client_options)
-    probe = config.client(retries=0)  # fail fast and clearly on a wrong password or address
+    probe = config.client(outage_timeout=0)  # fail fast and clearly on a wrong password or address
     try:
         probe.ping()
     except redis.AuthenticationError as error:
@@ -93,38 +125,59 @@ class RushNetwork:
         self.codec = Codec(secret)
         self.redis = connect(config)
         self._scripts = {name: self.redis.register_script(getattr(lua, name)) for name in (
-            "FINISH_TASKS", "FAIL_TASKS", "POP_TASK", "RELEASE_WORKER_TASKS", "SET_WORKER_STATE",
-            "FETCH_ROWS")}
+            "CREATE_TASKS", "FINISH_TASKS", "FAIL_TASKS", "POP_TASK", "END_WORKER", "SWEEP_ORPHANED_TASKS",
+            "SET_WORKER_STATE", "FETCH_ROWS")}
+        #: the worker whose task calls are fenced in Redis (None: a controller, not fenced)
+        self._fence_id: str | None = None
         self._finished = FrameBuffer()
+        self._finished_position = 0  # rows of the finished list read so far (bad rows included)
         self._new_tasks_index = 0
+
+    def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run one of the Lua scripts; a refused fence becomes ``WorkerNotRunningError``."""
+        try:
+            return self._scripts[name](keys=keys, args=args)
+        except redis.ResponseError as error:
+            message = str(error)
+            if "RUSH_NOT_RUNNING" in message:
+                detail = message.split("RUSH_NOT_RUNNING", 1)[1].split()
+                state = detail[0] if detail else "gone"
+                self._on_refused(state)
+                raise WorkerNotRunningError(self._fence_id or "?", state) from None
+            raise
+
+    @property
+    def _retry(self) -> Any:
+        """The client's ``OutageRetry`` (shared by its connections)."""
+        return self.redis.get_connection_kwargs().get("retry")
+
+    def set_outage_timeout(self, seconds: float) -> None:
+        """How long this client's calls retry through a Redis outage before they raise."""
+        self._retry.outage_timeout = float(seconds)
+
+    def _on_refused(self, state: str) -> None:
+        """Hook: a worker learns here that Redis refused it (RushWorker stops its loop)."""
 
     # -- creating tasks -----------------------------------------------------------------------
     def _create_tasks(self, xss: Sequence[Mapping[str, Any]], extra: Any, *, state: str,
-                      worker_id: str | None = None, max_retries: int = 0,
-                      queue: str | None = None) -> list[str]:
+                      max_retries: int = 0, queue: str | None = None) -> list[str]:
+        """Create tasks in one script call. Ids are made here, so a call that redis-py re-sends after
+        a lost reply finds them and creates nothing twice. A worker's call is fenced (it must be running)."""
         xss = _as_list_of_dicts(xss, "xss")
         extras = _extras(extra, len(xss))
         if not isinstance(max_retries, int) or max_retries < 0:
             raise TaskError(f"max_retries must be a non-negative integer, got {max_retries!r}")
+        if not xss:
+            return []
         ids = [uuid.uuid4().hex for _ in xss]
         encode = self.codec.encode
-        pipe = self.redis.pipeline(transaction=True)
+        fence = self._fence_id or ""
+        args: list[Any] = [self.keys.task_prefix, state, fence, max_retries or ""]
         for task_id, xs, xs_extra in zip(ids, xss, extras):
-            fields: dict[str, bytes | str | int] = {"xs": encode(xs), "state": state}
-            if xs_extra:
-                fields["xs_extra"] = encode(xs_extra)
-            if worker_id is not None:
-                fields["worker_id"] = worker_id
-            if max_retries:
-                fields["max_retries"] = max_retries
-            pipe.hset(self.keys.task(task_id), mapping=fields)  # type: ignore[arg-type]  # invariant key type
-        if ids:
-            pipe.rpush(self.keys.all_tasks, *ids)
-            if state == "running":
-                pipe.sadd(self.keys.running, *ids)
-            else:
-                pipe.rpush(queue or self.keys.queued, *ids)
-            pipe.execute()
+            args += [task_id, encode(xs), encode(xs_extra) if xs_extra else b""]
+        target = self.keys.running if state == "running" else (queue or self.keys.queued)
+        self._script("CREATE_TASKS", [self.keys.all_tasks, target, self.keys.worker(fence),
+                                      self.keys.held_tasks(fence)], args)
         return ids
 
     def push_tasks(self, xss: Sequence[Mapping[str, Any]], extra: Any = None, *,
@@ -208,71 +261,104 @@ class RushNetwork:
                 "finished": finished, "failed": failed, "total": total}
 
     # -- fetching ------------------------------------------------------------------------------
-    def _fetch_rows(self, collection: str, kind: str, start: int = 0, stop: int = -1,
-                    states: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """Rows (one dict per task) of a list range or a set, read in one FETCH_ROWS call.
+    def _fetch_rows(self, collection: str, kind: str, states: Sequence[str] | None = None
+                    ) -> list[dict[str, Any]]:
+        """Rows (one dict per task) of a list or a set, read in chunks of ``FETCH_CHUNK`` ids.
 
-        JSON values arrive inlined in one JSON document; signed pickles are read separately and
-        verified before they are unpickled.
+        Each chunk is one FETCH_ROWS call, so Redis is never blocked for long; the state filter runs
+        in Redis. JSON values arrive inlined; signed pickles are read separately and verified before
+        they are unpickled. A row that cannot be decoded is reported (with its key) and skipped.
         """
-        text, refs = self._scripts["FETCH_ROWS"](
-            keys=[collection], args=[kind, start, stop, self.keys.task_prefix])
-        records = json.loads(text)
-        if refs:
-            self._resolve_refs(records, refs)
-        rows = []
-        for task_id, xs, ys, xs_extra, ys_extra, condition, worker_id, state in records:
-            if states is not None and state not in states:
-                continue
-            row: dict[str, Any] = {}
-            for values in (xs, ys, xs_extra, ys_extra, condition):
-                if values:
-                    row.update(values)
-            row["worker_id"] = worker_id
-            if states is not None:
-                row["state"] = state
-            row["keys"] = task_id
-            rows.append(row)
-        return rows
+        rows: list[dict[str, Any]] = []
+        position: Any = 0
+        state_filter = ",".join(states) if states is not None else ""
+        while True:
+            raw, refs, position = self._scripts["FETCH_ROWS"](
+                keys=[collection], args=[kind, position, FETCH_CHUNK, self.keys.task_prefix, state_filter])
+            records = parse_rows(raw, 8, f"tasks of {collection}")
+            if refs:
+                self._resolve_refs(records, refs)
+            for record in records:
+                if record is None:
+                    continue
+                task_id, xs, ys, xs_extra, ys_extra, condition, worker_id, state = record
+                row: dict[str, Any] = {}
+                for values in (xs, ys, xs_extra, ys_extra, condition):
+                    if isinstance(values, dict):
+                        row.update(values)
+                row["worker_id"] = worker_id
+                if states is not None:
+                    row["state"] = state
+                row["keys"] = task_id
+                rows.append(row)
+            if position in (b"0", "0", 0):
+                return rows
 
-    def _resolve_refs(self, records: list[list[Any]], refs: list[Any]) -> None:
+    def _resolve_refs(self, records: list[list[Any] | None], refs: list[Any]) -> None:
         pairs = [(int(refs[i]), int(refs[i + 1])) for i in range(0, len(refs), 2)]
+        pairs = [(row, index) for row, index in pairs if records[row] is not None]
         pipe = self.redis.pipeline(transaction=False)
         for row, index in pairs:
-            pipe.hget(self.keys.task(records[row][0]), _ROW_FIELDS[index - 1])
+            pipe.hget(self.keys.task(records[row][0]), _ROW_FIELDS[index - 1])  # type: ignore[index]
         for (row, index), blob in zip(pairs, pipe.execute()):
-            records[row][index] = self.codec.decode(blob, f"task {records[row][0]} {_ROW_FIELDS[index - 1]}")
+            record = records[row]
+            if record is None:
+                continue
+            try:
+                record[index] = self.codec.decode(blob, f"task {record[0]} {_ROW_FIELDS[index - 1]}")
+            except Exception as error:  # noqa: BLE001 - one bad value must not break the rest
+                logger.warning("skipping task %s: its %s cannot be decoded: %s", record[0],
+                               _ROW_FIELDS[index - 1], error)
+                records[row] = None
 
     def fetch_finished_tasks(self) -> pd.DataFrame:
         """Finished tasks (xs, ys and extra columns, worker_id, keys) in the order they finished.
 
         Incremental: only tasks finished since the last call are read from Redis (the finished
-        list holds ready-made JSON rows: one LRANGE, one json.loads); the rest comes from a cache
-        whose frame is a view (pandas copy-on-write keeps your changes out of it).
+        list holds ready-made JSON rows: LRANGE in chunks, one json.loads per chunk); the rest comes
+        from a cache whose frame is a view (pandas copy-on-write keeps your changes out of it).
+        A row that cannot be decoded is reported and skipped, once.
         """
-        raw = cast(list[bytes], self.redis.lrange(self.keys.finished, self._finished.n, -1))
-        if raw:
-            records = json.loads(b"[" + b",".join(raw) + b"]")
+        while True:
+            raw = cast(list[bytes], self.redis.lrange(self.keys.finished, self._finished_position,
+                                                      self._finished_position + FINISHED_CHUNK - 1))
+            if not raw:
+                break
+            self._finished_position += len(raw)
             rows = []
-            for record in records:
-                if len(record) == 7:  # signed pickles: read and verify them one by one
-                    self._resolve_pickled(record)
+            for record in parse_rows(raw, 6, "finished tasks", allow_longer=True):
+                if record is None:
+                    continue
+                if len(record) == 7 and not self._resolve_pickled(record):
+                    continue
                 task_id, xs, ys, xs_extra, ys_extra, worker_id = record[:6]
                 row: dict[str, Any] = {}
                 for values in (xs, ys, xs_extra, ys_extra):
-                    if values:
+                    if isinstance(values, dict):
                         row.update(values)
                 row["worker_id"] = worker_id
                 row["keys"] = task_id
                 rows.append(row)
             self._finished.append(rows)
+            if len(raw) < FINISHED_CHUNK:
+                break
         return self._finished.frame()
 
-    def _resolve_pickled(self, record: list[Any]) -> None:
-        fields = [_ROW_FIELDS[position - 1] for position in record[6]]
-        blobs = cast(list[bytes | None], self.redis.hmget(self.keys.task(record[0]), fields))
-        for position, field, blob in zip(record[6], fields, blobs):
-            record[position] = self.codec.decode(blob, f"task {record[0]} {field}")
+    def _resolve_pickled(self, record: list[Any]) -> bool:
+        """Read and verify the signed pickles of one finished row; False (reported) when one is bad."""
+        try:
+            fields = [_ROW_FIELDS[int(position) - 1] for position in record[6]]
+            blobs = cast(list[bytes | None], self.redis.hmget(self.keys.task(record[0]), fields))
+            for position, field, blob in zip(record[6], fields, blobs):
+                record[int(position)] = self.codec.decode(blob, f"task {record[0]} {field}")
+        except Exception as error:  # noqa: BLE001 - one bad row must not break the rest
+            logger.warning("skipping finished task %s: %s", record[0], error)
+            return False
+        return True
+
+    def _clear_task_cache(self) -> None:
+        """Forget the fetched finished tasks (after a reset)."""
+        self._finished, self._finished_position, self._new_tasks_index = FrameBuffer(), 0, 0
 
     def fetch_new_tasks(self) -> pd.DataFrame:
         """Finished tasks that no earlier ``fetch_new_tasks()`` call returned."""
@@ -298,15 +384,30 @@ class RushNetwork:
         return rows_to_frame(self._fetch_rows(self.keys.failed, "list"))
 
     def fetch_tasks_with_state(self, states: Sequence[str] = TASK_STATES) -> pd.DataFrame:
-        """Tasks in any of ``states`` with a ``state`` column; one consistent snapshot, no task twice."""
+        """Tasks in any of ``states`` with a ``state`` column, in creation order, no task twice.
+
+        Read in chunks (Redis stays responsive at millions of tasks). One state is read from its
+        own collection, so ``["running"]`` costs what the running tasks cost; several states are read
+        from the all-tasks list with the filter applied in Redis. Each task is read once, with its
+        state at the moment its chunk was read.
+        """
         states = [states] if isinstance(states, str) else list(states)
         unknown = set(states) - set(TASK_STATES)
         if unknown:
             raise TaskError(f"unknown task state(s) {sorted(unknown)}; valid: {list(TASK_STATES)}")
+        if states == ["running"]:
+            return rows_to_frame(self._fetch_rows(self.keys.running, "set", states=states))
+        if states == ["failed"]:
+            return rows_to_frame(self._fetch_rows(self.keys.failed, "list", states=states))
+        if states == ["queued"]:
+            rows = self._fetch_rows(self.keys.queued, "list", states=states)
+            for worker_id in sorted(self.redis.smembers(self.keys.priority_workers)):
+                rows += self._fetch_rows(self.keys.priority(text(worker_id)), "list", states=states)
+            return rows_to_frame(rows)
         return rows_to_frame(self._fetch_rows(self.keys.all_tasks, "list", states=states))
 
     def fetch_tasks(self) -> pd.DataFrame:
-        """Every task of the network, in creation order."""
+        """Every task of the network, in creation order (read in chunks)."""
         return rows_to_frame(self._fetch_rows(self.keys.all_tasks, "list"))
 
     def task_states(self, keys: str | Iterable[str]) -> dict[str, str]:
@@ -323,38 +424,90 @@ class RushNetwork:
 
     def wait_for_tasks(self, keys: str | Iterable[str], timeout: float | None = None,
                        poll: float = 0.05) -> None:
-        """Block until every task in ``keys`` is finished or failed."""
+        """Block until every task in ``keys`` is finished or failed.
+
+        Never waits on what cannot happen: about once a second it checks the workers (a controller
+        also detects lost ones), and raises ``NoWorkersError`` with the counts when tasks it waits for
+        are queued or running but no worker is running or starting.
+        """
         keys = _key_list(keys)
         deadline = None if timeout is None else time.monotonic() + timeout
+        next_check = time.monotonic()
         while True:
-            pending = [k for k, s in self.task_states(keys).items() if s not in ("finished", "failed")]
+            pending = {k: s for k, s in self.task_states(keys).items() if s not in ("finished", "failed")}
             if not pending:
                 return
+            if time.monotonic() >= next_check:
+                if self._watch_workers():
+                    continue  # lost workers' tasks were released: look at the states again
+                self._require_live_workers(pending, len(keys))
+                next_check = time.monotonic() + 1.0
             if deadline is not None and time.monotonic() > deadline:
                 raise RushTimeoutError(f"{len(pending)} of {len(keys)} tasks still not finished after "
-                                       f"{timeout} s (e.g. {pending[:3]})")
+                                       f"{timeout} s (e.g. {list(pending)[:3]})")
             time.sleep(poll)
 
-    def _encode_many(self, values: list[dict[str, Any] | None]) -> list[bytes]:
-        return [self.codec.encode(v) if v else b"" for v in values]
+    def _watch_workers(self) -> bool:
+        """Hook for waits: the controller detects lost workers here; True when it found some."""
+        return False
 
-    def _fail_tasks(self, keys: list[str], conditions: list[dict[str, Any]]) -> list[str]:
-        args: list[Any] = [self.keys.task_prefix]
-        for key, condition in zip(keys, self._encode_many(conditions)):  # type: ignore[arg-type]
-            args += [key, condition]
-        discarded = self._scripts["FAIL_TASKS"](
-            keys=[self.keys.running, self.keys.failed, self.keys.queued], args=args)
-        return [d.decode() for d in discarded]
+    def _require_live_workers(self, pending: Mapping[str, str], n_waited: int) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.scard(self.keys.worker_state_set("running"))
+        pipe.scard(self.keys.worker_state_set("launched"))
+        running_workers, starting_workers = pipe.execute()
+        if running_workers or starting_workers:
+            return
+        queued = sum(1 for s in pending.values() if s == "queued")
+        raise NoWorkersError(
+            f"waiting for {len(pending)} of {n_waited} task(s) ({queued} queued, {len(pending) - queued} "
+            "running) but no worker is running or starting; start workers (start_*_workers) or see "
+            "worker_info for why they ended")
 
-    def release_worker_tasks(self, worker_id: str, message: str) -> tuple[list[str], list[str]]:
-        """A worker is gone: requeue its running tasks with retries left, fail the rest with
-        ``message``, and hand its priority queue to the shared queue. Returns (failed, requeued)."""
-        released = [r.decode() for r in self._scripts["RELEASE_WORKER_TASKS"](
-            keys=[self.keys.running, self.keys.queued, self.keys.failed, self.keys.priority(worker_id),
-                  self.keys.priority_workers],
-            args=[self.keys.task_prefix, worker_id, self.codec.encode({"message": message})])]
-        split = released.index("|")
-        return released[:split], released[split + 1:]
+    def end_worker(self, worker_id: str, state: str, allowed: Iterable[str], message: str,
+                   **fields: Any) -> tuple[str, list[str], list[str]] | None:
+        """Move a worker to its final ``state`` and release what it holds, in ONE atomic step.
+
+        Its running tasks are requeued (retries left) or failed with ``message``; its priority
+        queue moves to the shared queue. Returns (previous state, failed ids, requeued ids), or None
+        when its current state is not in ``allowed`` (e.g. it already ended: a re-sent call).
+        """
+        args: list[Any] = [state, self.keys.worker_set_prefix, worker_id, ",".join(allowed),
+                           self.keys.task_prefix, self.codec.encode({"message": message})]
+        for name, value in fields.items():
+            args += [name, "" if value is None else str(value)]
+        keys = self.keys
+        result = self._scripts["END_WORKER"](
+            keys=[keys.worker(worker_id), keys.workers, keys.running, keys.queued, keys.failed,
+                  keys.priority(worker_id), keys.priority_workers, keys.held_tasks(worker_id),
+                  keys.last_pop(worker_id)], args=args)
+        if not result:
+            return None
+        previous, failed, requeued = result
+        return text(previous), [text(i) for i in failed], [text(i) for i in requeued]
+
+    def sweep_orphaned_tasks(self, batch: int = 1000) -> tuple[list[str], list[str]]:
+        """Release running tasks whose holder is not running (in any state, or without a record).
+
+        The safety net behind ``end_worker``: whatever happened to a worker, none of its tasks stays
+        running forever. Works in batches (SSCAN), so Redis is never blocked for long.
+        Returns (failed ids, requeued ids).
+        """
+        failed: list[str] = []
+        requeued: list[str] = []
+        cursor: Any = 0
+        while True:
+            cursor, batch_failed, batch_requeued = self._scripts["SWEEP_ORPHANED_TASKS"](
+                keys=[self.keys.running, self.keys.queued, self.keys.failed],
+                args=[self.keys.task_prefix, self.keys.worker_prefix, cursor, batch])
+            failed += [text(i) for i in batch_failed]
+            requeued += [text(i) for i in batch_requeued]
+            if int(cursor) == 0:
+                break
+        if failed or requeued:
+            logger.warning("released %d task(s) held by workers that are not running: %d failed, %d requeued",
+                           len(failed) + len(requeued), len(failed), len(requeued))
+        return failed, requeued
 
     def close(self) -> None:
         self.redis.close()

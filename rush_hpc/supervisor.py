@@ -16,10 +16,12 @@ import threading
 import time
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
+import redis
+
 from . import defaults
 from .exceptions import ConfigError, RushTimeoutError, WorkerStartError
-from .launchers.base import Handle, HandleContext, handle_from_info
-from .states import ACTIVE, WorkerState, set_worker_state
+from .launchers.base import Handle, HandleContext, handle_from_info, handle_type
+from .states import ACTIVE, WorkerState, allowed_previous, set_worker_state
 
 if TYPE_CHECKING:
     from .network import RushNetwork
@@ -48,6 +50,12 @@ class Supervisor:
         self._monitor_stop = threading.Event()
         self._squeue_checked = 0.0
         self._problems_seen: dict[str, str] = {}
+        self.released_by_sweep = 0  # tasks the last sweep released (held by workers not running)
+        #: running workers the last ``detect_lost_workers`` could not ask their launcher about
+        #: (no handle: e.g. SSH workers of another controller); only their heartbeat tells
+        self.unchecked: list[str] = []
+        #: workers the last ``kill`` could not force-kill from here (they only got the kill message)
+        self.not_force_killed: list[str] = []
 
     # -- what Redis says ---------------------------------------------------------------------
     def worker_hashes(self, worker_ids: Iterable[str] | None = None) -> dict[str, dict[str, str]]:
@@ -78,18 +86,24 @@ class Supervisor:
         """The trusted handle, else one rebuilt (validated) from the worker hash, else None."""
         return self.handles.get(worker_id) or handle_from_info(worker_id, info, self.context)
 
-    def _grouped(self, infos: Mapping[str, Mapping[str, str]]) -> dict[type[Handle], list[Handle]]:
+    def _grouped(self, infos: Mapping[str, Mapping[str, str]],
+                 without: list[str] | None = None) -> dict[type[Handle], list[Handle]]:
+        """Handles by kind; ids of a known launcher without a handle (cannot be checked from here:
+        another controller's SSH hosts, a value that failed validation) go to ``without``."""
         groups: dict[type[Handle], list[Handle]] = {}
         for worker_id, info in infos.items():
             handle = self.handle(worker_id, info)
             if handle is not None:
                 groups.setdefault(type(handle), []).append(handle)
+            elif without is not None and handle_type(info.get("launcher")) is not None:
+                without.append(worker_id)  # (workers started by hand have no launcher to ask anyway)
         return groups
 
-    def gone(self, infos: Mapping[str, Mapping[str, str]], *, registered: bool = False) -> dict[str, str]:
+    def gone(self, infos: Mapping[str, Mapping[str, str]], *, registered: bool = False,
+             without: list[str] | None = None) -> dict[str, str]:
         """Ask each kind of handle, one batch per kind, which processes / jobs have ended."""
         reasons: dict[str, str] = {}
-        for kind, handles in self._grouped(infos).items():
+        for kind, handles in self._grouped(infos, without).items():
             if registered and not kind.checks_running_workers:
                 continue
             reasons.update(kind.check(handles))
@@ -163,6 +177,8 @@ class Supervisor:
             if set_worker_state(self.network, worker_id, WorkerState.FAILED, (WorkerState.LAUNCHED.value,),
                                 reason=reason, ended_at=_now()) is not None:
                 failures[worker_id] = self._with_output(worker_id, reason)
+        # a job that failed before registering may have been requeued (NODE_FAIL): cancel it too
+        self._kill_lost({w: waiting[w] for w in failures if w in launched})
         return failures
 
     # -- lost workers ------------------------------------------------------------------------
@@ -173,22 +189,51 @@ class Supervisor:
         for worker_id in hashes:
             pipe.exists(network.keys.heartbeat(worker_id))
         beating = dict(zip(hashes, pipe.execute()))
-        reasons = self.gone(hashes, registered=True)
+        unchecked: list[str] = []
+        reasons = self.gone(hashes, registered=True, without=unchecked)
+        self.unchecked = [w for w in unchecked if w not in reasons]
+        grace = self._in_outage_grace(hashes)
         for worker_id, info in hashes.items():
+            if grace:
+                break  # Redis was down for everyone: give the workers time to beat again
             if worker_id not in reasons and info.get("heartbeat_expire") and not beating[worker_id]:
                 reasons[worker_id] = f"heartbeat expired (no beat for {info['heartbeat_expire']} s)"
         lost = []
         for worker_id, reason in reasons.items():
-            if set_worker_state(network, worker_id, WorkerState.LOST, (WorkerState.RUNNING.value,),
-                                reason=reason, ended_at=_now()) is not None:
-                failed, requeued = network.release_worker_tasks(worker_id, f"worker {worker_id} lost: {reason}")
+            ended = network.end_worker(worker_id, WorkerState.LOST.value,
+                                       allowed_previous(WorkerState.LOST, (WorkerState.RUNNING.value,)),
+                                       f"worker {worker_id} lost: {reason}", reason=reason, ended_at=_now())
+            if ended is not None:
                 logger.warning("worker %s lost (%s); %d task(s) failed, %d requeued", worker_id, reason,
-                               len(failed), len(requeued))
+                               len(ended[1]), len(ended[2]))
                 lost.append(worker_id)
         self._kill_lost({w: hashes[w] for w in lost})
         self.start_failures(self.worker_hashes(self.worker_ids(WorkerState.LAUNCHED)))
+        failed, requeued = network.sweep_orphaned_tasks()
+        self.released_by_sweep = len(failed) + len(requeued)
         self.record_final_states()
         return lost
+
+    def _in_outage_grace(self, hashes: Mapping[str, Mapping[str, str]]) -> bool:
+        """True shortly after a Redis outage (this client saw commands fail, or Redis restarted):
+        heartbeats that expired while Redis was down say nothing about the workers."""
+        expires = []
+        for info in hashes.values():
+            try:
+                if info.get("heartbeat_expire"):
+                    expires.append(float(info["heartbeat_expire"]) + float(info.get("heartbeat_period") or 1.0))
+            except ValueError:  # a malformed hash (Redis content is untrusted): not a reason to wait
+                continue
+        if not expires:
+            return False
+        window = max(expires)
+        if self.network._retry.seen_outage_within(window):
+            return True
+        try:
+            uptime = int(self.network.redis.info("server").get("uptime_in_seconds", window + 1))
+        except redis.ResponseError:  # INFO may be denied to an ACL user
+            return False
+        return uptime < window
 
     def _kill_lost(self, infos: Mapping[str, Mapping[str, str]]) -> None:
         """Cancel what is left of lost workers where that frees resources (SLURM jobs, requeued ones too)."""
@@ -218,9 +263,14 @@ class Supervisor:
         self._monitor_stop.clear()
 
         def watch() -> None:
+            warned_at = -float("inf")
             while not self._monitor_stop.wait(interval):
                 try:
                     self.detect_lost_workers()
+                except redis.RedisError as error:  # an outage longer than outage_timeout: say it once a minute
+                    if time.monotonic() - warned_at > 60:
+                        logger.warning("lost-worker monitor: Redis unavailable (%s); still watching", error)
+                        warned_at = time.monotonic()
                 except Exception:  # noqa: BLE001 - keep watching
                     logger.exception("lost-worker monitor failed")
 
@@ -237,10 +287,10 @@ class Supervisor:
         hashes = self.worker_hashes(ids)
         killed = []
         for worker_id in ids:
-            if set_worker_state(network, worker_id, WorkerState.KILLED, reason="killed by the controller",
-                                ended_at=_now()) is None:
+            if network.end_worker(worker_id, WorkerState.KILLED.value, allowed_previous(WorkerState.KILLED),
+                                  f"worker {worker_id} killed by the controller",
+                                  reason="killed by the controller", ended_at=_now()) is None:
                 continue
-            network.release_worker_tasks(worker_id, f"worker {worker_id} killed by the controller")
             network.redis.rpush(network.keys.control(worker_id), "kill")
             killed.append(worker_id)
         deadline = time.monotonic() + grace
@@ -254,11 +304,16 @@ class Supervisor:
             pending = {w for w, beat in zip(order, pipe.execute()) if beat and w not in ended}
             if pending:
                 time.sleep(0.05)
-        for kind, handles in self._grouped({w: hashes[w] for w in killed}).items():
+        without: list[str] = []
+        for kind, handles in self._grouped({w: hashes[w] for w in killed}, without).items():
             force = [h for h in handles if h.worker_id in pending or kind.always_force_kill]
             if force:
                 kind.kill_all(force)
                 self._record_kill(kind, force)
+        self.not_force_killed = [w for w in without if w in pending]
+        if self.not_force_killed:
+            logger.warning("%d killed worker(s) did not answer and cannot be force-killed from here (no handle): %s",
+                           len(self.not_force_killed), self.not_force_killed[:5])
         logger.info("killed %d worker(s) of network %s", len(killed), network.network)
         return killed
 

@@ -14,8 +14,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .config import RedisConfig, resolve_config
 from .credentials import resolve_secret
-from .exceptions import ConfigError, TaskError
-from .network import RushNetwork, _as_list_of_dicts, _extras, _key_list
+from .exceptions import ConfigError, TaskError, WorkerNotRunningError
+from .network import RushNetwork, _as_list_of_dicts, _extras, _key_list, text
 from .states import set_worker_state  # noqa: F401 - re-exported: it moved to states.py
 
 logger = logging.getLogger(__name__)
@@ -43,10 +43,12 @@ class RushWorker(RushNetwork):
             raise ConfigError("RushWorker needs a Redis: pass url=..., config=... or set RUSH_HPC_URL")
         super().__init__(network, resolved, resolve_secret(secret))
         self.worker_id = worker_id or uuid.uuid4().hex
+        self._fence_id = self.worker_id
         self.pid = os.getpid()
         self._terminated = threading.Event()
         self._heartbeat: Any = None
         self._default_extra = {"pid": self.pid}
+        self._n_finished_seen = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
     def register(self, **info: Any) -> None:
@@ -55,7 +57,10 @@ class RushWorker(RushNetwork):
                   "python": sys.version.split()[0], "started_at": time.time(),
                   "process_started_at": f"{process_start_time():.3f}", **info}
         fields = {k: str(v) for k, v in fields.items() if v is not None}
-        self.set_state("running", ("", "launched"), **fields)
+        if self.set_state("running", ("", "launched"), **fields) is None:
+            state = self.redis.hget(self.keys.worker(self.worker_id), "state")
+            if state != b"running":  # else: a re-sent registration
+                raise WorkerNotRunningError(self.worker_id, text(state) if state else "gone")
         logger.info("worker %s registered (pid %s on %s)", self.worker_id, self.pid, fields["hostname"])
 
     def set_state(self, state: str, allowed: Iterable[str] | str = "*", /, **fields: Any) -> str | None:
@@ -64,17 +69,21 @@ class RushWorker(RushNetwork):
 
     @property
     def terminated(self) -> bool:
-        """True once the controller asked this worker to stop (or SLURM's time limit is near)."""
+        """True once the controller asked this worker to stop (or SLURM's time limit is near).
+
+        With a heartbeat the request arrives by itself (a signal or the heartbeat thread); without
+        one, this reads the worker's control list (one round trip).
+        """
         if self._terminated.is_set():
             return True
         if self._heartbeat is None or not self._heartbeat.is_alive():
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.exists(self.keys.terminate)
-            pipe.lrange(self.keys.control(self.worker_id), 0, -1)
-            flag, messages = pipe.execute()
-            if flag or b"terminate" in messages or b"kill" in messages:
+            messages = self.redis.lrange(self.keys.control(self.worker_id), 0, -1)
+            if b"terminate" in messages or b"kill" in messages:
                 self._terminated.set()
         return self._terminated.is_set()
+
+    def _on_refused(self, state: str) -> None:
+        self._terminated.set()
 
     def terminate(self) -> None:
         """Make ``terminated`` true in this process (signal handlers and the heartbeat use this)."""
@@ -85,19 +94,22 @@ class RushWorker(RushNetwork):
         """Create tasks that this worker evaluates right now (state "running"); returns their keys."""
         xss = _as_list_of_dicts(xss, "xss")
         extras = [{**self._default_extra, **(e or {})} for e in _extras(extra, len(xss))]
-        return self._create_tasks(xss, extras, state="running", worker_id=self.worker_id)
+        return self._create_tasks(xss, extras, state="running")
 
     def pop_task(self, timeout: float | None = None, fields: Any = None) -> Task | None:
         """Take the next queued task (own priority queue first) and mark it running.
 
         Returns None when the queues stay empty for ``timeout`` seconds (None: return at once).
+        Raises ``WorkerNotRunningError`` when this worker may no longer take tasks.
         """
         deadline = time.monotonic() + (timeout or 0)
         delay = 0.002
+        keys = self.keys
+        script_keys = [keys.priority(self.worker_id), keys.queued, keys.running, keys.worker(self.worker_id),
+                       keys.held_tasks(self.worker_id), keys.last_pop(self.worker_id)]
         while True:
-            popped = self._scripts["POP_TASK"](
-                keys=[self.keys.priority(self.worker_id), self.keys.queued, self.keys.running],
-                args=[self.keys.task_prefix, self.worker_id])
+            request = uuid.uuid4().hex  # a re-sent call (lost reply) returns the same task
+            popped = self._script("POP_TASK", script_keys, [keys.task_prefix, self.worker_id, request])
             if popped:
                 return Task(key=popped[0].decode(), xs=self.codec.decode(popped[1], "task xs"))
             if time.monotonic() >= deadline or self.terminated:
@@ -109,8 +121,9 @@ class RushWorker(RushNetwork):
                      extra: Any = None) -> list[str]:
         """Finish running tasks with their results; returns the keys whose results were discarded.
 
-        A result for a task that is no longer running (failed meanwhile, e.g. because this worker
-        was declared lost) is discarded with a warning: the first state change wins.
+        A result for a task that is no longer running or no longer held by this worker (failed or
+        requeued meanwhile, e.g. because this worker was declared lost) is discarded with a warning:
+        the first state change wins. Safe to re-send: a repeat reports the tasks as finished.
         """
         keys = _key_list(keys)
         yss = _as_list_of_dicts(yss, "yss")
@@ -119,10 +132,12 @@ class RushWorker(RushNetwork):
                             "give one result dict per key")
         extras = _extras(extra, len(keys))
         encode = self.codec.encode
-        args: list[Any] = [self.keys.task_prefix]
+        args: list[Any] = [self.keys.task_prefix, self.worker_id]
         for key, ys, ys_extra in zip(keys, yss, extras):
             args += [key, encode(ys), encode(ys_extra) if ys_extra else b""]
-        discarded = self._scripts["FINISH_TASKS"](keys=[self.keys.running, self.keys.finished], args=args)
+        self._n_finished_seen, *discarded = self._script(
+            "FINISH_TASKS", [self.keys.running, self.keys.finished, self.keys.worker(self.worker_id),
+                             self.keys.held_tasks(self.worker_id)], args)
         return self._report_discarded(discarded, "results")
 
     def push_failed(self, keys: str | Iterable[str], conditions: Sequence[Mapping[str, Any]] | None = None
@@ -133,7 +148,13 @@ class RushWorker(RushNetwork):
                  else _as_list_of_dicts(conditions, "conditions"))
         if len(conds) != len(keys):
             raise TaskError(f"push_failed got {len(keys)} keys but {len(conds)} conditions")
-        return self._report_discarded(self._fail_tasks(keys, conds), "failure")
+        args: list[Any] = [self.keys.task_prefix, self.worker_id]
+        for key, condition in zip(keys, conds):
+            args += [key, self.codec.encode(condition)]
+        discarded = self._script(
+            "FAIL_TASKS", [self.keys.running, self.keys.failed, self.keys.queued, self.keys.worker(self.worker_id),
+                           self.keys.held_tasks(self.worker_id)], args)
+        return self._report_discarded(discarded, "failure")
 
     def _report_discarded(self, discarded: list[Any], what: str) -> list[str]:
         ids = [d.decode() if isinstance(d, bytes) else d for d in discarded]

@@ -199,3 +199,22 @@ def test_remote_worker_that_never_registers_is_reported_with_its_remote_log(srus
     with pytest.raises(rush_hpc.WorkerStartError,
                        match=r"(?s)exited before registering.*end of its output.*libpython3\.11\.so"):
         srush.wait_for_workers(1, timeout=30)
+
+
+def test_a_second_controller_never_sshes_to_hosts_from_redis(srush, ssh_env, bridge_redis, monkeypatch):
+    ids = start(srush, ssh_env, loop=wl_queue, hosts=ssh_env["hosts"][:1], n_workers=1)
+    srush.wait_for_workers(worker_ids=ids, timeout=30)
+    # a Redis writer points the worker at another host; a second controller has no host list at all
+    srush.redis.hset(srush.keys.worker(ids[0]), "host", ssh_env["hosts"][2])
+    from rush_hpc.launchers.ssh import SSHLauncher
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a controller connected to a host named only in Redis")
+
+    monkeypatch.setattr(SSHLauncher, "connect", refuse)
+    second = rush_hpc.rsh(network=srush.network, config=bridge_redis, secret=SECRET)
+    assert second.detect_lost_workers() == [] and second._supervisor.unchecked == ids
+    second.close()
+    monkeypatch.undo()
+    srush.stop_workers(type="kill", kill_grace=0.5)  # the first controller's handle holds the real host
+    assert srush.worker_ids(state="killed") == ids

@@ -53,10 +53,9 @@ def test_first_writer_wins_and_late_result_is_discarded_with_warning(rush, worke
 
 
 def test_concurrent_finish_and_fail_never_both(rush, worker, redis_config, network):
-    other = rush_hpc.RushWorker(network, config=redis_config, secret=worker.codec.secret)
     keys = worker.push_running_tasks([{"i": i} for i in range(300)])
     threads = [threading.Thread(target=worker.push_results, args=(keys, [{"y": 1}] * 300)),
-               threading.Thread(target=other.push_failed, args=(keys,))]
+               threading.Thread(target=worker.push_failed, args=(keys,))]
     for t in threads:
         t.start()
     for t in threads:

@@ -1,0 +1,67 @@
+"""Fault injection for tests: a TCP proxy in front of Redis that can drop one reply.
+
+``DroppingProxy`` forwards a client's connections to Redis on loopback. ``drop_next_reply()`` arms it:
+the next reply Redis sends is swallowed and the client's connection is closed, as when a network
+drops a reply after the server executed the command. redis-py then reconnects and re-sends the
+command (its retry), which is exactly what rush-hpc's scripts must survive.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+
+class DroppingProxy:
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._armed = threading.Event()
+        self.dropped = 0
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def drop_next_reply(self) -> None:
+        self._armed.set()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if replies and self._armed.is_set():
+                    self._armed.clear()
+                    self.dropped += 1
+                    break  # swallow the reply and cut this connection
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+        for sock in self._sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
