@@ -19,6 +19,7 @@ from rush_hpc.config import RedisConfig
 from rush_hpc.examples.random_search import wl_random_search
 from rush_hpc import WorkerStartError
 
+from loops import wl_hold
 from conftest import SECRET, require_cluster, start_redis_server, stop, wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -214,13 +215,6 @@ def mrush(bridge_redis, network):
 
 
 MULTI = {"partition": "multi", "time": 5, "heartbeat_period": 0.5}
-
-
-def wl_hold(rush):
-    key = rush.push_running_tasks([{"x": 1}])
-    while not rush.terminated:
-        time.sleep(0.1)
-    rush.push_results(key, [{"y": 1}])
 
 
 def test_workers_spread_over_two_nodes(mrush, multi_nodes, log_dir):

@@ -21,6 +21,7 @@ from rush_hpc.examples.random_search import wl_random_search
 from rush_hpc import LaunchError
 from rush_hpc.config import RedisConfig
 
+from loops import wl_queue_slow as wl_queue
 from conftest import SECRET, require_cluster, start_redis_server, stop, wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -70,14 +71,6 @@ def ssh(ssh_env, host: str, command: str) -> str:
 
 
 SEARCH = {"rush_n_tasks": 100}  # globals of the vignette loop from rush_hpc.examples
-
-
-def wl_queue(rush):
-    while not rush.terminated:
-        task = rush.pop_task(timeout=0.1)
-        if task is not None:
-            time.sleep(task.xs["sleep"])
-            rush.push_results(task.key, [{"y": 1}])
 
 
 def wl_env(rush):

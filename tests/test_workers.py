@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -21,37 +19,9 @@ from rush_hpc.examples import branin
 from rush_hpc.states import WorkerState
 
 from conftest import SECRET, wait_until
+from loops import FAST, wl_queue_slow, wl_raises, wl_random_search, wl_until_terminated
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests are not importable on workers
-
-FAST = {"heartbeat_period": 0.2, "heartbeat_expire": 1.0}
-
-
-def wl_random_search(rush):
-    while rush.n_finished_tasks < 100:
-        xs = {"x1": random.uniform(-5, 10), "x2": random.uniform(0, 15)}
-        key = rush.push_running_tasks([xs])
-        rush.push_results(key, [{"y": branin(**xs)}])
-
-
-def wl_queue_slow(rush):
-    while not rush.terminated:
-        task = rush.pop_task(timeout=0.1)
-        if task is not None:
-            time.sleep(task.xs["sleep"])
-            rush.push_results(task.key, [{"y": task.xs["sleep"]}])
-
-
-def wl_until_terminated(rush):
-    logging.getLogger("user.loop").info("hello from the loop")
-    while not rush.terminated:
-        time.sleep(0.02)
-
-
-def wl_raises(rush):
-    rush.push_running_tasks([{"x": 1}])
-    raise ValueError("objective exploded")
-
 
 def test_random_search_with_four_local_workers(rush):
     ids = rush.start_local_workers(worker_loop=wl_random_search, n_workers=4,
