@@ -99,3 +99,22 @@ def test_host_parsing(spec, expected):
 def test_bad_hosts(spec, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         parse_host(spec, {"python": "/usr/bin/python3"})
+
+
+def test_the_one_worker_command_is_quoted():
+    from rush_hpc.launchers.base import WorkerCommand
+
+    command = WorkerCommand("net", "/opt/my env/bin/python", {"RUSH_HPC_CREDENTIALS": "/a b/c'd.json"})
+    assert command.argv("w1") == ["/opt/my env/bin/python", "-m", "rush_hpc", "worker", "--network", "net",
+                                  "--worker-id", "w1"]
+    assert command.shell("w1") == ("RUSH_HPC_CREDENTIALS='/a b/c'\"'\"'d.json' '/opt/my env/bin/python' -m rush_hpc "
+                                   "worker --network net --worker-id w1")
+    assert command.export_lines() == ["export RUSH_HPC_CREDENTIALS='/a b/c'\"'\"'d.json'"]
+
+
+@pytest.mark.parametrize("path, quoted", [("~", "~"), ("~/logs dir", "~/'logs dir'"), ("/abs/x", "/abs/x"),
+                                          ("/a b", "'/a b'"), ("~user/x", "'~user/x'")])
+def test_remote_paths_keep_the_home_expandable(path, quoted):
+    from rush_hpc.launchers.ssh import _remote_path
+
+    assert _remote_path(path) == quoted

@@ -112,3 +112,21 @@ def test_bad_times_are_refused(value):
 
     with pytest.raises(ConfigError, match="time must be"):
         time_to_minutes(value)
+
+
+def test_the_supervisor_reports_a_pending_reason_only_when_two_checks_agree(monkeypatch):
+    """Right after sbatch, SLURM shows PartitionConfig for a moment even when the job's real
+    problem is PartitionTimeLimit: a single sighting is not reported."""
+    from rush_hpc import defaults
+    from rush_hpc.supervisor import Supervisor
+
+    answers = iter(["60_0|PENDING|PartitionConfig\n", "60_0|PENDING|PartitionTimeLimit\n",
+                    "60_0|PENDING|PartitionTimeLimit\n"])
+    fake = install(monkeypatch, {"squeue": lambda cmd: next(answers)})
+    monkeypatch.setattr(defaults, "SQUEUE_INTERVAL_S", 0.0)
+    supervisor = Supervisor(network=None)  # type: ignore[arg-type] - start_problems needs no Redis
+    waiting = {"w": {"launcher": "sbatch", "job_id": "60_0", "state": "launched"}}
+    assert supervisor.start_problems(waiting) == {}
+    assert supervisor.start_problems(waiting) == {}  # changed: not confirmed yet
+    assert "PartitionTimeLimit" in supervisor.start_problems(waiting)["w"]
+    assert len(fake.of("squeue")) == 3
