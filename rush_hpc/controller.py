@@ -137,6 +137,7 @@ class Rush(RushNetwork):
         """
         self._check_open()
         count = positive_count(n_workers)
+        command = dataclasses.replace(command, launcher=launcher.name)
         worker_ids = [uuid.uuid4().hex for _ in range(count)]
         now = f"{time.time():.3f}"
         for worker_id in worker_ids:
@@ -252,7 +253,7 @@ class Rush(RushNetwork):
         directory = Path(log_dir) if log_dir else Path("<log_dir>")
         launcher = SbatchLauncher(directory, **sbatch_options)
         command = WorkerCommand(self.network, launcher.python,
-                                {CREDENTIALS_ENV: str(directory / "credentials.json")})
+                                {CREDENTIALS_ENV: str(directory / "credentials.json")}, launcher.name)
         return launcher.render(positive_count(n_workers), command, batch_id="<batch>")
 
     def _credentials_blob(self) -> bytes:

@@ -91,17 +91,29 @@ def valid_pid(value: str | None) -> int:
     return int(value)
 
 
+LAUNCHER_ENV = "RUSH_HPC_LAUNCHER"
+
+
 @dataclass(frozen=True)
 class WorkerCommand:
     """``python -m rush_hpc worker --network N --worker-id ID``, plus the environment it needs.
 
     Every launcher starts this same command; only how it is started differs. Secrets are not in
-    here: the environment only names the credentials file.
+    here: the environment only names the credentials file. ``launcher`` (set by the controller's
+    one start path) reaches the worker as ``RUSH_HPC_LAUNCHER``, the same way for every launcher.
     """
 
     network: str
     python: str
     env: Mapping[str, str] = field(default_factory=dict)
+    launcher: str | None = None
+
+    def environment(self) -> dict[str, str]:
+        """The variables the worker needs (credentials file, launcher name), sorted."""
+        env = dict(self.env)
+        if self.launcher:
+            env[LAUNCHER_ENV] = self.launcher
+        return dict(sorted(env.items()))
 
     def argv(self, worker_id: str | None) -> list[str]:
         """The command; without ``worker_id`` the worker makes up its own id."""
@@ -110,11 +122,11 @@ class WorkerCommand:
 
     def shell(self, worker_id: str | None, *, with_env: bool = True) -> str:
         """One shell line, every value quoted (safe to paste into a remote shell or job script)."""
-        assignments = [f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())] if with_env else []
+        assignments = [f"{k}={shlex.quote(v)}" for k, v in self.environment().items()] if with_env else []
         return " ".join(assignments + [shlex.quote(a) for a in self.argv(worker_id)])
 
     def export_lines(self) -> list[str]:
-        return [f"export {k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
+        return [f"export {k}={shlex.quote(v)}" for k, v in self.environment().items()]
 
 
 @dataclass

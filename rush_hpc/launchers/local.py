@@ -164,7 +164,7 @@ class LocalLauncher(Launcher):
         self.python = python or sys.executable
 
     def environment(self, command: WorkerCommand) -> dict[str, str]:
-        env = {**os.environ, **command.env, "RUSH_HPC_LAUNCHER": self.name}
+        env = {**os.environ, **command.environment()}
         path = controller_pythonpath()
         if path:
             env["PYTHONPATH"] = path

@@ -95,7 +95,7 @@ class SbatchLauncher(Launcher):
                worker_ids: Sequence[str] | None = None) -> str:
         """The job script text for ``n_workers`` workers."""
         ids = list(worker_ids) if worker_ids is not None else [f"<worker-{i}>" for i in range(n_workers)]
-        for name, value in command.env.items():
+        for name, value in command.environment().items():
             check_line(f"environment variable {name}", value)
         values = {
             "directives": "\n".join(_flag(k, v) for k, v in sorted(self.directives(n_workers, batch_id).items())),

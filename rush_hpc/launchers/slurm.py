@@ -225,10 +225,13 @@ class SbatchHandle(SlurmHandle):
     launcher = "sbatch"
 
 
-def run_submitit_worker(network: str, worker_id: str, credentials: str) -> int:
-    """What each submitit array task runs (in submitit's process, on the node)."""
-    os.environ["RUSH_HPC_LAUNCHER"] = "slurm"
-    os.environ["RUSH_HPC_CREDENTIALS"] = credentials
+def run_submitit_worker(network: str, worker_id: str, environment: Mapping[str, str] | str) -> int:
+    """What each submitit array task runs (in submitit's process, on the node): the worker
+    command's environment (credentials file, launcher name), then the worker itself."""
+    if isinstance(environment, str):  # jobs pickled by an older controller passed the credentials path
+        environment = {"RUSH_HPC_CREDENTIALS": environment, "RUSH_HPC_LAUNCHER": "slurm"}
+    os.environ.update(environment)
+    credentials = os.environ["RUSH_HPC_CREDENTIALS"]
     import logging as _logging
 
     from ..bootstrap import run_worker
@@ -299,10 +302,10 @@ class SubmititLauncher(Launcher):
 
     def start(self, worker_ids: Sequence[str], command: WorkerCommand) -> list[Handle]:
         executor = self.executor(len(worker_ids))
-        credentials = command.env["RUSH_HPC_CREDENTIALS"]
+        environment = command.environment()
         try:
             jobs = executor.map_array(run_submitit_worker, [command.network] * len(worker_ids),
-                                      list(worker_ids), [credentials] * len(worker_ids))
+                                      list(worker_ids), [environment] * len(worker_ids))
         except Exception as error:  # noqa: BLE001 - submitit wraps sbatch failures in several ways
             raise LaunchError(f"submitting the SLURM job array failed: {error}") from None
         handles: list[Handle] = []

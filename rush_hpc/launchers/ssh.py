@@ -161,7 +161,8 @@ class SSHLauncher(Launcher):
         started: list[Handle] = []
         failures: dict[str, str] = {}
         with ThreadPoolExecutor(max_workers=min(32, len(assignments))) as pool:
-            futures = {pool.submit(self._start_on_host, host, ids_): (host, ids_) for host, ids_ in assignments}
+            futures = {pool.submit(self._start_on_host, host, ids_, command): (host, ids_)
+                       for host, ids_ in assignments}
             for future, (host, _) in futures.items():
                 try:
                     started.extend(future.result())
@@ -177,7 +178,7 @@ class SSHLauncher(Launcher):
                               infos={h.worker_id: h.to_info() for h in started})
         return started
 
-    def _start_on_host(self, host: HostSpec, worker_ids: Sequence[str]) -> list[Handle]:
+    def _start_on_host(self, host: HostSpec, worker_ids: Sequence[str], command: WorkerCommand) -> list[Handle]:
         if not worker_ids:
             return []
         try:
@@ -189,7 +190,7 @@ class SSHLauncher(Launcher):
             # one round trip: create the log directory, receive the credentials on stdin into a
             # 0600 file (never on a command line), run the setup lines, start the workers
             credentials = shlex.quote(f"{self.network}.credentials.json")
-            command = WorkerCommand(self.network, host.python, {**host.env, "RUSH_HPC_LAUNCHER": self.name})
+            command = WorkerCommand(self.network, host.python, {**host.env, **command.env}, command.launcher)
             lines = ["set -e", f"(umask 077 && mkdir -p {_remote_path(self.log_dir)})",
                      f"cd {_remote_path(self.log_dir)}", f"(umask 077 && cat > {credentials})",
                      'RUSH_LOG_DIR="$PWD"', 'echo "log_dir $RUSH_LOG_DIR"',

@@ -12,5 +12,4 @@ ${setup}
 # --- one rush-hpc worker per array task ---
 worker_ids=(${worker_ids})
 ${environment}
-export RUSH_HPC_LAUNCHER=sbatch
 exec ${python} -m rush_hpc worker --network ${network} --worker-id "$${worker_ids[$$SLURM_ARRAY_TASK_ID]}"

@@ -21,7 +21,7 @@ def render_golden(python="/opt/venv/bin/python", network="golden-net") -> str:
                               account="proj-1", max_parallel=2, setup=["module load python/3.11"],
                               extra_directives={"constraint": "a'; echo foo", "exclusive": True},
                               job_name="rush worker")
-    command = WorkerCommand(network, python, {"RUSH_HPC_CREDENTIALS": "/shared/rush logs/credentials.json"})
+    command = WorkerCommand(network, python, {"RUSH_HPC_CREDENTIALS": "/shared/rush logs/credentials.json"}, "sbatch")
     return launcher.render(3, command, "batch1", ["w0", "w1", "w2"])
 
 
