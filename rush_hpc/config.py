@@ -41,6 +41,8 @@ class RedisConfig:
     socket_connect_timeout: float = 5.0
     #: how long every client retries through a Redis outage (restart, network blip) before giving up
     outage_timeout: float = 60.0
+    #: a Redis Cluster (``redis+cluster://`` URL): any node's address; redis-py's RedisCluster routes
+    cluster: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 < self.port < 65536:
@@ -54,8 +56,9 @@ class RedisConfig:
     def from_url(cls, url: str, **overrides: Any) -> RedisConfig:
         """Parse ``redis://[[user]:password@]host[:port][/db][?ssl_ca_certs=...]`` or ``rediss://...``."""
         parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss"):
-            raise ConfigError(f"Redis URL must start with redis:// or rediss://, got "
+        if parts.scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
+            raise ConfigError(f"Redis URL must start with redis://, rediss:// (TLS), redis+cluster:// or "
+                              f"rediss+cluster:// (Redis Cluster), got "
                               f"{redact_url(url)!r} (example: redis://:password@127.0.0.1:6379/0)")
         try:
             port = parts.port or 6379
@@ -78,7 +81,8 @@ class RedisConfig:
             "db": db,
             "username": unquote(parts.username) if parts.username else None,
             "password": unquote(parts.password) if parts.password is not None else None,
-            "ssl": parts.scheme == "rediss",
+            "ssl": parts.scheme.startswith("rediss"),
+            "cluster": parts.scheme.endswith("+cluster"),
             **query,
         }
         values.update(overrides)
@@ -107,7 +111,7 @@ class RedisConfig:
 
     # -- presentation ------------------------------------------------------------------------
     def to_url(self, show_secrets: bool = False) -> str:
-        scheme = "rediss" if self.ssl else "redis"
+        scheme = ("rediss" if self.ssl else "redis") + ("+cluster" if self.cluster else "")
         auth = ""
         if self.username or self.password is not None:
             password = quote(self.password or "", safe="") if show_secrets else REDACTED
@@ -132,6 +136,8 @@ class RedisConfig:
         from .outage import OutageRetry
 
         kwargs: dict[str, Any] = {}
+        if self.cluster:
+            return self._cluster_client(socket_timeout, decode_responses)
         if self.ssl:
             kwargs.update(ssl=True, ssl_cert_reqs=self.ssl_cert_reqs, ssl_ca_certs=self.ssl_ca_certs,
                           ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
@@ -145,6 +151,21 @@ class RedisConfig:
             retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.ResponseError],
             health_check_interval=30, decode_responses=decode_responses, **kwargs,
         )
+
+
+    def _cluster_client(self, socket_timeout: float | None | str, decode_responses: bool):
+        """A RedisCluster client; it finds every master from this one node and routes each network's
+        keys (one hash slot per network) to its master. redis-py retries cluster errors itself."""
+        from redis.cluster import RedisCluster
+
+        kwargs: dict[str, Any] = {}
+        if self.ssl:
+            kwargs.update(ssl=True, ssl_cert_reqs=self.ssl_cert_reqs, ssl_ca_certs=self.ssl_ca_certs,
+                          ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
+        return RedisCluster(
+            host=self.host, port=self.port, username=self.username, password=self.password,
+            socket_timeout=self.socket_timeout if isinstance(socket_timeout, str) else socket_timeout,
+            socket_connect_timeout=self.socket_connect_timeout, decode_responses=decode_responses, **kwargs)
 
 
 def redact_url(url: str) -> str:

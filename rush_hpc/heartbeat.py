@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Callable
 
 import redis
 
+from . import lua
 from .exceptions import ConfigError
 from .outage import DEFAULT_OUTAGE_TIMEOUT, is_transient
 
@@ -77,14 +78,14 @@ class BeatLoop:
         self._control_key = keys.control(worker.worker_id)
         self._worker_key = keys.worker(worker.worker_id)
         self.client = client
+        self._beat = client.register_script(lua.HEARTBEAT)
 
     def beat(self) -> bytes | None:
-        """Refresh the key; returns the worker's state as recorded in Redis (None: no record)."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(self._heartbeat_key, f"{time.time():.3f}", px=int(self.expire * 1000))
-        pipe.hget(self._worker_key, "state")
-        _, state = pipe.execute()
-        return state
+        """Refresh the key (only while the worker is running); returns the worker's state as recorded
+        in Redis (None: no record, e.g. the network was reset)."""
+        state = self._beat(keys=[self._worker_key, self._heartbeat_key],
+                           args=[f"{time.time():.3f}", int(self.expire * 1000)])
+        return state or None
 
     def clear(self) -> None:
         self.client.delete(self._heartbeat_key, self._control_key)

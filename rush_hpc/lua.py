@@ -262,6 +262,17 @@ end
 return {scan[1], failed, requeued}
 """
 
+# One heartbeat: refresh the key only while the worker is running, so that a worker the controller
+# gave up on (or of a reset network) creates no key; returns its state either way.
+# KEYS[1] worker hash, KEYS[2] heartbeat key
+# ARGV[1] time stamp, ARGV[2] expiry in milliseconds
+# returns the worker's state, or false when it has no record
+HEARTBEAT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'running' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
+return state
+"""
+
 # Read task rows, a bounded chunk per call so that Redis is never blocked for long: a range of a
 # list (by index) or one SSCAN step over a set. The state filter runs here, so rows of other states
 # never travel. Each row is one JSON string; the client joins them into one document to parse (fast),

@@ -17,6 +17,7 @@ from .exceptions import (NoWorkersError, RedisAuthError, RedisUnavailableError, 
                          TaskError, UnknownTaskError, WorkerNotRunningError)
 from .frames import FrameBuffer, rows_to_frame
 from .keys import TASK_STATES, NetworkKeys
+from .outage import OutageRetry
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -148,8 +149,13 @@ class RushNetwork:
 
     @property
     def _retry(self) -> Any:
-        """The client's ``OutageRetry`` (shared by its connections)."""
-        return self.redis.get_connection_kwargs().get("retry")
+        """The client's ``OutageRetry`` (shared by its connections); a stand-in on a Redis Cluster,
+        whose client retries cluster errors its own way."""
+        retry = self.redis.get_connection_kwargs().get("retry") if hasattr(self.redis, "get_connection_kwargs") \
+            else None
+        if not isinstance(retry, OutageRetry):
+            retry = self.__dict__.setdefault("_standin_retry", OutageRetry(0))
+        return retry
 
     def set_outage_timeout(self, seconds: float) -> None:
         """How long this client's calls retry through a Redis outage before they raise."""
