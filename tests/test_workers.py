@@ -130,7 +130,7 @@ def test_loop_that_raises_marks_the_worker_failed_with_traceback(rush):
     info = rush.worker_info.set_index("worker_id").loc[ids[0]]
     assert "objective exploded" in info.reason
     assert "ValueError" in rush.redis.hget(rush.keys.worker(ids[0]), "traceback").decode()
-    assert "objective exploded" in " ".join(rush.read_log(ids)["message"])
+    wait_until(lambda: "objective exploded" in " ".join(rush.read_log(ids)["message"]), 10, what="the log record")
     assert "objective exploded" in rush.fetch_failed_tasks()["message"][0]  # nothing left running
 
 
@@ -156,7 +156,8 @@ def test_module_import_failure_is_shown_by_the_controller(rush):
     rush.start_local_workers(worker_loop=wl_until_terminated, modules=["no_such_module_xyz"], **FAST)
     with pytest.raises(WorkerStartError, match="could not import module 'no_such_module_xyz'"):
         rush.wait_for_workers(1, timeout=30)
-    assert "no_such_module_xyz" in " ".join(rush.read_log()["message"])
+    # the worker records its state first, then logs: the record may trail the state by a moment
+    wait_until(lambda: "no_such_module_xyz" in " ".join(rush.read_log()["message"]), 10, what="the log record")
 
 
 def test_worker_that_never_registers_is_reported_with_its_stderr(rush, tmp_path):

@@ -227,7 +227,11 @@ class SbatchHandle(SlurmHandle):
 
 def run_submitit_worker(network: str, worker_id: str, environment: Mapping[str, str] | str) -> int:
     """What each submitit array task runs (in submitit's process, on the node): the worker
-    command's environment (credentials file, launcher name), then the worker itself."""
+    command's environment (credentials file, launcher name), then the worker itself.
+
+    In-process on purpose, not ``python -m rush_hpc worker`` as a child (submitit's
+    ``CommandFunction``): submitit's handler for the time-limit signal (USR2) would requeue the
+    job or raise, while ``run_worker`` installs the same graceful handlers every worker has."""
     if isinstance(environment, str):  # jobs pickled by an older controller passed the credentials path
         environment = {"RUSH_HPC_CREDENTIALS": environment, "RUSH_HPC_LAUNCHER": "slurm"}
     os.environ.update(environment)
