@@ -264,3 +264,20 @@ def test_node_failure_loses_its_workers_with_node_fail_and_cancels_the_requeued_
     wait_until(lambda: subprocess.run(["sinfo", "-h", "-n", victim_node, "-o", "%t"], capture_output=True,
                                       text=True).stdout.strip() in ("idle", "mix", "alloc"), 60, poll=1.0,
                what=f"{victim_node} back")
+
+
+def test_rush_hpc_stop_kill_from_another_process_cancels_the_job(slurm_rush, log_dir):
+    """A second controller (the CLI) rebuilds the SLURM handle from the worker's record (validated
+    job id) and cancels the job; it records the cancel."""
+    ids = slurm_rush.start_sbatch_workers(wl_hold, n_workers=1, log_dir=log_dir, **SLURM)
+    slurm_rush.wait_for_workers(worker_ids=ids, timeout=60)
+    job = slurm_rush._worker_hashes(ids)[ids[0]]["job_id"]
+    env = {**os.environ, "RUSH_HPC_URL": slurm_rush.config.to_url(show_secrets=True),
+           "RUSH_HPC_NETWORK": slurm_rush.network, "RUSH_HPC_SECRET": SECRET.decode()}
+    result = subprocess.run([sys.executable, "-m", "rush_hpc", "stop", "--kill"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    worker = slurm_rush._worker_hashes(ids)[ids[0]]
+    assert worker["state"] == "killed" and worker.get("cancelled_at")
+    wait_until(lambda: subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True
+                                      ).stdout.strip() == "", 30, poll=0.5, what="the job to go")
