@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _MAX_REASON = 2000  # characters of a reason read from Redis that an error message shows
+_HANDLE_FIELDS = frozenset({"launcher", "host", "pid", "job_id"})  # what handles are rebuilt from
 
 
 def _decode(value: bytes | str) -> str:
@@ -46,6 +47,7 @@ class Supervisor:
         self.network = network
         self.handles: dict[str, Handle] = {}  # trusted: returned by the launchers of this controller
         self.context = HandleContext()
+        self._rebuilt: dict[str, tuple[tuple[tuple[str, str], ...], Handle | None]] = {}
         self._monitor: threading.Thread | None = None
         self._monitor_stop = threading.Event()
         self._squeue_checked = 0.0
@@ -83,8 +85,19 @@ class Supervisor:
             self.handles[handle.worker_id] = handle
 
     def handle(self, worker_id: str, info: Mapping[str, str]) -> Handle | None:
-        """The trusted handle, else one rebuilt (validated) from the worker hash, else None."""
-        return self.handles.get(worker_id) or handle_from_info(worker_id, info, self.context)
+        """The trusted handle, else one rebuilt (validated) from the worker hash, else None.
+
+        Rebuilt handles are kept while the record they came from stays the same (waits poll often;
+        a record that fails validation is reported once, not on every poll)."""
+        trusted = self.handles.get(worker_id)
+        if trusted is not None:
+            return trusted
+        record = tuple(sorted((k, v) for k, v in info.items() if k in _HANDLE_FIELDS)) + \
+            (("ssh launchers", str(len(self.context.ssh))),)  # a new host list may make it checkable
+        cached = self._rebuilt.get(worker_id)
+        if cached is None or cached[0] != record:
+            cached = self._rebuilt[worker_id] = (record, handle_from_info(worker_id, info, self.context))
+        return cached[1]
 
     def _grouped(self, infos: Mapping[str, Mapping[str, str]],
                  without: list[str] | None = None) -> dict[type[Handle], list[Handle]]:
@@ -334,3 +347,4 @@ class Supervisor:
     def forget(self) -> None:
         """Drop every handle (after reset: the workers are gone or no longer ours to watch)."""
         self.handles.clear()
+        self._rebuilt.clear()
