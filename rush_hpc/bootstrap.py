@@ -18,9 +18,10 @@ from typing import Any
 from .config import RedisConfig
 from .credentials import CREDENTIALS_ENV, read_credentials, resolve_secret
 from .exceptions import ConfigError, RushError, WorkerNotRunningError
-from .heartbeat import first_beat, start_heartbeat
+from .heartbeat import Heartbeat, HeartbeatProcess, first_beat, make_heartbeat
 from .logs import RedisLogHandler
 from .payload import load_meta, load_payload
+from .walltime import DEFAULT_WALLTIME_MARGIN, job_end_time
 from .worker import RushWorker
 
 logger = logging.getLogger(__name__)
@@ -54,10 +55,10 @@ def _record_failure(rush: RushWorker, stage: str, error: BaseException) -> None:
     message = f"{stage}: {type(error).__name__}: {error}"
     trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     print(f"rush-hpc worker {rush.worker_id}: {message}", file=sys.stderr, flush=True)
+    logger.error("worker %s failed: %s\n%s", rush.worker_id, message, trace)  # in the log before it counts as failed
     try:
         _end(rush, "failed", ("", "launched", "running"), f"worker {rush.worker_id} failed: {message}",
              reason=message, traceback=trace)
-        logger.error("worker %s failed: %s\n%s", rush.worker_id, message, trace)
     except Exception as redis_error:  # noqa: BLE001 - best effort, Redis may be the problem
         print(f"rush-hpc worker {rush.worker_id}: could not record the failure in Redis: {redis_error}",
               file=sys.stderr, flush=True)
@@ -79,6 +80,7 @@ def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,
     rush = RushWorker(network, config=config, worker_id=worker_id, secret=secret)
     root = logging.getLogger()
     handler: RedisLogHandler | None = None
+    heartbeat: Heartbeat | HeartbeatProcess | None = None
     try:
         meta = load_meta(rush)
         settings = meta.get("settings", {})
@@ -89,38 +91,40 @@ def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,
         root.addHandler(handler)
         if root.level > level or root.level == logging.NOTSET:
             root.setLevel(level)
-        loop, _ = load_payload(rush, meta)
         outage_timeout = float(settings.get("redis_outage_timeout") or config.outage_timeout)
         rush.set_outage_timeout(outage_timeout)
         period = settings.get("heartbeat_period")
         expire = settings.get("heartbeat_expire")
+        if period:  # forked before the loop is unpickled: the child shares none of its objects
+            heartbeat = make_heartbeat(rush, period, expire, outage_timeout, in_process=in_process)
+        loop, _ = load_payload(rush, meta)
         if not in_process:
             for signum in GRACEFUL_SIGNALS:
                 signal.signal(signum, lambda signum, frame: _on_signal(rush, signum))
         if period:
             first_beat(rush, expire)  # the key exists before the worker counts as running
-        rush.register(**_launch_context(), heartbeat_period=period, heartbeat_expire=expire)
+        rush.job_end = job_end_time()
+        rush.walltime_margin = float(settings.get("walltime_margin") or DEFAULT_WALLTIME_MARGIN)
+        rush.register(**_launch_context(), heartbeat_period=period, heartbeat_expire=expire,
+                      job_end=f"{rush.job_end:.0f}" if rush.job_end else None)
     except WorkerNotRunningError as error:  # killed (or reset) before it could register
         print(f"rush-hpc worker {worker_id}: {error}", file=sys.stderr, flush=True)
-        if handler:
-            root.removeHandler(handler)
-        rush.close()
+        _bootstrap_cleanup(rush, heartbeat, root, handler)
         return 3
     except BaseException as error:  # noqa: BLE001 - every bootstrap error goes to Redis
         _record_failure(rush, "worker bootstrap failed", error)
-        if handler:
-            root.removeHandler(handler)
-        rush.close()
+        _bootstrap_cleanup(rush, heartbeat, root, handler)
         return 1
 
-    heartbeat = None
-    if period:
-        heartbeat = start_heartbeat(rush, period, expire, outage_timeout, in_process=in_process)
+    if heartbeat:
+        heartbeat.begin()
         rush._heartbeat = heartbeat
     code = 0
     try:
         loop(rush)
-        _end(rush, "terminated", ("running",), f"worker {worker_id} terminated while the task was running")
+        walltime = rush.job_end is not None and rush.near_walltime
+        _end(rush, "terminated", ("running",), f"worker {worker_id} terminated while the task was running",
+             **({"reason": "walltime"} if walltime else {}))
         logger.info("worker %s terminated", worker_id)
     except WorkerNotRunningError as error:
         logger.warning("%s", error)  # the controller ended it and released its tasks already
@@ -134,6 +138,15 @@ def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,
         root.removeHandler(handler)
         rush.close()
     return code
+
+
+def _bootstrap_cleanup(rush: RushWorker, heartbeat: Heartbeat | HeartbeatProcess | None,
+                       root: logging.Logger, handler: RedisLogHandler | None) -> None:
+    if isinstance(heartbeat, HeartbeatProcess):
+        heartbeat.stop()  # never started beating; this reaps the waiting child
+    if handler:
+        root.removeHandler(handler)
+    rush.close()
 
 
 def _on_signal(rush: RushWorker, signum: int) -> None:

@@ -1,6 +1,7 @@
 """The ``rush-hpc`` command line. Logging is configured here, never at import.
 
-Errors print one line and exit 1 (``--debug`` shows the traceback).
+Errors print one line and exit 1 (``--debug`` shows the traceback). Tables show 8-character ids
+(``--full-ids`` for all 32) and local times with their UTC offset; csv / json keep everything.
 """
 
 from __future__ import annotations
@@ -10,14 +11,50 @@ import logging
 import sys
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import click
 
-from .exceptions import ConfigError, RushError
+from .exceptions import ConfigError, RedisUnavailableError, RushError
+from .frames import SHORT_ID_LENGTH, format_local, short_ids, to_local_times
 
 if TYPE_CHECKING:
+    import pandas as pd
+
+    from .config import RedisConfig
     from .controller import Rush
+
+#: seconds a Redis gets to answer the CLI's first PING: a port that accepts but never answers
+#: (not Redis, or TLS expected) must not hang the command for the 60 s socket timeout
+PROBE_TIMEOUT = 3.0
+TIME_COLUMNS = ("launched_at", "started_at", "ended_at", "heartbeat")
+
+
+def probe(config: RedisConfig, timeout: float = PROBE_TIMEOUT) -> None:
+    """Fail within seconds, in one line, when ``config`` does not point at a Redis that answers.
+
+    Wrong passwords and refused connections are left to ``rsh()``, whose messages name the fix.
+    """
+    import redis
+
+    client = config.client(socket_timeout=timeout, outage_timeout=0)
+    try:
+        client.ping()
+    except redis.TimeoutError:
+        raise RedisUnavailableError(
+            f"{config} accepted the connection but did not answer within {timeout:g} s: is it a Redis "
+            "server (and does it expect TLS, rediss://)?") from None
+    except redis.exceptions.InvalidResponse as error:
+        raise RedisUnavailableError(f"{config} does not speak the Redis protocol ({error}): check the "
+                                    "host and port") from None
+    except redis.ConnectionError as error:
+        if "protocol" in str(error).lower():
+            raise RedisUnavailableError(f"{config} does not speak the Redis protocol ({error}): check the "
+                                        "host and port") from None
+    except redis.RedisError:
+        pass
+    finally:
+        client.close()
 
 
 def network_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -29,8 +66,10 @@ def network_options(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(network: str, url: str | None, **kwargs: Any) -> Any:
         if url is None:
             raise ConfigError("give --url or set RUSH_HPC_URL (the Redis of the network)")
+        from .config import RedisConfig
         from .controller import rsh
 
+        probe(RedisConfig.from_url(url))
         rush = rsh(network=network, url=url)
         try:
             return func(rush, **kwargs)
@@ -41,17 +80,90 @@ def network_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def output_format(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--format, --limit and --full-ids: shared by the commands that print a frame."""
+    func = click.option("--full-ids", is_flag=True, help="show 32-character ids in tables (default: 8)")(func)
+    func = click.option("--limit", type=click.IntRange(min=1), default=None,
+                        help="show only the N most recent rows")(func)
     return click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
-                        show_default=True)(func)
+                        show_default=True, help="table for people (short ids); csv / json keep everything")(func)
 
 
-def echo_frame(frame, fmt: str) -> None:
+def echo_frame(frame: pd.DataFrame, fmt: str, limit: int | None = None, full_ids: bool = False) -> None:
+    """Print ``frame``: csv / json in full, a table with short ids and local times."""
+    total = len(frame)
+    if limit is not None:
+        frame = frame.tail(limit)
+    frame = to_local_times(frame, TIME_COLUMNS)
     if fmt == "csv":
         click.echo(frame.to_csv(index=False), nl=False)
-    elif fmt == "json":
+    elif fmt == "json":  # local ISO times with their offset (pandas would write UTC)
+        for column in TIME_COLUMNS:
+            if column in frame.columns:
+                frame[column] = frame[column].map(lambda t: None if t is None or t != t else t.isoformat())
         click.echo(frame.to_json(orient="records", date_format="iso", default_handler=str))
     else:
-        click.echo(frame.to_string(index=False) if len(frame) else "(none)")
+        table = frame if full_ids else short_ids(frame)
+        click.echo(table.to_string(index=False) if len(frame) else "(none)")
+        if len(frame) < total:
+            click.echo(f"({len(frame)} of {total} rows; --limit)", err=True)
+
+
+def network_exists(rush: Rush) -> bool:
+    """Whether the network has workers, tasks or a stored worker loop.
+
+    Log records alone do not count: a worker's last record may land just after a reset.
+    """
+    keys = rush.keys
+    return bool(rush.redis.exists(keys.workers, keys.all_tasks, keys.payload, keys.payload_meta))
+
+
+def require_network(rush: Rush) -> None:
+    if not network_exists(rush):
+        raise ConfigError(f"network {rush.network!r} does not exist at {rush.config} (no workers, tasks or "
+                          "worker loop): check --network / RUSH_HPC_NETWORK")
+
+
+def resolve_worker_ids(rush: Rush, given: Sequence[str]) -> list[str]:
+    """Full ids for ``given`` ids or unique prefixes (tables show 8 characters); unknown ones raise."""
+    known = rush.worker_ids
+    resolved, unknown = [], []
+    for value in given:
+        matches = [w for w in known if w == value] or [w for w in known if w.startswith(value)]
+        if len(matches) == 1:
+            resolved.append(matches[0])
+        elif len(matches) > 1:
+            raise ConfigError(f"worker id {value!r} matches {len(matches)} workers of network {rush.network!r}: "
+                              "give more characters")
+        else:
+            unknown.append(value)
+    if unknown:
+        raise ConfigError(f"unknown worker id(s) in network {rush.network!r}: {', '.join(unknown)} "
+                          "(`rush-hpc workers` lists them)")
+    return resolved
+
+
+def worker_table(info: pd.DataFrame, now: float, full_ids: bool = False, width: int = 100) -> list[str]:
+    """One line per worker, within ``width`` columns: id, state, host, pid, launcher, job, start, beat, reason."""
+    import pandas as pd
+
+    id_width = 32 if full_ids else SHORT_ID_LENGTH
+
+    def seconds(value: Any) -> float | None:
+        return None if value is None or pd.isna(value) else float(pd.Timestamp(value).timestamp())
+
+    lines = [f"{'worker_id':<{id_width}}  {'state':<10}  {'host':<14}  {'pid':>7}  {'launcher':<8}  "
+             f"{'job_id':<10}  {'started':<15}  {'beat':>5}  reason"]
+    for row in info.itertuples(index=False):
+        host = row.hostname if isinstance(row.hostname, str) else row.host if isinstance(row.host, str) else "-"
+        started = seconds(row.started_at) or seconds(row.launched_at)
+        beat = seconds(row.heartbeat)
+        reason = row.reason.strip().splitlines()[0] if isinstance(row.reason, str) and row.reason.strip() else ""
+        text = (f"{row.worker_id[:id_width]:<{id_width}}  {str(row.state):<10}  {host[:14]:<14}  "
+                f"{str(row.pid or '-')[:7]:>7}  {str(row.launcher or '-')[:8]:<8}  {str(row.job_id or '-')[:10]:<10}  "
+                f"{format_local(started, with_date=False):<15}  "
+                f"{f'{max(0.0, now - beat):.1f}s' if beat else '-':>5}  {reason}")
+        lines.append(text if len(text) <= width else text[:width - 3] + "...")
+    return lines
 
 
 @click.group()
@@ -76,16 +188,37 @@ def worker(network: str, worker_id: str | None) -> None:
 @cli.command()
 @network_options
 def status(rush: Rush) -> None:
-    """The <Rush> summary: running workers and task counts."""
+    """The <Rush> summary: running workers and task counts (and the elastic-workers policy, if any)."""
     click.echo(str(rush))
+    policy = rush.adapt_status()
+    if policy:
+        line = (f"* Adapt: {policy.get('status')} ({policy.get('launcher')}, {policy.get('minimum')}.."
+                f"{policy.get('maximum')} workers, {policy.get('alive', '?')} alive, {policy.get('started')} "
+                f"started; controller {policy.get('controller')})")
+        click.echo(line + (f"\n  {policy['error']}" if policy.get("error") else ""))
 
 
 @cli.command()
 @network_options
 @output_format
-def workers(rush: Rush, fmt: str) -> None:
-    """Worker info: id, state, pid, host, launcher, job id, heartbeat, reason."""
-    echo_frame(rush.worker_info, fmt)
+def workers(rush: Rush, fmt: str, limit: int | None, full_ids: bool) -> None:
+    """Worker info: id, state, host, pid, launcher, job id, start, heartbeat age, reason.
+
+    The table fits 100 columns (the reason's first line, shortened); csv / json have every field.
+    """
+    info = rush.worker_info
+    if len(info):
+        info = info.sort_values(["launched_at", "started_at", "worker_id"], na_position="first")
+    if fmt != "table":
+        echo_frame(info, fmt, limit, full_ids)
+        return
+    if not len(info):
+        click.echo("(none)")
+        return
+    shown = info.tail(limit) if limit is not None else info
+    click.echo("\n".join(worker_table(shown, time.time(), full_ids)))
+    if len(shown) < len(info):
+        click.echo(f"({len(shown)} of {len(info)} workers; --limit)", err=True)
 
 
 @cli.command()
@@ -93,26 +226,49 @@ def workers(rush: Rush, fmt: str) -> None:
 @click.option("--state", "states", multiple=True, type=click.Choice(["queued", "running", "finished", "failed"]),
               help="only tasks in these states (repeatable); default: all")
 @output_format
-def tasks(rush: Rush, states: tuple[str, ...], fmt: str) -> None:
-    """Tasks with their inputs, results and state."""
-    echo_frame(rush.fetch_tasks_with_state(states or ("queued", "running", "finished", "failed")), fmt)
+def tasks(rush: Rush, states: tuple[str, ...], fmt: str, limit: int | None, full_ids: bool) -> None:
+    """Tasks with their inputs, results and state (in creation order; --limit: the newest)."""
+    echo_frame(rush.fetch_tasks_with_state(states or ("queued", "running", "finished", "failed")), fmt, limit,
+               full_ids)
 
 
 @cli.command()
 @network_options
 @click.option("--follow", "-f", is_flag=True, help="keep printing new records until Ctrl-C")
-@click.option("--worker-id", "worker_ids", multiple=True, help="only these workers (repeatable)")
-def logs(rush: Rush, follow: bool, worker_ids: tuple[str, ...]) -> None:
-    """Worker log records stored in Redis."""
-    seen = 0
-    while True:
-        frame = rush.read_log(worker_ids or None)
-        for record in frame.iloc[seen:].itertuples():
-            click.echo(f"{record.time:%Y-%m-%d %H:%M:%S} {record.worker_id} {record.level} {record.message}")
-        seen = len(frame)
-        if not follow:
-            return
-        time.sleep(0.5)
+@click.option("--worker-id", "worker_ids", multiple=True, help="only these workers (id or prefix; repeatable)")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="start with only the N newest records")
+@click.option("--full-ids", is_flag=True, help="show 32-character worker ids (default: 8)")
+@click.option("--interval", default=0.5, show_default=True, help="--follow: seconds between reads")
+def logs(rush: Rush, follow: bool, worker_ids: tuple[str, ...], limit: int | None, full_ids: bool,
+         interval: float) -> None:
+    """Worker log records stored in Redis (local time with the UTC offset).
+
+    --follow keeps up by record sequence number, also once the log reached its cap.
+    """
+    from .logs import LogFollower
+
+    wanted = resolve_worker_ids(rush, worker_ids) if worker_ids else None
+    follower = LogFollower(rush.redis, rush.keys.log)
+    id_width = 32 if full_ids else SHORT_ID_LENGTH
+    first = True
+    try:
+        while True:
+            dropped = follower.dropped
+            frame = follower.read(wanted)
+            if follower.dropped > dropped and not first:
+                click.echo(f"... {follower.dropped - dropped} record(s) trimmed by the log cap before they "
+                           "were read", err=True)
+            if first and limit is not None:
+                frame = frame.tail(limit)
+            for record in frame.itertuples():
+                stamp = format_local(record.time.timestamp())
+                click.echo(f"{stamp} {record.worker_id[:id_width]} {record.level} {record.message}")
+            first = False
+            if not follow:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
 
 
 @cli.command()
@@ -120,7 +276,9 @@ def logs(rush: Rush, follow: bool, worker_ids: tuple[str, ...]) -> None:
 @click.option("--kill", is_flag=True, help="kill now instead of asking the workers to terminate")
 @click.option("--worker-id", "worker_ids", multiple=True, help="only these workers (repeatable)")
 def stop(rush: Rush, kill: bool, worker_ids: tuple[str, ...]) -> None:
-    """Stop workers: terminate gracefully (default) or kill."""
+    """Stop workers: terminate gracefully (default) or kill. Ids may be the 8-character prefixes."""
+    require_network(rush)
+    worker_ids = tuple(resolve_worker_ids(rush, worker_ids))
     rush.stop_workers(type="kill" if kill else "terminate", worker_ids=list(worker_ids) or None)
     click.echo(f"{'killed' if kill else 'asked to terminate'}: {', '.join(worker_ids) or 'all workers'}")
     unknown = rush._supervisor.not_force_killed if kill else []
@@ -164,29 +322,59 @@ def worker_script(rush: Rush, python: str, credentials_file: str | None, show_se
 
 @cli.command()
 @network_options
-@click.option("--interval", default=1.0, show_default=True, help="seconds between refreshes")
-@click.option("--iterations", default=0, help="stop after this many refreshes (0: until Ctrl-C)")
-def top(rush: Rush, interval: float, iterations: int) -> None:
-    """A live view of the workers and task counts."""
-    count = 0
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0.05),
+              help="seconds between refreshes (the rate is measured over it)")
+@click.option("--iterations", default=0, help="stop after this many frames (0: until Ctrl-C)")
+@click.option("--once", is_flag=True, help="print one frame (after one interval, to measure the rate) and exit")
+@click.option("--target", type=click.IntRange(min=1), default=None, help="finished tasks expected: show an ETA")
+@click.option("--rows", default=20, show_default=True, help="at most this many worker rows")
+@click.option("--full-ids", is_flag=True, help="show 32-character worker ids (default: 8)")
+def top(rush: Rush, interval: float, iterations: int, once: bool, target: int | None, rows: int,
+        full_ids: bool) -> None:
+    """A live view: tasks/s, task counts, finished tasks per worker, heartbeat ages, ETA (--target).
+
+    On a terminal it redraws in place; otherwise (a pipe, a log) it prints a plain frame per interval.
+    """
+    from .top import TopView
+
+    view = TopView(rush, target=target, full_ids=full_ids, rows=rows)
+    frames = 1 if once else iterations
+    live = sys.stdout.isatty() and not once
     try:
-        while True:
-            info = rush.worker_info
-            lines = [time.strftime("%H:%M:%S"), str(rush), ""]
-            if len(info):
-                counts = info["state"].value_counts().to_dict()
-                lines.append("workers: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-                columns = ["worker_id", "state", "hostname", "launcher", "job_id", "heartbeat"]
-                lines.append(info[columns].tail(20).to_string(index=False))
-            if sys.stdout.isatty():
-                click.clear()
-            click.echo("\n".join(lines))
-            count += 1
-            if iterations and count >= iterations:
-                return
+        if live:
+            _top_live(view, interval, frames)
+            return
+        view.sample()  # the first sample only starts the rate measurement
+        shown = 0
+        while not frames or shown < frames:
             time.sleep(interval)
+            lines = view.render(view.sample(), width=200 if full_ids else 80, interval=interval)
+            click.echo("\n".join(line.text for line in lines) + "\n")
+            shown += 1
     except KeyboardInterrupt:
         return
+
+
+def _top_live(view: Any, interval: float, frames: int) -> None:
+    """Redraw in place with rich (no flicker; lost / failed workers in red)."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    console = Console()
+
+    def frame() -> Text:
+        text = Text()
+        for line in view.render(view.sample(), width=console.width, interval=interval):
+            text.append(line.text + "\n", style=line.style or "")
+        return text
+
+    shown = 0
+    with Live(frame(), console=console, auto_refresh=False, vertical_overflow="visible") as live:
+        while not frames or shown < frames:
+            time.sleep(interval)
+            live.update(frame(), refresh=True)
+            shown += 1
 
 
 @cli.command()
@@ -201,12 +389,15 @@ def top(rush: Rush, interval: float, iterations: int) -> None:
 @click.option("--partition", default=None, help="slurm: partition")
 @click.option("--python", default=None, help="ssh/slurm: interpreter on the workers' side")
 @click.option("--keep", is_flag=True, help="do not reset the network at the end")
+@click.option("--yes", is_flag=True, help="wipe the network first even if it already has keys")
+@click.option("--progress/--no-progress", default=None, help="progress bar (default: on a terminal only)")
 def demo(name: str, n_workers: int, n_tasks: int | None, url: str | None, network: str | None, launcher: str,
          hosts: tuple[str, ...], ssh_config: str | None, partition: str | None, python: str | None,
-         keep: bool) -> None:
-    """Run one of the vignette's examples."""
+         keep: bool, yes: bool, progress: bool | None) -> None:
+    """Run one of the vignette's examples (it resets the network before and, without --keep, after)."""
     import importlib
 
+    from .config import RedisConfig
     from .controller import rsh
 
     module = importlib.import_module(f".examples.{name.replace('-', '_')}", __package__)
@@ -221,10 +412,16 @@ def demo(name: str, n_workers: int, n_tasks: int | None, url: str | None, networ
         options["python"] = python
     if n_tasks is not None:
         options["n_tasks"] = n_tasks
+    if url is not None:
+        probe(RedisConfig.from_url(url))
     rush = rsh(network=network or f"demo-{name}", url=url)
     try:
+        if not yes and network_exists(rush):
+            keep = True  # never wipe what we refused to touch
+            raise ConfigError(f"network {rush.network!r} already exists at {rush.config}; the demo would delete "
+                              "its tasks and workers: pass --yes to wipe it, or choose another --network")
         rush.reset()
-        module.run(rush, n_workers=n_workers, launcher=launcher, progress=sys.stderr.isatty(), **options)
+        module.run(rush, n_workers=n_workers, launcher=launcher, progress=progress, **options)
     finally:
         if not keep:
             rush.reset()
@@ -237,6 +434,9 @@ def demo_main(name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The console script: one-line errors (RushError, Redis errors), exit codes 1 / 130."""
+    import redis
+
     args = sys.argv[1:] if argv is None else argv
     try:
         cli.main(args=args, prog_name="rush-hpc", standalone_mode=False)
@@ -250,6 +450,14 @@ def main(argv: list[str] | None = None) -> None:
         if "--debug" in args:
             raise
         click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    except redis.RedisError as error:
+        if "--debug" in args:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, redis.exceptions.NoPermissionError):
+            message += "; the Redis (ACL) user needs access to the network's keys, rush:{NETWORK}:*"
+        click.echo(f"error: Redis: {message} ({type(error).__name__}; --debug shows the traceback)", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

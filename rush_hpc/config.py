@@ -24,7 +24,8 @@ class RedisConfig:
 
     ``ssl=True`` (or a ``rediss://`` URL) turns on TLS; ``ssl_ca_certs`` names the CA that signed the
     server certificate, ``ssl_certfile``/``ssl_keyfile`` a client certificate for mutual TLS, and
-    ``ssl_cert_reqs="none"`` skips verification (not recommended).
+    ``ssl_cert_reqs="none"`` skips verification (not recommended). The server certificate must name
+    ``host`` (host name checking is always on while certificates are verified).
     """
 
     host: str = "127.0.0.1"
@@ -128,9 +129,13 @@ class RedisConfig:
 
     # -- connecting --------------------------------------------------------------------------
     def client(self, *, socket_timeout: float | None | str = "default", decode_responses: bool = False,
-               outage_timeout: float | None = None):
+               outage_timeout: float | None = None, single_connection: bool = False):
         """A redis-py client that retries transient errors with backoff for up to ``outage_timeout``
-        seconds (default: the config's), so that a Redis restart does not end a worker."""
+        seconds (default: the config's), so that a Redis restart does not end a worker.
+
+        ``single_connection``: one dedicated connection behind a lock instead of a pool (a worker's
+        hot path: no pool checkout and release per command).
+        """
         import redis
 
         from .outage import OutageRetry
@@ -139,8 +144,11 @@ class RedisConfig:
         if self.cluster:
             return self._cluster_client(socket_timeout, decode_responses)
         if self.ssl:
+            # host name checking explicitly on: redis-py's default changed between versions (5.x
+            # accepted a certificate issued for another host); off only with verification off
             kwargs.update(ssl=True, ssl_cert_reqs=self.ssl_cert_reqs, ssl_ca_certs=self.ssl_ca_certs,
-                          ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
+                          ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile,
+                          ssl_check_hostname=self.ssl_cert_reqs != "none")
         return redis.Redis(
             host=self.host, port=self.port, db=self.db, username=self.username,
             password=self.password,
@@ -149,7 +157,8 @@ class RedisConfig:
             retry=OutageRetry(self.outage_timeout if outage_timeout is None else outage_timeout,
                               label=f"Redis at {self}"),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.ResponseError],
-            health_check_interval=30, decode_responses=decode_responses, **kwargs,
+            health_check_interval=30, decode_responses=decode_responses,
+            single_connection_client=single_connection, **kwargs,
         )
 
 
@@ -159,9 +168,10 @@ class RedisConfig:
         from redis.cluster import RedisCluster
 
         kwargs: dict[str, Any] = {}
-        if self.ssl:
+        if self.ssl:  # host name checking explicitly on, as for a single server
             kwargs.update(ssl=True, ssl_cert_reqs=self.ssl_cert_reqs, ssl_ca_certs=self.ssl_ca_certs,
-                          ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
+                          ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile,
+                          ssl_check_hostname=self.ssl_cert_reqs != "none")
         return RedisCluster(
             host=self.host, port=self.port, username=self.username, password=self.password,
             socket_timeout=self.socket_timeout if isinstance(socket_timeout, str) else socket_timeout,

@@ -15,19 +15,20 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import redis
 
 from . import defaults
 from . import heartbeat as heartbeat_settings
 from .config import RedisConfig, resolve_config
-from .credentials import CREDENTIALS_ENV, credentials_blob, resolve_secret, write_credentials
+from .credentials import (CREDENTIALS_ENV, CredentialsFile, create_credentials_file, credentials_blob,
+                          resolve_secret, write_credentials)
 from .exceptions import ConfigError, LaunchError, RushError
 from .launchers.base import Handle, Launcher, WorkerCommand
 from .launchers.local import LocalLauncher
 from .logs import read_log
-from .network import RushNetwork
+from .network import RushNetwork, text
 from .payload import GlobalsArg, resolve_globals, store_payload
 from .server import EmbeddedRedis
 from .states import ACTIVE, WorkerState, set_worker_state
@@ -79,6 +80,9 @@ class Rush(RushNetwork):
         self._log_dir: Path | None = None  # our private temporary directory (removed by close/reset)
         self._log_dir_users: set[str] = set()  # ids of the workers started with it
         self._closed = False
+        self._adapt: Any = None
+        self._credential_files: list[tuple[CredentialsFile, list[str]]] = []
+        self._credentials_lock = threading.Lock()  # the monitor thread removes them too
 
     # -- starting workers -------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -116,17 +120,32 @@ class Rush(RushNetwork):
             raise ConfigError(f"log_dir may not contain a line break or NUL character, got {str(log_dir)!r}")
         directory = self._worker_log_dir(log_dir)
         launcher = make_launcher(directory)
-        credentials = write_credentials(directory / "credentials.json", self.config, self.codec.secret)
-        command = WorkerCommand(self.network, launcher.python, {CREDENTIALS_ENV: str(credentials)})
+        credentials = create_credentials_file(directory, self.config, self.codec.secret)
+        command = WorkerCommand(self.network, launcher.python, {CREDENTIALS_ENV: str(credentials.path)})
         try:
             ids = self.start_workers(launcher, count, command)
-        except LaunchError as error:
-            if directory == self._log_dir:
-                self._log_dir_users.update(error.started)
+        except BaseException:
+            credentials.remove()
             raise
+        with self._credentials_lock:
+            self._credential_files.append((credentials, ids))
         if directory == self._log_dir:
             self._log_dir_users.update(ids)
         return ids
+
+    def _remove_spent_credentials(self, everything: bool = False) -> None:
+        """Delete the credentials files whose workers all registered or ended (all of them with
+        ``everything``): no secret stays on disk longer than a worker may still need it."""
+        with self._credentials_lock:
+            keep = []
+            launched = set(self._supervisor.worker_ids(WorkerState.LAUNCHED)) \
+                if self._credential_files and not everything else set()
+            for credentials, ids in self._credential_files:
+                if everything or not launched.intersection(ids):
+                    credentials.remove()
+                else:
+                    keep.append((credentials, ids))
+            self._credential_files = keep
 
     def start_workers(self, launcher: Launcher, n_workers: int, command: WorkerCommand,
                       pre_info: Mapping[str, str] | None = None) -> list[str]:
@@ -334,6 +353,7 @@ class Rush(RushNetwork):
         missing) after ``timeout``.
         """
         self._supervisor.wait_for_workers(n, worker_ids, timeout, poll)
+        self._remove_spent_credentials()
 
     def detect_lost_workers(self) -> list[str]:
         """Mark workers lost whose heartbeat expired or whose process / job ended; returns their ids.
@@ -341,7 +361,9 @@ class Rush(RushNetwork):
         Their running tasks go back to the queue (retries left) or fail with the reason; the SLURM
         jobs of lost workers are cancelled (requeued ones too).
         """
-        return self._supervisor.detect_lost_workers()
+        lost = self._supervisor.detect_lost_workers()
+        self._remove_spent_credentials()
+        return lost
 
     def _watch_workers(self) -> bool:
         """Hook of the waits (``wait_for_tasks``): detect lost workers; True when tasks were released."""
@@ -349,7 +371,7 @@ class Rush(RushNetwork):
 
     def start_monitor(self, interval: float = defaults.MONITOR_INTERVAL) -> None:
         """Run ``detect_lost_workers()`` every ``interval`` seconds in a background thread."""
-        self._supervisor.start_monitor(interval)
+        self._supervisor.start_monitor(interval, self.detect_lost_workers)
 
     def stop_monitor(self) -> None:
         """Stop the background lost-worker checks of ``start_monitor``."""
@@ -359,6 +381,11 @@ class Rush(RushNetwork):
     def _monitor_stop(self) -> threading.Event:  # kept for callers of the old attribute
         return self._supervisor._monitor_stop
 
+    @property
+    def _launchers(self) -> dict[str, Any]:
+        """Gone: launchers return handles now (``self._supervisor.handles``); empty for old callers."""
+        return {}
+
     def stop_workers(self, type: str = "terminate", worker_ids: Sequence[str] | None = None,
                      kill_grace: float = defaults.KILL_GRACE) -> None:
         """``terminate``: ask workers to finish (``rush.terminated`` becomes True in their loop).
@@ -366,6 +393,8 @@ class Rush(RushNetwork):
         """
         if type not in ("terminate", "kill"):
             raise ConfigError(f"type must be 'terminate' or 'kill', got {type!r}")
+        if worker_ids is None:
+            self._stop_adapt()  # stopping every worker also stops the policy that would replace them
         if not self.redis.exists(self.keys.workers):
             raise ConfigError(f"network {self.network!r} has no workers in Redis at {self.config} "
                               "(a typo in the network name, or was it reset?)")
@@ -388,6 +417,46 @@ class Rush(RushNetwork):
     def _kill(self, ids: Sequence[str], grace: float) -> None:
         self._supervisor.kill(ids, grace)
 
+    # -- elastic workers ---------------------------------------------------------------------
+    def adapt(self, minimum: int | None = 0, maximum: int = 1, launcher: str = "local", *,
+              worker_loop: Callable[..., Any] | None = None, interval: float = 2.0, idle_timeout: float = 60.0,
+              lifetime_stagger: float | None = None, max_start_failures: int = 3,
+              **launcher_options: Any) -> None:
+        """Keep between ``minimum`` and ``maximum`` workers alive by themselves (a policy thread).
+
+        Starts workers (``start_<launcher>_workers(worker_loop, **launcher_options)``) while tasks wait
+        and fewer than ``maximum`` are alive (starting ones count), replaces lost and failed ones,
+        starts the replacement of a worker whose allocation ends within ``lifetime_stagger`` seconds
+        (default: 120 s for SLURM launchers, 0 otherwise), and asks workers idle for ``idle_timeout``
+        seconds to terminate, down to ``minimum``. After ``max_start_failures`` failed starts in a row it
+        stops with an error (``adapt_status()``). ``adapt(None)`` or ``stop_workers()`` stops it.
+        See ``rush_hpc.adapt``.
+        """
+        from .adapt import AdaptPolicy
+
+        self._stop_adapt()
+        if minimum is None:
+            return
+        if worker_loop is None:
+            raise ConfigError("adapt needs worker_loop=... (the loop the workers it starts run)")
+        if lifetime_stagger is None:
+            lifetime_stagger = 120.0 if launcher in ("slurm", "sbatch") else 0.0
+        policy = AdaptPolicy(self, int(minimum), int(maximum), launcher, worker_loop, interval, idle_timeout,
+                             lifetime_stagger, max_start_failures, dict(launcher_options))
+        self._adapt = policy
+        policy.start()
+
+    def adapt_status(self) -> dict[str, str]:
+        """The elastic-workers policy as recorded in Redis (also by another controller); {} if none."""
+        return {text(k): text(v) for k, v in self.redis.hgetall(self.keys.adapt).items()}
+
+    def _stop_adapt(self) -> None:
+        policy, self._adapt = self._adapt, None
+        if policy is not None:
+            policy.stop()
+
+    # -- logs -------------------------------------------------------------------------------
+
     # -- logs -------------------------------------------------------------------------------
     def read_log(self, worker_ids: Sequence[str] | None = None, n: int | None = None) -> pd.DataFrame:
         """Log records the workers wrote to Redis (time, worker_id, level, logger, message)."""
@@ -404,7 +473,7 @@ class Rush(RushNetwork):
             self.stop_workers(type=type)
         deleted = 0
         batch: list[bytes] = []
-        for key in self.redis.scan_iter(match=self.keys.pattern, count=1000):
+        for key in self._network_key_names():
             batch.append(key)
             if len(batch) >= 1000:
                 deleted += self.redis.unlink(*batch)
@@ -417,6 +486,25 @@ class Rush(RushNetwork):
             self._remove_log_dir(set())
         self._supervisor.forget()
         logger.info("reset network %s (%d keys deleted)", self.network, deleted)
+
+    def _network_key_names(self) -> Iterator[Any]:
+        """Every key of the network: ``SCAN MATCH``, or - for an ACL user denied SCAN (see the README's
+        ACL line: SCAN would list other networks' key names) - the keys the network's indexes name."""
+        try:
+            yield from self.redis.scan_iter(match=self.keys.pattern, count=1000)
+            return
+        except redis.exceptions.NoPermissionError:
+            pass
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lrange(k.all_tasks, 0, -1)
+        pipe.smembers(k.workers)
+        pipe.smembers(k.priority_workers)
+        task_ids, worker_ids, priority_ids = pipe.execute()
+        yield from (k.task(text(t)) for t in task_ids)
+        for worker_id in {text(w) for w in worker_ids} | {text(w) for w in priority_ids}:
+            yield from k.worker_keys(worker_id)
+        yield from k.fixed_keys()
 
     def _remove_log_dir(self, active: set[str]) -> None:
         """Remove our private temporary directory (credentials, logs, job scripts) unless a worker
@@ -451,6 +539,7 @@ class Rush(RushNetwork):
         if self._closed:
             return
         self._supervisor.stop_monitor()
+        self._stop_adapt()
         active: set[str] = set()
         if self._supervisor.handles:
             try:
@@ -463,6 +552,7 @@ class Rush(RushNetwork):
                 self._kill(local, grace=1.0)
                 active -= set(local)
         self._supervisor.reap(timeout=0.0)
+        self._remove_spent_credentials(everything=True)
         self._remove_log_dir(active)
         self._closed = True
         super().close()

@@ -6,7 +6,10 @@ pandas is imported lazily: workers that never fetch never pay for it.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+from .exceptions import TaskError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -14,6 +17,90 @@ if TYPE_CHECKING:
 
 LAST_COLUMNS = ("worker_id", "state", "keys")
 _NONE = type(None)
+
+#: Columns rush-hpc adds to every task row: a task input, result, extra or condition with one of
+#: these names would be silently replaced by the library's value (and ``keys`` would shadow
+#: ``DataFrame.keys()``), so they are refused.
+RESERVED_COLUMNS = ("keys", "state", "worker_id")
+#: ``pid`` is the worker's process id, put into every task's extra columns by the worker itself.
+#: Extras may set it on purpose (they replace the worker's value); inputs and results may not.
+WORKER_COLUMNS = ("pid",)
+ID_COLUMNS = ("worker_id", "keys")
+SHORT_ID_LENGTH = 8
+
+
+def reserved_columns(what: str) -> tuple[str, ...]:
+    """The names ``what`` (``xss``, ``yss``, ``extra``, ``conditions``) may not use."""
+    return RESERVED_COLUMNS if "extra" in what else RESERVED_COLUMNS + WORKER_COLUMNS
+
+
+def check_user_columns(dicts: Iterable[Mapping[str, Any]], what: str) -> None:
+    """Refuse task dicts whose names collide with the columns rush-hpc adds to each row.
+
+    ``what`` names the argument in the message (``xss``, ``yss``, ``extra``, ``conditions``).
+    Raises ``TaskError`` naming the offending and all reserved names and the fix.
+    """
+    reserved = reserved_columns(what)
+    for i, values in enumerate(dicts):
+        if values is None or isinstance(values, Mapping) and not values:
+            continue
+        clash = [name for name in reserved if name in values]
+        if clash:
+            names = ", ".join(repr(n) for n in clash)
+            raise TaskError(
+                f"{what}[{i}] uses the reserved column name(s) {names}: rush-hpc adds "
+                f"{', '.join(reserved)} to every task row itself. Rename yours (e.g. {clash[0]!r} -> "
+                f"{clash[0] + '_'!r})")
+
+
+def short_ids(frame: pd.DataFrame, columns: Sequence[str] = ID_COLUMNS,
+              length: int = SHORT_ID_LENGTH) -> pd.DataFrame:
+    """A copy of ``frame`` whose id columns (worker_id, keys) keep their first ``length`` characters.
+
+    Ids are 32 hex characters; 8 are unique in practice and keep a printed frame within 80
+    columns. For printing only: use the full ids to address tasks and workers.
+    """
+    short = frame.copy()
+    for column in columns:
+        if column in short.columns:
+            short[column] = short[column].map(lambda v: v[:length] if isinstance(v, str) else v)
+    return short
+
+
+def local_offset(moment: datetime | None = None) -> str:
+    """This machine's UTC offset as ``+HH:MM`` (at ``moment``, default now)."""
+    aware = (moment or datetime.now()).astimezone()
+    offset = aware.utcoffset()
+    minutes = int(offset.total_seconds() // 60) if offset is not None else 0
+    sign = "-" if minutes < 0 else "+"
+    return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+def format_local(timestamp: float | None, with_date: bool = True, with_offset: bool = True) -> str:
+    """A Unix timestamp as local time with its UTC offset: ``2026-11-26 08:15:02 +01:00``.
+
+    One time zone everywhere the CLI prints a time (headers, heartbeats, logs); ``with_offset=False``
+    only where the offset is already printed above (the rows of ``top``).
+    """
+    if timestamp is None or timestamp != timestamp:  # None or NaN
+        return "-"
+    moment = datetime.fromtimestamp(timestamp, tz=timezone.utc).astimezone()
+    text = moment.strftime("%Y-%m-%d %H:%M:%S" if with_date else "%H:%M:%S")
+    return f"{text} {local_offset(moment)}" if with_offset else text
+
+
+def to_local_times(frame: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
+    """A copy of ``frame`` whose naive-UTC datetime ``columns`` are local, time-zone-aware times."""
+    from dateutil import tz
+
+    local = frame.copy()
+    for column in columns:
+        if column in local.columns and str(local[column].dtype).startswith("datetime64"):
+            series = local[column]
+            if series.dt.tz is None:
+                series = series.dt.tz_localize("UTC")
+            local[column] = series.dt.tz_convert(tz.tzlocal())
+    return local
 
 
 def column_names(rows: Iterable[dict[str, Any]], known: Iterable[str] = ()) -> list[str]:

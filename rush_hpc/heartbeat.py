@@ -10,8 +10,8 @@ small **forked child process** (as R rush beats from a separate process):
   worker takes the beat with it (the child exits when its parent is gone); a worker cut off from
   Redis cannot beat, and ends itself after ``redis_outage_timeout`` without Redis;
 * one blocking ``BLPOP`` on the worker's control list doubles as the beat's sleep: "kill" SIGKILLs
-  the worker at once (also one stuck in a GIL-holding call), "terminate" sends it SIGUSR1 (its
-  handler makes ``rush.terminated`` true);
+  the worker at once (also one stuck in a GIL-holding call), "terminate" goes to the worker through
+  a pipe that ``rush.terminated`` reads (no signal: the loop may use SIGUSR1 itself);
 * every beat also reads the worker's state: when the controller declared it lost or killed, or the
   network was reset (no record), the child SIGKILLs the worker. Its late task calls were refused
   in Redis already (see ``lua.py``); this makes it stop using CPU and Redis, too.
@@ -23,6 +23,7 @@ Where ``os.fork`` is missing, and for in-process workers, the same loop runs in 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import select
@@ -70,15 +71,19 @@ class BeatLoop:
     """
 
     def __init__(self, worker: RushWorker, period: float, expire: float, outage_timeout: float,
-                 client: redis.Redis) -> None:
+                 client: redis.Redis | None = None) -> None:
         validate(period, expire)
         self.worker, self.period, self.expire, self.outage_timeout = worker, period, expire, outage_timeout
         keys = worker.keys
         self._heartbeat_key = keys.heartbeat(worker.worker_id)
         self._control_key = keys.control(worker.worker_id)
         self._worker_key = keys.worker(worker.worker_id)
-        self.client = client
-        self._beat = client.register_script(lua.HEARTBEAT)
+        # short timeouts: a beat into a dead link must fail within about a period, so that a worker
+        # cut off and then reconnected learns its fate within two periods of the link coming back
+        self.client = client or dataclasses.replace(
+            worker.config, socket_connect_timeout=max(0.2, period)).client(
+            socket_timeout=1.5 * period + 0.1, outage_timeout=0)  # this loop rides outages itself
+        self._beat = self.client.register_script(lua.HEARTBEAT)
 
     def beat(self) -> bytes | None:
         """Refresh the key (only while the worker is running); returns the worker's state as recorded
@@ -114,7 +119,9 @@ class BeatLoop:
                             "persistence?)" if state is None \
                             else f"was marked {state.decode()} by the controller"
                         end(f"worker {worker_id} {what}")
-                    return  # terminated / failed: the worker is ending by itself
+                    else:  # terminated / failed: the worker is ending by itself
+                        self.clear()
+                    return
                 if should_stop():
                     return
                 message = self.client.blpop([self._control_key], timeout=self.period)
@@ -130,7 +137,8 @@ class BeatLoop:
                     logger.warning("worker %s: cannot reach Redis (%s); retrying for up to %.0f s",
                                    worker_id, error, self.outage_timeout)
                     outage_logged = True
-                time.sleep(min(self.period, 1.0))
+                    continue  # at once: a single dropped connection costs no beat
+                time.sleep(min(self.period, 1.0) / 2)
                 continue
             if message is None or message[1] == _WAKE:
                 continue
@@ -175,14 +183,40 @@ def _process_state(pid: int) -> str:
 
 
 class HeartbeatProcess:
-    """Beats from a forked child process; see the module docstring for why."""
+    """Beats from a forked child process; see the module docstring for why.
+
+    Forked early (before the worker loop is unpickled, so the child shares no large objects and no
+    threads of user code), it waits until ``begin()`` (the worker registered). The child tells the
+    worker "terminate" through a pipe (``terminate_requested()``), never with a signal that the
+    loop might use itself.
+    """
 
     def __init__(self, worker: RushWorker, period: float, expire: float,
                  outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT) -> None:
         validate(period, expire)
         self.worker, self.period, self.expire, self.outage_timeout = worker, period, expire, outage_timeout
-        self.pid: int | None = None
-        self._stop_pipe: int | None = None
+        go_read, self._go = os.pipe()
+        self._terminate, terminate_write = os.pipe()
+        owner = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the child never returns
+            os.close(self._go)
+            os.close(self._terminate)
+            code = 0
+            try:
+                self._child(owner, go_read, terminate_write)
+            except BaseException:  # noqa: BLE001
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(go_read)
+        os.close(terminate_write)
+        os.set_blocking(self._terminate, False)
+        self.pid: int | None = pid
+
+    def begin(self) -> None:
+        """Start beating (the worker has registered)."""
+        os.write(self._go, b"g")
 
     def is_alive(self) -> bool:
         if self.pid is None:
@@ -192,23 +226,16 @@ class HeartbeatProcess:
         except ChildProcessError:
             return False
 
-    def start(self) -> None:
-        read_end, write_end = os.pipe()
-        owner = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # the child never returns
-            os.close(write_end)
-            code = 0
-            try:
-                self._child(owner, read_end)
-            except BaseException:  # noqa: BLE001
-                code = 1
-            finally:
-                os._exit(code)
-        os.close(read_end)
-        self.pid, self._stop_pipe = pid, write_end
+    def terminate_requested(self) -> bool:
+        """True once the controller asked this worker to terminate (no round trip: a pipe read)."""
+        try:
+            return bool(os.read(self._terminate, 64))
+        except BlockingIOError:
+            return False
+        except OSError:
+            return False
 
-    def _child(self, owner: int, stop_pipe: int) -> None:
+    def _child(self, owner: int, go: int, terminate: int) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(signum, signal.SIG_IGN)  # the worker handles those; this child ends with it
         root = logging.getLogger()
@@ -216,12 +243,12 @@ class HeartbeatProcess:
             root.removeHandler(handler)
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s rush_hpc.heartbeat: %(message)s")
-        client = self.worker.config.client(socket_timeout=max(2 * self.period, self.period + 2),
-                                            outage_timeout=0)  # the loop rides outages itself
-        loop = BeatLoop(self.worker, self.period, self.expire, self.outage_timeout, client)
+        if os.read(go, 1) != b"g":
+            return  # the worker ended before it registered
+        loop = BeatLoop(self.worker, self.period, self.expire, self.outage_timeout)
 
         def should_stop() -> bool:
-            return bool(select.select([stop_pipe], [], [], 0)[0])  # readable = the parent closed it
+            return bool(select.select([go], [], [], 0)[0])  # readable = EOF: the parent closed it
 
         def owner_state() -> str:
             return "gone" if os.getppid() != owner else _process_state(owner)
@@ -233,21 +260,24 @@ class HeartbeatProcess:
             except ProcessLookupError:
                 pass
 
+        def ask_to_terminate() -> None:
+            try:
+                os.write(terminate, b"t")
+            except OSError:
+                pass
+
         try:
-            loop.run(owner_state, lambda: os.kill(owner, signal.SIGUSR1), end, should_stop)
-            if should_stop():
-                loop.clear()  # a clean end: the controller sees it at once
+            loop.run(owner_state, ask_to_terminate, end, should_stop)
         except BaseException as error:  # noqa: BLE001 - never die silently
             logger.error("worker %s: %s", self.worker.worker_id, _record_heartbeat_failure(self.worker, error))
             end("the heartbeat failed")
             raise
 
     def stop(self) -> None:
-        """Stop beating and remove the key (the child does that), then reap the child."""
-        if self.pid is None or self._stop_pipe is None:
+        """Stop beating, reap the child, and remove the heartbeat key and the control list."""
+        if self.pid is None:
             return
-        os.close(self._stop_pipe)
-        self._stop_pipe = None
+        os.close(self._go)
         try:
             self.worker.redis.rpush(self.worker.keys.control(self.worker.worker_id), _WAKE)
         except redis.RedisError:
@@ -264,6 +294,12 @@ class HeartbeatProcess:
             os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
         self.pid = None
+        os.close(self._terminate)
+        try:
+            self.worker.redis.delete(self.worker.keys.heartbeat(self.worker.worker_id),
+                                     self.worker.keys.control(self.worker.worker_id))
+        except redis.RedisError as error:
+            logger.warning("worker %s: could not clear heartbeat: %s", self.worker.worker_id, error)
 
 
 class Heartbeat(threading.Thread):
@@ -276,13 +312,18 @@ class Heartbeat(threading.Thread):
                  on_exit: Callable[[str], None] = _exit_now,
                  outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT) -> None:
         super().__init__(name=f"rush-heartbeat-{worker.worker_id}", daemon=True)
-        client = worker.config.client(socket_timeout=max(2 * period, period + 2), outage_timeout=0)
-        self.loop = BeatLoop(worker, period, expire, outage_timeout, client)
+        self.loop = BeatLoop(worker, period, expire, outage_timeout)
         self.worker, self.period, self.on_exit = worker, period, on_exit
         self._stop_event = threading.Event()
 
     def beat(self) -> bytes | None:
         return self.loop.beat()
+
+    def begin(self) -> None:
+        self.start()
+
+    def terminate_requested(self) -> bool:
+        return False  # the thread sets the worker's flag itself
 
     def run(self) -> None:
         try:
@@ -295,7 +336,8 @@ class Heartbeat(threading.Thread):
         self._stop_event.set()
         try:
             self.loop.client.rpush(self.loop._control_key, _WAKE)
-            self.join(timeout=2 * self.period + 1)
+            if self.is_alive():
+                self.join(timeout=2 * self.period + 1)
             self.loop.clear()
         except redis.RedisError as error:
             logger.warning("worker %s: could not clear heartbeat: %s", self.worker.worker_id, error)
@@ -308,18 +350,15 @@ def first_beat(worker: RushWorker, expire: float) -> None:
     worker.redis.set(worker.keys.heartbeat(worker.worker_id), f"{time.time():.3f}", px=int(expire * 1000))
 
 
-def start_heartbeat(worker: RushWorker, period: float, expire: float, outage_timeout: float, *,
-                    in_process: bool) -> Heartbeat | HeartbeatProcess:
-    """A started heartbeat: a child process where possible, else a thread."""
-    heartbeat: Heartbeat | HeartbeatProcess
+def make_heartbeat(worker: RushWorker, period: float, expire: float, outage_timeout: float, *,
+                   in_process: bool) -> Heartbeat | HeartbeatProcess:
+    """A heartbeat, ready to ``begin()`` once the worker registered: a forked child process where
+    possible (forked now, before the worker loop is unpickled), else a thread."""
     if in_process or not hasattr(os, "fork"):
         on_exit: Callable[[str], None] = _exit_now
         if in_process:
             def on_exit(reason: str) -> None:
                 logger.warning("%s", reason)
                 worker.terminate()
-        heartbeat = Heartbeat(worker, period, expire, on_exit, outage_timeout)
-    else:
-        heartbeat = HeartbeatProcess(worker, period, expire, outage_timeout)
-    heartbeat.start()
-    return heartbeat
+        return Heartbeat(worker, period, expire, on_exit, outage_timeout)
+    return HeartbeatProcess(worker, period, expire, outage_timeout)

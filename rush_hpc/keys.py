@@ -2,7 +2,8 @@
 
 All keys of network ``N`` start with ``rush:{N}:``. The ``{N}`` hash tag puts a whole network in one
 Redis Cluster slot, so the Lua scripts (which touch task hashes they derive from ids) stay legal
-there, and ``reset()`` finds everything with one ``SCAN MATCH rush:{N}:*``.
+there, and ``reset()`` finds everything with one ``SCAN MATCH rush:{N}:*`` (or, for an ACL user denied
+SCAN, from ``fixed_keys()`` plus the per-task and per-worker keys of the ids the network lists).
 
 ==================================  ======  ================================================
 key                                 type    holds
@@ -11,6 +12,7 @@ rush:{N}:tasks:all                  list    every task id, in creation order
 rush:{N}:tasks:queued               list    ids waiting in the shared queue
 rush:{N}:tasks:priority:<worker>    list    ids waiting for one worker (popped before the shared queue)
 rush:{N}:tasks:priority_workers     set     workers that have a priority list
+rush:{N}:tasks:wake                 list    wake-up tokens for workers blocked in pop_task (capped)
 rush:{N}:tasks:running              set     ids being evaluated
 rush:{N}:tasks:finished             list    finished rows as JSON, append-only (incremental fetch by index)
 rush:{N}:tasks:failed               list    ids that failed, append-only
@@ -22,8 +24,11 @@ rush:{N}:worker:<id>                hash    pid, hostname, launcher, host, job_i
 rush:{N}:worker:<id>:heartbeat      string  refreshed by the worker, expires when it stops beating
 rush:{N}:worker:<id>:control        list    "terminate" / "kill" messages for that worker
 rush:{N}:worker:<id>:tasks          set     ids of the running tasks this worker holds (ownership)
-rush:{N}:worker:<id>:pop            string  "<request id> <task id>" of its last pop (a re-sent pop repeats it)
+rush:{N}:worker:<id>:pop            hash    request id -> task id of its recent pops (a re-sent pop repeats)
+rush:{N}:worker:<id>:wake           list    wake-up tokens for its priority tasks (capped)
+rush:{N}:adapt                      hash    the elastic-workers policy: bounds, launcher, status, error
 rush:{N}:log                        list    worker log records (JSON), capped
+rush:{N}:log:seq                    string  how many log records were ever written (logs --follow)
 rush:{N}:payload                    string  the signed, pickled worker loop + globals
 rush:{N}:payload:meta               string  JSON: environment fingerprint, size, spill path
 ==================================  ======  ================================================
@@ -37,6 +42,7 @@ from .exceptions import ConfigError
 
 _NETWORK_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
 TASK_STATES = ("queued", "running", "finished", "failed")
+WORKER_STATES = ("launched", "running", "terminated", "killed", "lost", "failed")
 
 
 class NetworkKeys:
@@ -54,6 +60,7 @@ class NetworkKeys:
         self.all_tasks = self.prefix + "tasks:all"
         self.queued = self.prefix + "tasks:queued"
         self.priority_workers = self.prefix + "tasks:priority_workers"
+        self.wake = self.prefix + "tasks:wake"
         self.running = self.prefix + "tasks:running"
         self.finished = self.prefix + "tasks:finished"
         self.failed = self.prefix + "tasks:failed"
@@ -61,13 +68,19 @@ class NetworkKeys:
         self.log = self.prefix + "log"
         self.payload = self.prefix + "payload"
         self.payload_meta = self.prefix + "payload:meta"
+        self.log_seq = self.log + ":seq"
+        self.adapt = self.prefix + "adapt"
         self.pattern = self.prefix + "*"
 
     def task(self, task_id: str) -> str:
         return self.task_prefix + task_id
 
+    @property
+    def priority_prefix(self) -> str:
+        return self.prefix + "tasks:priority:"
+
     def priority(self, worker_id: str) -> str:
-        return self.prefix + "tasks:priority:" + worker_id
+        return self.priority_prefix + worker_id
 
     def worker(self, worker_id: str) -> str:
         return self.worker_prefix + worker_id
@@ -84,5 +97,20 @@ class NetworkKeys:
     def held_tasks(self, worker_id: str) -> str:
         return self.worker_prefix + worker_id + ":tasks"
 
-    def last_pop(self, worker_id: str) -> str:
+    def pops(self, worker_id: str) -> str:
         return self.worker_prefix + worker_id + ":pop"
+
+    def worker_wake(self, worker_id: str) -> str:
+        return self.worker_prefix + worker_id + ":wake"
+
+    def fixed_keys(self) -> list[str]:
+        """Every key of the network whose name does not depend on a task or worker id."""
+        return [self.all_tasks, self.queued, self.priority_workers, self.wake, self.running, self.finished,
+                self.failed, self.workers, self.log, self.log_seq, self.payload, self.payload_meta, self.adapt,
+                *(self.worker_state_set(state) for state in WORKER_STATES)]
+
+    def worker_keys(self, worker_id: str) -> list[str]:
+        """Every key of one worker."""
+        return [self.worker(worker_id), self.heartbeat(worker_id), self.control(worker_id),
+                self.held_tasks(worker_id), self.pops(worker_id), self.worker_wake(worker_id),
+                self.priority(worker_id)]

@@ -24,16 +24,33 @@ local function require_running(worker_key)
 end
 """
 
-# Requeue a running task (retries left, at the front of the queue) or fail it with `condition`.
-# The caller already removed it from the running set and from its holder's set.
-_RELEASE_TASK = """
-local function release_task(key, id, queued, failed, condition, requeued_ids, failed_ids)
+# Wake up to `n` workers blocked in pop_task (BLPOP on a wake-up list). At most 256 tokens are
+# kept, so a list nobody waits on stays small; a worker woken for nothing just pops nothing.
+_WAKE = """
+local function wake(list, n)
+  if n < 1 then return end
+  if n > 256 then n = 256 end
+  local tokens = {}
+  for i = 1, n do tokens[i] = '1' end
+  redis.call('RPUSH', list, unpack(tokens))
+  redis.call('LTRIM', list, -256, -1)
+end
+"""
+
+# Requeue a running task (retries left, at the front of the queue, waking a worker) or fail it with
+# `condition`. The caller already removed it from the running set and from its holder's set.
+_RELEASE_TASK = _WAKE + """
+local function release_task(key, id, queued, failed, condition, requeued_ids, failed_ids, wake_list)
+  -- counters are read defensively (a Redis writer may have put anything there) and written with
+  -- HSET: a script must not fail halfway, since Lua does not roll back what it already wrote
   local max_retries = tonumber(redis.call('HGET', key, 'max_retries') or '0') or 0
   local n_retries = tonumber(redis.call('HGET', key, 'n_retries') or '0') or 0
+  if not (max_retries >= 0 and max_retries <= 1e6) then max_retries = 0 end
+  if not (n_retries >= 0 and n_retries <= 1e6) then n_retries = max_retries end
   if n_retries < max_retries then
-    redis.call('HINCRBY', key, 'n_retries', 1)
-    redis.call('HSET', key, 'state', 'queued')
+    redis.call('HSET', key, 'n_retries', math.floor(n_retries) + 1, 'state', 'queued')
     redis.call('LPUSH', queued, id)
+    wake(wake_list, 1)
     requeued_ids[#requeued_ids + 1] = id
   else
     redis.call('HSET', key, 'state', 'failed', 'condition', condition)
@@ -44,27 +61,33 @@ end
 """
 
 # Create tasks, queued or running (held by the creating worker). Ids already present are skipped,
-# so a re-sent call creates nothing twice.
-# KEYS[1] all-tasks list, KEYS[2] running set or the queue (list) to append to,
-# KEYS[3] the creating worker's hash, KEYS[4] its held-tasks set (both unused when ARGV[3] == '')
+# so a re-sent call creates nothing twice. Queued tasks for one worker (ARGV[5]) go to its priority
+# list while it is running, else to the shared queue: checked here, so none lands in the list of a
+# worker that has ended (which nobody would ever pop).
+# KEYS[1] all-tasks list, KEYS[2] running set, KEYS[3] the creating worker's hash, KEYS[4] its
+# held-tasks set (both unused when ARGV[3] == ''), KEYS[5] shared queue, KEYS[6] its wake-up list,
+# KEYS[7] the priority worker's hash, KEYS[8] its priority list, KEYS[9] its wake-up list,
+# KEYS[10] set of workers with priority lists (KEYS[7..9] unused when ARGV[5] == '')
 # ARGV[1] task key prefix, ARGV[2] 'running' or 'queued', ARGV[3] creating worker id ('' = controller),
-# ARGV[4] max_retries ('' for none), then triples: id, xs (encoded), xs_extra (encoded or '')
+# ARGV[4] max_retries ('' for none), ARGV[5] priority worker id or '', then triples: id, xs (encoded),
+# xs_extra (encoded or '')
 # returns the number of tasks created
-CREATE_TASKS = _REQUIRE_RUNNING + """
+CREATE_TASKS = _REQUIRE_RUNNING + _WAKE + """
 if ARGV[3] ~= '' then
   local refused = require_running(KEYS[3])
   if refused then return refused end
 end
 local running = ARGV[2] == 'running'
 local created = {}
-for i = 5, #ARGV, 3 do
+for i = 6, #ARGV, 3 do
   local id = ARGV[i]
   local key = ARGV[1] .. id
-  if redis.call('EXISTS', key) == 0 then
-    redis.call('HSET', key, 'xs', ARGV[i + 1], 'state', ARGV[2])
-    if ARGV[i + 2] ~= '' then redis.call('HSET', key, 'xs_extra', ARGV[i + 2]) end
-    if ARGV[4] ~= '' then redis.call('HSET', key, 'max_retries', ARGV[4]) end
-    if running then redis.call('HSET', key, 'worker_id', ARGV[3]) end
+  if redis.call('HSETNX', key, 'xs', ARGV[i + 1]) == 1 then  -- 0: a re-sent call, it exists already
+    local fields = {'state', ARGV[2]}
+    if ARGV[i + 2] ~= '' then fields[#fields + 1] = 'xs_extra'; fields[#fields + 1] = ARGV[i + 2] end
+    if ARGV[4] ~= '' then fields[#fields + 1] = 'max_retries'; fields[#fields + 1] = ARGV[4] end
+    if running then fields[#fields + 1] = 'worker_id'; fields[#fields + 1] = ARGV[3] end
+    redis.call('HSET', key, unpack(fields))
     created[#created + 1] = id
   end
 end
@@ -73,54 +96,104 @@ local function add_all(command, key)  -- in slices: unpack() has a limit on its 
     redis.call(command, key, unpack(created, first, math.min(first + 3999, #created)))
   end
 end
+if #created == 0 then return 0 end
 add_all('RPUSH', KEYS[1])
 if running then
   add_all('SADD', KEYS[2])
   add_all('SADD', KEYS[4])
+elseif ARGV[5] ~= '' and redis.call('HGET', KEYS[7], 'state') == 'running' then
+  add_all('RPUSH', KEYS[8])
+  redis.call('SADD', KEYS[10], ARGV[5])
+  wake(KEYS[9], #created)
 else
-  add_all('RPUSH', KEYS[2])
+  add_all('RPUSH', KEYS[5])
+  wake(KEYS[6], #created)
+end
+return #created
+"""
+
+# The hot path's creation: running tasks held by the creating worker (push_running_tasks). The same
+# as CREATE_TASKS for state 'running', with only the keys it needs (fewer arguments to pack and send).
+# KEYS[1] all-tasks list, KEYS[2] running set, KEYS[3] the worker's hash, KEYS[4] its held-tasks set
+# ARGV[1] task key prefix, ARGV[2] worker id, then pairs: id, xs (encoded), and ARGV[3] xs_extra
+# (encoded or '', the same for all: the worker's pid)
+# returns the number of tasks created
+CREATE_RUNNING_TASKS = _REQUIRE_RUNNING + """
+local refused = require_running(KEYS[3])
+if refused then return refused end
+local created = {}
+for i = 4, #ARGV, 2 do
+  local id = ARGV[i]
+  local key = ARGV[1] .. id
+  if redis.call('HSETNX', key, 'xs', ARGV[i + 1]) == 1 then  -- 0: a re-sent call, it exists already
+    if ARGV[3] ~= '' then
+      redis.call('HSET', key, 'state', 'running', 'worker_id', ARGV[2], 'xs_extra', ARGV[3])
+    else
+      redis.call('HSET', key, 'state', 'running', 'worker_id', ARGV[2])
+    end
+    created[#created + 1] = id
+  end
+end
+for first = 1, #created, 4000 do  -- in slices: unpack() has a limit on its results
+  local slice = {unpack(created, first, math.min(first + 3999, #created))}
+  redis.call('RPUSH', KEYS[1], unpack(slice))
+  redis.call('SADD', KEYS[2], unpack(slice))
+  redis.call('SADD', KEYS[4], unpack(slice))
 end
 return #created
 """
 
 # Finish tasks held by this worker. First writer wins: a task that is no longer running, or is held
 # by another worker, is left alone and its result discarded.
-# Appends the finished row to KEYS[2] as JSON, ready to read: [id, xs, ys, xs_extra, ys_extra,
-# worker_id], JSON-tagged values inlined (tag stripped); signed pickles are null there and their
-# positions follow as a 7th element, e.g. [..., [1, 3]], for the reader to fetch and verify.
-# KEYS[1] running set, KEYS[2] finished list, KEYS[3] worker hash, KEYS[4] worker's held-tasks set
-# ARGV[1] task key prefix, ARGV[2] worker id, then triples: id, ys (encoded), ys_extra (encoded or "")
-# returns {number of finished tasks, discarded ids...}
-FINISH_TASKS = _REQUIRE_RUNNING + """
-local refused = require_running(KEYS[3])
-if refused then return refused end
-local discarded = {}
+# Appends the finished row to the finished list as JSON, ready to read, in the one row format that
+# FETCH_ROWS returns too: [id, xs, ys, xs_extra, ys_extra, condition, worker_id, state] with
+# JSON-tagged values inlined (tag stripped); signed pickles are null there and their positions follow
+# as a 9th element, e.g. [..., [2, 4]], for the reader to fetch and verify.
+# Arguments from ARGV[first] on: triples id, ys (encoded), ys_extra (encoded or '').
+_FINISH = """
 local function inline(value, position, pickled)
   if not value or value == '' then return 'null' end
   if string.byte(value, 1) == 106 then return string.sub(value, 2) end
   pickled[#pickled + 1] = position
   return 'null'
 end
-for i = 3, #ARGV, 3 do
-  local id = ARGV[i]
-  local key = ARGV[1] .. id
-  if redis.call('SREM', KEYS[4], id) == 1 then
-    redis.call('SREM', KEYS[1], id)
-    redis.call('HSET', key, 'ys', ARGV[i + 1], 'state', 'finished')
-    if ARGV[i + 2] ~= '' then redis.call('HSET', key, 'ys_extra', ARGV[i + 2]) end
-    local task = redis.call('HMGET', key, 'xs', 'xs_extra')
-    local pickled = {}
-    local row = {cjson.encode(id), inline(task[1], 1, pickled), inline(ARGV[i + 1], 2, pickled),
-                 inline(task[2], 3, pickled), inline(ARGV[i + 2], 4, pickled), cjson.encode(ARGV[2])}
-    if #pickled > 0 then row[7] = '[' .. table.concat(pickled, ',') .. ']' end
-    redis.call('RPUSH', KEYS[2], '[' .. table.concat(row, ',') .. ']')
-  else
-    local task = redis.call('HMGET', key, 'state', 'worker_id')
-    if not (task[1] == 'finished' and task[2] == ARGV[2]) then  -- else: a re-sent call, already done
-      discarded[#discarded + 1] = id
+local function finish(running, finished, held, prefix, worker_id, first)
+  local discarded = {}
+  for i = first, #ARGV, 3 do
+    local id = ARGV[i]
+    local key = prefix .. id
+    if redis.call('SREM', held, id) == 1 then
+      redis.call('SREM', running, id)
+      if ARGV[i + 2] ~= '' then
+        redis.call('HSET', key, 'ys', ARGV[i + 1], 'state', 'finished', 'ys_extra', ARGV[i + 2])
+      else
+        redis.call('HSET', key, 'ys', ARGV[i + 1], 'state', 'finished')
+      end
+      local task = redis.call('HMGET', key, 'xs', 'xs_extra')
+      local pickled = {}
+      local row = {cjson.encode(id), inline(task[1], 1, pickled), inline(ARGV[i + 1], 2, pickled),
+                   inline(task[2], 3, pickled), inline(ARGV[i + 2], 4, pickled), 'null',
+                   cjson.encode(worker_id), '"finished"'}
+      if #pickled > 0 then row[9] = '[' .. table.concat(pickled, ',') .. ']' end
+      redis.call('RPUSH', finished, '[' .. table.concat(row, ',') .. ']')
+    else
+      local task = redis.call('HMGET', key, 'state', 'worker_id')
+      if not (task[1] == 'finished' and task[2] == worker_id) then  -- else: a re-sent call, already done
+        discarded[#discarded + 1] = id
+      end
     end
   end
+  return discarded
 end
+"""
+
+# KEYS[1] running set, KEYS[2] finished list, KEYS[3] worker hash, KEYS[4] worker's held-tasks set
+# ARGV[1] task key prefix, ARGV[2] worker id, then triples: id, ys (encoded), ys_extra (encoded or "")
+# returns {number of finished tasks, discarded ids...}
+FINISH_TASKS = _REQUIRE_RUNNING + _FINISH + """
+local refused = require_running(KEYS[3])
+if refused then return refused end
+local discarded = finish(KEYS[1], KEYS[2], KEYS[4], ARGV[1], ARGV[2], 3)
 table.insert(discarded, 1, redis.call('LLEN', KEYS[2]))
 return discarded
 """
@@ -157,34 +230,55 @@ return discarded
 """
 
 # Pop one task for a worker: its priority list first, then the shared queue; mark it running and
-# held by the worker. ARGV[3] identifies the call: a re-sent pop (its reply was lost) returns the
+# held by the worker. `request` identifies the call: a re-sent pop (its reply was lost) returns the
 # task the first one popped instead of popping another.
-# KEYS[1] this worker's priority list, KEYS[2] shared queue, KEYS[3] running set, KEYS[4] worker hash,
-# KEYS[5] worker's held-tasks set, KEYS[6] worker's last-pop record
-# ARGV[1] task key prefix, ARGV[2] worker id, ARGV[3] request id
-# returns {id, xs} or nil when both queues are empty
-POP_TASK = _REQUIRE_RUNNING + """
-local refused = require_running(KEYS[4])
-if refused then return refused end
-local last = redis.call('GET', KEYS[6])
-if last then
-  local request, last_id = string.match(last, '^(%S+) (.+)$')
-  if request == ARGV[3] then
-    if redis.call('SISMEMBER', KEYS[5], last_id) == 1 then
-      return {last_id, redis.call('HGET', ARGV[1] .. last_id, 'xs')}
+_POP = """
+local function pop(priority, queued, running, held, pops, prefix, worker_id, request)
+  local earlier = redis.call('HGET', pops, request)
+  if earlier then  -- a re-sent pop: the task it popped, if this worker still holds it
+    if redis.call('SISMEMBER', held, earlier) == 1 then
+      return {earlier, redis.call('HGET', prefix .. earlier, 'xs')}
     end
     return false
   end
+  local id = redis.call('LPOP', priority)
+  if not id then id = redis.call('LPOP', queued) end
+  if not id then return false end
+  local key = prefix .. id
+  redis.call('SADD', running, id)
+  redis.call('SADD', held, id)
+  redis.call('HSET', key, 'state', 'running', 'worker_id', worker_id)
+  if redis.call('HSET', pops, request, id) == 1 and redis.call('HLEN', pops) > 16 then
+    local record = redis.call('HGETALL', pops)  -- keep the records of tasks it still holds
+    for i = 1, #record, 2 do
+      if redis.call('SISMEMBER', held, record[i + 1]) == 0 then redis.call('HDEL', pops, record[i]) end
+    end
+  end
+  return {id, redis.call('HGET', key, 'xs')}
 end
-local id = redis.call('LPOP', KEYS[1])
-if not id then id = redis.call('LPOP', KEYS[2]) end
-if not id then return false end
-local key = ARGV[1] .. id
-redis.call('SADD', KEYS[3], id)
-redis.call('SADD', KEYS[5], id)
-redis.call('HSET', key, 'state', 'running', 'worker_id', ARGV[2])
-redis.call('SET', KEYS[6], ARGV[3] .. ' ' .. id)
-return {id, redis.call('HGET', key, 'xs')}
+"""
+
+# KEYS[1] this worker's priority list, KEYS[2] shared queue, KEYS[3] running set, KEYS[4] worker hash,
+# KEYS[5] worker's held-tasks set, KEYS[6] worker's pop records (request id -> task id)
+# ARGV[1] task key prefix, ARGV[2] worker id, ARGV[3] request id
+# returns {id, xs} or nil when both queues are empty
+POP_TASK = _REQUIRE_RUNNING + _POP + """
+local refused = require_running(KEYS[4])
+if refused then return refused end
+return pop(KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3])
+"""
+
+# Finish tasks and pop the next one in ONE round trip (a queue worker's whole step).
+# KEYS[1] running set, KEYS[2] finished list, KEYS[3] worker hash, KEYS[4] worker's held-tasks set,
+# KEYS[5] this worker's priority list, KEYS[6] shared queue, KEYS[7] worker's pop records
+# ARGV[1] task key prefix, ARGV[2] worker id, ARGV[3] pop request id, then triples as FINISH_TASKS
+# returns {number of finished tasks, {discarded ids}, {id, xs} or false}
+FINISH_AND_POP = _REQUIRE_RUNNING + _FINISH + _POP + """
+local refused = require_running(KEYS[3])
+if refused then return refused end
+local discarded = finish(KEYS[1], KEYS[2], KEYS[4], ARGV[1], ARGV[2], 4)
+local popped = pop(KEYS[5], KEYS[6], KEYS[1], KEYS[4], KEYS[7], ARGV[1], ARGV[2], ARGV[3])
+return {redis.call('LLEN', KEYS[2]), discarded, popped}
 """
 
 # Move a worker to a new state if its current state allows it (terminal states are final).
@@ -220,7 +314,7 @@ return set_state(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 5)
 # list goes to the shared queue. Nobody can observe an ended worker that still holds tasks.
 # KEYS[1] worker hash, KEYS[2] workers set, KEYS[3] running set, KEYS[4] queued list, KEYS[5] failed
 # list, KEYS[6] worker's priority list, KEYS[7] set of workers with priority lists, KEYS[8] worker's
-# held-tasks set, KEYS[9] worker's last-pop record
+# held-tasks set, KEYS[9] worker's pop records, KEYS[10] the shared queue's wake-up list
 # ARGV[1] new state, ARGV[2] worker-state set prefix, ARGV[3] worker id, ARGV[4] allowed current
 # states (as SET_WORKER_STATE), ARGV[5] task key prefix, ARGV[6] condition (encoded), then field/value pairs
 # returns false when the transition is not allowed, else {previous state, {failed ids}, {requeued ids}}
@@ -228,12 +322,14 @@ END_WORKER = _SET_STATE + _RELEASE_TASK + """
 local previous = set_state(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 7)
 if previous == false then return false end
 local failed, requeued = {}, {}
-for _, id in ipairs(redis.call('LRANGE', KEYS[6], 0, -1)) do redis.call('RPUSH', KEYS[4], id) end
+local waiting = redis.call('LRANGE', KEYS[6], 0, -1)
+for _, id in ipairs(waiting) do redis.call('RPUSH', KEYS[4], id) end
+wake(KEYS[10], #waiting)
 redis.call('DEL', KEYS[6], KEYS[9])
 redis.call('SREM', KEYS[7], ARGV[3])
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[8])) do
   redis.call('SREM', KEYS[3], id)
-  release_task(ARGV[5] .. id, id, KEYS[4], KEYS[5], ARGV[6], requeued, failed)
+  release_task(ARGV[5] .. id, id, KEYS[4], KEYS[5], ARGV[6], requeued, failed, KEYS[10])
 end
 redis.call('DEL', KEYS[8])
 return {previous, failed, requeued}
@@ -241,8 +337,11 @@ return {previous, failed, requeued}
 
 # Release running tasks whose holder is not running (lost, killed, failed, terminated, or no record
 # at all): the safety net behind END_WORKER. Bounded work per call: SSCAN with a cursor.
-# KEYS[1] running set, KEYS[2] queued list, KEYS[3] failed list
-# ARGV[1] task key prefix, ARGV[2] worker key prefix, ARGV[3] cursor, ARGV[4] count
+# Also (on the first call, cursor 0) moves the priority lists of workers that are not running to the
+# shared queue. KEYS[1] running set, KEYS[2] queued list, KEYS[3] failed list, KEYS[4] the queue's
+# wake-up list, KEYS[5] set of workers with priority lists
+# ARGV[1] task key prefix, ARGV[2] worker key prefix, ARGV[3] cursor, ARGV[4] count,
+# ARGV[5] priority list prefix
 # returns {next cursor, {failed ids}, {requeued ids}}
 SWEEP_ORPHANED_TASKS = _RELEASE_TASK + """
 local scan = redis.call('SSCAN', KEYS[1], ARGV[3], 'COUNT', tonumber(ARGV[4]))
@@ -256,7 +355,23 @@ for _, id in ipairs(scan[2]) do
     if owner then redis.call('SREM', ARGV[2] .. owner .. ':tasks', id) end
     local message = 'task held by worker ' .. tostring(owner or '?') .. ', which is ' ..
                     tostring(state or 'gone') .. ' (released by the lost-task sweep)'
-    release_task(key, id, KEYS[2], KEYS[3], 'j' .. cjson.encode({message = message}), requeued, failed)
+    release_task(key, id, KEYS[2], KEYS[3], 'j' .. cjson.encode({message = message}), requeued, failed,
+                 KEYS[4])
+  end
+end
+if ARGV[3] == '0' then  -- once per sweep: priority lists of workers that are not running
+  for _, owner in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+    if redis.call('HGET', ARGV[2] .. owner, 'state') ~= 'running' then
+      local list = ARGV[5] .. owner
+      local waiting = redis.call('LRANGE', list, 0, -1)
+      for _, id in ipairs(waiting) do
+        redis.call('RPUSH', KEYS[2], id)
+        requeued[#requeued + 1] = id
+      end
+      wake(KEYS[4], #waiting)
+      redis.call('DEL', list)
+      redis.call('SREM', KEYS[5], owner)
+    end
   end
 end
 return {scan[1], failed, requeued}

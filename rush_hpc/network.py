@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import hashlib
 import json
 import logging
+import secrets
 import time
-import uuid
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, cast
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence, cast
 
 import redis
 
@@ -15,7 +18,7 @@ from .codec import Codec
 from .config import RedisConfig
 from .exceptions import (NoWorkersError, RedisAuthError, RedisUnavailableError, RushTimeoutError,
                          TaskError, UnknownTaskError, WorkerNotRunningError)
-from .frames import FrameBuffer, rows_to_frame
+from .frames import FrameBuffer, check_user_columns, rows_to_frame
 from .keys import TASK_STATES, NetworkKeys
 from .outage import OutageRetry
 
@@ -25,21 +28,41 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _ROW_FIELDS = ("xs", "ys", "xs_extra", "ys_extra", "condition")
+_SCRIPTS = ("CREATE_TASKS", "CREATE_RUNNING_TASKS", "FINISH_TASKS", "FAIL_TASKS", "POP_TASK", "FINISH_AND_POP", "END_WORKER",
+            "SWEEP_ORPHANED_TASKS", "SET_WORKER_STATE", "FETCH_ROWS")
 #: task ids per FETCH_ROWS call: a few ms of Redis time each, so other clients are never held up
 FETCH_CHUNK = 2000
 #: finished rows per LRANGE of the (ready-made JSON) finished list
 FINISHED_CHUNK = 20000
 
 
-def parse_rows(raw: Sequence[bytes], width: int, what: str, *, allow_longer: bool = False
-               ) -> list[list[Any] | None]:
-    """JSON rows as lists: one ``json.loads`` for all (fast); one by one when that fails, so that a
-    malformed row (non-UTF-8, bad JSON, too deep, wrong length) is reported and left out (None)."""
+def new_task_id() -> str:
+    """A task id: 16 URL-safe characters, 96 random bits (half the memory of a uuid4 hex in every list
+    and row; collisions stay negligible even at billions of tasks)."""
+    return secrets.token_urlsafe(12)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector (decoding JSON creates no cycles)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def parse_rows(raw: Sequence[bytes], width: int, what: str) -> list[list[Any] | None]:
+    """JSON rows as lists of ``width`` fields (one more: the positions of signed pickles): one
+    ``json.loads`` for all (fast); one by one when that fails, so that a malformed row (non-UTF-8,
+    bad JSON, too deep, wrong length) is reported and left out (None)."""
     if not raw:
         return []
     try:
         records = json.loads(b"[" + b",".join(raw) + b"]")
-        if all(type(r) is list and (len(r) == width or (allow_longer and len(r) == width + 1)) for r in records):
+        if all(type(r) is list and (len(r) == width or len(r) == width + 1) for r in records):
             return records
     except (ValueError, RecursionError):
         pass
@@ -47,7 +70,7 @@ def parse_rows(raw: Sequence[bytes], width: int, what: str, *, allow_longer: boo
     for item in raw:
         try:
             record = json.loads(item.decode("utf-8", "replace"))
-            if type(record) is not list or not (len(record) == width or (allow_longer and len(record) == width + 1)):
+            if type(record) is not list or len(record) not in (width, width + 1):
                 raise ValueError(f"expected {width} fields")
             if not isinstance(record[0], str):
                 raise ValueError("the task id is not a string")
@@ -62,7 +85,8 @@ def parse_rows(raw: Sequence[bytes], width: int, what: str, *, allow_longer: boo
 def connect(config: RedisConfig, **client_options: Any) -> redis.Redis:
     """A checked client: wrong password or unreachable Redis become clear ``RushError``s."""
     client = config.client(**client_options)
-    probe = config.client(outage_timeout=0)  # fail fast and clearly on a wrong password or address
+    # fail fast and clearly on a wrong password or address, or a port that accepts and never answers
+    probe = config.client(outage_timeout=0, socket_timeout=min(config.socket_timeout or 5.0, 5.0))
     try:
         probe.ping()
     except redis.AuthenticationError as error:
@@ -98,13 +122,16 @@ def _as_list_of_dicts(values: Any, name: str) -> list[dict[str, Any]]:
         if not isinstance(value, Mapping):
             raise TaskError(f"{name}[{i}] must be a dict (column name -> value), got "
                             f"{type(value).__name__}: {value!r:.80}")
-    return [dict(v) for v in values]
+    dicts = [dict(v) for v in values]
+    check_user_columns(dicts, name)
+    return dicts
 
 
 def _extras(extra: Any, n: int, name: str = "extra") -> list[dict[str, Any] | None]:
     if extra is None:
         return [None] * n
     if isinstance(extra, Mapping):
+        check_user_columns([extra], name)
         return [dict(extra)] * n
     extras: list[dict[str, Any] | None] = list(_as_list_of_dicts(extra, name))
     if len(extras) != n:
@@ -119,25 +146,37 @@ def _key_list(keys: str | Iterable[str]) -> list[str]:
 class RushNetwork:
     """A connection to one network; the base of ``Rush`` (controller) and ``RushWorker``."""
 
+    #: one dedicated connection (a worker: its loop is one thread) rather than a pool (a controller)
+    _single_connection = False
+
     def __init__(self, network: str, config: RedisConfig, secret: bytes | None) -> None:
         self.keys = NetworkKeys(network)
         self.network = network
         self.config = config
-        self.codec = Codec(secret)
-        self.redis = connect(config)
-        self._scripts = {name: self.redis.register_script(getattr(lua, name)) for name in (
-            "CREATE_TASKS", "FINISH_TASKS", "FAIL_TASKS", "POP_TASK", "END_WORKER", "SWEEP_ORPHANED_TASKS",
-            "SET_WORKER_STATE", "FETCH_ROWS")}
+        self.codec = Codec(secret, network)
+        self.redis = connect(config, single_connection=self._single_connection)
+        self._shas = {name: hashlib.sha1(getattr(lua, name).encode()).hexdigest() for name in _SCRIPTS}
         #: the worker whose task calls are fenced in Redis (None: a controller, not fenced)
         self._fence_id: str | None = None
+        #: a creation whose reply never came (the call raised): (call, ids), reused if it is repeated
+        self._pending_create: tuple[Any, list[str]] | None = None
+        self._warned_no_workers = False
         self._finished = FrameBuffer()
         self._finished_position = 0  # rows of the finished list read so far (bad rows included)
         self._new_tasks_index = 0
 
     def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run one of the Lua scripts; a refused fence becomes ``WorkerNotRunningError``."""
+        """Run one of the Lua scripts (EVALSHA; loaded on first use or after a Redis restart).
+
+        A refused fence becomes ``WorkerNotRunningError``. Called directly rather than through
+        redis-py's Script object: this is the hot path.
+        """
         try:
-            return self._scripts[name](keys=keys, args=args)
+            try:
+                return self.redis.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                self.redis.script_load(getattr(lua, name))
+                return self.redis.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
         except redis.ResponseError as error:
             message = str(error)
             if "RUSH_NOT_RUNNING" in message:
@@ -165,25 +204,35 @@ class RushNetwork:
         """Hook: a worker learns here that Redis refused it (RushWorker stops its loop)."""
 
     # -- creating tasks -----------------------------------------------------------------------
-    def _create_tasks(self, xss: Sequence[Mapping[str, Any]], extra: Any, *, state: str,
-                      max_retries: int = 0, queue: str | None = None) -> list[str]:
-        """Create tasks in one script call. Ids are made here, so a call that redis-py re-sends after
-        a lost reply finds them and creates nothing twice. A worker's call is fenced (it must be running)."""
-        xss = _as_list_of_dicts(xss, "xss")
-        extras = _extras(extra, len(xss))
+    def _create_tasks(self, xss: list[dict[str, Any]], extras: Sequence[dict[str, Any] | bytes | None], *,
+                      state: str, max_retries: int = 0, priority: str | None = None) -> list[str]:
+        """Create tasks in one script call (inputs already validated; an extra may be pre-encoded).
+
+        Ids are made here, so a call that redis-py re-sends after a lost reply finds them and creates
+        nothing twice. A worker's call is fenced (it must be running). ``priority``: the worker whose
+        priority queue takes them while it is running (else the shared queue).
+        """
         if not isinstance(max_retries, int) or max_retries < 0:
             raise TaskError(f"max_retries must be a non-negative integer, got {max_retries!r}")
         if not xss:
             return []
-        ids = [uuid.uuid4().hex for _ in xss]
         encode = self.codec.encode
-        fence = self._fence_id or ""
-        args: list[Any] = [self.keys.task_prefix, state, fence, max_retries or ""]
-        for task_id, xs, xs_extra in zip(ids, xss, extras):
-            args += [task_id, encode(xs), encode(xs_extra) if xs_extra else b""]
-        target = self.keys.running if state == "running" else (queue or self.keys.queued)
-        self._script("CREATE_TASKS", [self.keys.all_tasks, target, self.keys.worker(fence),
-                                      self.keys.held_tasks(fence)], args)
+        fence, target = self._fence_id or "", priority or ""
+        values = [(encode(xs), xs_extra if type(xs_extra) is bytes else encode(xs_extra) if xs_extra else b"")
+                  for xs, xs_extra in zip(xss, extras)]
+        call = (state, target, max_retries, values)
+        pending = self._pending_create
+        # the same call again after one that raised (its effect unknown): the same ids, so nothing twice
+        ids = pending[1] if pending is not None and pending[0] == call else [new_task_id() for _ in xss]
+        self._pending_create = (call, ids)
+        args: list[Any] = [self.keys.task_prefix, state, fence, max_retries or "", target]
+        for task_id, (xs_blob, extra_blob) in zip(ids, values):
+            args += [task_id, xs_blob, extra_blob]
+        keys = self.keys
+        self._script("CREATE_TASKS", [keys.all_tasks, keys.running, keys.worker(fence), keys.held_tasks(fence),
+                                      keys.queued, keys.wake, keys.worker(target), keys.priority(target),
+                                      keys.worker_wake(target), keys.priority_workers], args)
+        self._pending_create = None
         return ids
 
     def push_tasks(self, xss: Sequence[Mapping[str, Any]], extra: Any = None, *,
@@ -192,7 +241,8 @@ class RushNetwork:
 
         ``max_retries``: how often a task goes back to the queue when its worker is lost or killed.
         """
-        return self._create_tasks(xss, extra, state="queued", max_retries=max_retries)
+        xss = _as_list_of_dicts(xss, "xss")
+        return self._create_tasks(xss, _extras(extra, len(xss)), state="queued", max_retries=max_retries)
 
     def push_priority_tasks(self, xss: Sequence[Mapping[str, Any]], priority: Sequence[str | None],
                             extra: Any = None, *, max_retries: int = 0) -> list[str]:
@@ -204,17 +254,16 @@ class RushNetwork:
         priority = list(priority)
         if len(priority) != len(xss):
             raise TaskError(f"priority has {len(priority)} entries but xss has {len(xss)}")
-        running = {text(w) for w in self.redis.smembers(self.keys.worker_state_set("running"))}
         extras = _extras(extra, len(xss))
-        keys: list[str] = []
-        for xs, worker_id, xs_extra in zip(xss, priority, extras):
-            if worker_id is not None and worker_id in running:
-                self.redis.sadd(self.keys.priority_workers, worker_id)
-                queue = self.keys.priority(worker_id)
-            else:
-                queue = self.keys.queued
-            keys += self._create_tasks([xs], [xs_extra] if xs_extra else None, state="queued",
-                                       max_retries=max_retries, queue=queue)
+        groups: dict[str | None, list[int]] = {}
+        for i, worker_id in enumerate(priority):
+            groups.setdefault(worker_id, []).append(i)
+        keys: list[str] = [""] * len(xss)
+        for worker_id, positions in groups.items():  # one script call per target worker
+            created = self._create_tasks([xss[i] for i in positions], [extras[i] for i in positions],
+                                         state="queued", max_retries=max_retries, priority=worker_id)
+            for i, key in zip(positions, created):
+                keys[i] = key
         return keys
 
     # -- counts --------------------------------------------------------------------------------
@@ -272,33 +321,46 @@ class RushNetwork:
         """Rows (one dict per task) of a list or a set, read in chunks of ``FETCH_CHUNK`` ids.
 
         Each chunk is one FETCH_ROWS call, so Redis is never blocked for long; the state filter runs
-        in Redis. JSON values arrive inlined; signed pickles are read separately and verified before
-        they are unpickled. A row that cannot be decoded is reported (with its key) and skipped.
+        in Redis. A row that cannot be decoded is reported (with its key) and skipped.
         """
         rows: list[dict[str, Any]] = []
         position: Any = 0
         state_filter = ",".join(states) if states is not None else ""
         while True:
-            raw, refs, position = self._scripts["FETCH_ROWS"](
-                keys=[collection], args=[kind, position, FETCH_CHUNK, self.keys.task_prefix, state_filter])
-            records = parse_rows(raw, 8, f"tasks of {collection}")
-            if refs:
-                self._resolve_refs(records, refs)
-            for record in records:
-                if record is None:
-                    continue
-                task_id, xs, ys, xs_extra, ys_extra, condition, worker_id, state = record
-                row: dict[str, Any] = {}
-                for values in (xs, ys, xs_extra, ys_extra, condition):
-                    if isinstance(values, dict):
-                        row.update(values)
-                row["worker_id"] = worker_id
-                if states is not None:
-                    row["state"] = state
-                row["keys"] = task_id
-                rows.append(row)
+            raw, refs, position = self._script(
+                "FETCH_ROWS", [collection], [kind, position, FETCH_CHUNK, self.keys.task_prefix, state_filter])
+            rows += self._rows(raw, refs, with_state=states is not None)
             if position in (b"0", "0", 0):
                 return rows
+
+    def _rows(self, raw: list[bytes], refs: list[Any] | None, *, with_state: bool) -> list[dict[str, Any]]:
+        """FETCH_ROWS rows as dicts: the values' columns, worker_id, (state,) keys.
+
+        The one decoder of task rows. JSON values arrive inlined; signed pickles are read separately
+        and verified before they are unpickled.
+        """
+        with gc_paused():  # decoding makes many small objects and no cycles: the collector only slows it
+            records = parse_rows(raw, 8, "tasks")
+        if refs is None:  # finished rows: each lists its own signed pickles as a 9th element
+            refs = [n for i, record in enumerate(records) if record is not None and len(record) == 9
+                    for position in record.pop() for n in (i, int(position))]
+        if refs:
+            self._resolve_refs(records, refs)
+        rows = []
+        for record in records:
+            if record is None:
+                continue
+            task_id, xs, ys, xs_extra, ys_extra, condition, worker_id, state = record
+            row: dict[str, Any] = {}
+            for values in (xs, ys, xs_extra, ys_extra, condition):
+                if type(values) is dict:
+                    row.update(values)
+            row["worker_id"] = worker_id
+            if with_state:
+                row["state"] = state
+            row["keys"] = task_id
+            rows.append(row)
+        return rows
 
     def _resolve_refs(self, records: list[list[Any] | None], refs: list[Any]) -> None:
         pairs = [(int(refs[i]), int(refs[i + 1])) for i in range(0, len(refs), 2)]
@@ -320,10 +382,10 @@ class RushNetwork:
     def fetch_finished_tasks(self) -> pd.DataFrame:
         """Finished tasks (xs, ys and extra columns, worker_id, keys) in the order they finished.
 
-        Incremental: only tasks finished since the last call are read from Redis (the finished
-        list holds ready-made JSON rows: LRANGE in chunks, one json.loads per chunk); the rest comes
-        from a cache whose frame is a view (pandas copy-on-write keeps your changes out of it).
-        A row that cannot be decoded is reported and skipped, once.
+        Incremental: only tasks finished since the last call are read from Redis (the finished list
+        holds ready-made rows: LRANGE in chunks, one json.loads per chunk); the rest comes from a
+        cache whose frame is a view (pandas copy-on-write keeps your changes out of it). A row that
+        cannot be decoded is reported and skipped, once.
         """
         while True:
             raw = cast(list[bytes], self.redis.lrange(self.keys.finished, self._finished_position,
@@ -331,36 +393,10 @@ class RushNetwork:
             if not raw:
                 break
             self._finished_position += len(raw)
-            rows = []
-            for record in parse_rows(raw, 6, "finished tasks", allow_longer=True):
-                if record is None:
-                    continue
-                if len(record) == 7 and not self._resolve_pickled(record):
-                    continue
-                task_id, xs, ys, xs_extra, ys_extra, worker_id = record[:6]
-                row: dict[str, Any] = {}
-                for values in (xs, ys, xs_extra, ys_extra):
-                    if isinstance(values, dict):
-                        row.update(values)
-                row["worker_id"] = worker_id
-                row["keys"] = task_id
-                rows.append(row)
-            self._finished.append(rows)
+            self._finished.append(self._rows(raw, None, with_state=False))
             if len(raw) < FINISHED_CHUNK:
                 break
         return self._finished.frame()
-
-    def _resolve_pickled(self, record: list[Any]) -> bool:
-        """Read and verify the signed pickles of one finished row; False (reported) when one is bad."""
-        try:
-            fields = [_ROW_FIELDS[int(position) - 1] for position in record[6]]
-            blobs = cast(list[bytes | None], self.redis.hmget(self.keys.task(record[0]), fields))
-            for position, field, blob in zip(record[6], fields, blobs):
-                record[int(position)] = self.codec.decode(blob, f"task {record[0]} {field}")
-        except Exception as error:  # noqa: BLE001 - one bad row must not break the rest
-            logger.warning("skipping finished task %s: %s", record[0], error)
-            return False
-        return True
 
     def _clear_task_cache(self) -> None:
         """Forget the fetched finished tasks (after a reset)."""
@@ -429,29 +465,36 @@ class RushNetwork:
         return {k: s.decode() for k, s in zip(keys, states)}
 
     def wait_for_tasks(self, keys: str | Iterable[str], timeout: float | None = None,
-                       poll: float = 0.05) -> None:
+                       poll: float = 0.05, progress: bool | None = None) -> None:
         """Block until every task in ``keys`` is finished or failed.
 
         Never waits on what cannot happen: about once a second it checks the workers (a controller
         also detects lost ones), and raises ``NoWorkersError`` with the counts when tasks it waits for
         are queued or running but no worker is running or starting.
+        ``progress``: a progress bar on stderr; None (default) shows it on a terminal only.
         """
+        from . import progress as progress_display
+
         keys = _key_list(keys)
         deadline = None if timeout is None else time.monotonic() + timeout
         next_check = time.monotonic()
-        while True:
-            pending = {k: s for k, s in self.task_states(keys).items() if s not in ("finished", "failed")}
-            if not pending:
-                return
-            if time.monotonic() >= next_check:
-                if self._watch_workers():
-                    continue  # lost workers' tasks were released: look at the states again
-                self._require_live_workers(pending, len(keys))
-                next_check = time.monotonic() + 1.0
-            if deadline is not None and time.monotonic() > deadline:
-                raise RushTimeoutError(f"{len(pending)} of {len(keys)} tasks still not finished after "
-                                       f"{timeout} s (e.g. {list(pending)[:3]})")
-            time.sleep(poll)
+        with progress_display.tracker(total=len(keys), description="tasks", progress=progress) as bar:
+            while True:
+                states = self.task_states(keys)
+                pending = {k: s for k, s in states.items() if s not in ("finished", "failed")}
+                failed = sum(s == "failed" for s in states.values())
+                bar.update(done=len(keys) - len(pending), extra=f"{failed} failed" if failed else "")
+                if not pending:
+                    return
+                if time.monotonic() >= next_check:
+                    if self._watch_workers():
+                        continue  # lost workers' tasks were released: look at the states again
+                    self._require_live_workers(pending, len(keys))
+                    next_check = time.monotonic() + 1.0
+                if deadline is not None and time.monotonic() > deadline:
+                    raise RushTimeoutError(f"{len(pending)} of {len(keys)} tasks still not finished after "
+                                           f"{timeout} s (e.g. {list(pending)[:3]})")
+                time.sleep(poll)
 
     def _watch_workers(self) -> bool:
         """Hook for waits: the controller detects lost workers here; True when it found some."""
@@ -461,14 +504,20 @@ class RushNetwork:
         pipe = self.redis.pipeline(transaction=False)
         pipe.scard(self.keys.worker_state_set("running"))
         pipe.scard(self.keys.worker_state_set("launched"))
-        running_workers, starting_workers = pipe.execute()
+        pipe.scard(self.keys.workers)
+        running_workers, starting_workers, ever = pipe.execute()
         if running_workers or starting_workers:
             return
         queued = sum(1 for s in pending.values() if s == "queued")
-        raise NoWorkersError(
-            f"waiting for {len(pending)} of {n_waited} task(s) ({queued} queued, {len(pending) - queued} "
-            "running) but no worker is running or starting; start workers (start_*_workers) or see "
-            "worker_info for why they ended")
+        counts = f"{len(pending)} of {n_waited} task(s) ({queued} queued, {len(pending) - queued} running)"
+        if not ever:  # workers started elsewhere (worker_script, a job script) register when they come
+            if not self._warned_no_workers:
+                logger.warning("waiting for %s, but no worker has been started on network %s yet", counts,
+                               self.network)
+                self._warned_no_workers = True
+            return
+        raise NoWorkersError(f"waiting for {counts} but no worker is running or starting (all "
+                             f"{ever} ended); start workers (start_*_workers) or see worker_info for why they ended")
 
     def end_worker(self, worker_id: str, state: str, allowed: Iterable[str], message: str,
                    **fields: Any) -> tuple[str, list[str], list[str]] | None:
@@ -483,10 +532,10 @@ class RushNetwork:
         for name, value in fields.items():
             args += [name, "" if value is None else str(value)]
         keys = self.keys
-        result = self._scripts["END_WORKER"](
-            keys=[keys.worker(worker_id), keys.workers, keys.running, keys.queued, keys.failed,
+        result = self._script(
+            "END_WORKER", [keys.worker(worker_id), keys.workers, keys.running, keys.queued, keys.failed,
                   keys.priority(worker_id), keys.priority_workers, keys.held_tasks(worker_id),
-                  keys.last_pop(worker_id)], args=args)
+                  keys.pops(worker_id), keys.wake], args)
         if not result:
             return None
         previous, failed, requeued = result
@@ -503,9 +552,10 @@ class RushNetwork:
         requeued: list[str] = []
         cursor: Any = 0
         while True:
-            cursor, batch_failed, batch_requeued = self._scripts["SWEEP_ORPHANED_TASKS"](
-                keys=[self.keys.running, self.keys.queued, self.keys.failed],
-                args=[self.keys.task_prefix, self.keys.worker_prefix, cursor, batch])
+            cursor, batch_failed, batch_requeued = self._script(
+                "SWEEP_ORPHANED_TASKS", [self.keys.running, self.keys.queued, self.keys.failed, self.keys.wake,
+                                         self.keys.priority_workers],
+                [self.keys.task_prefix, self.keys.worker_prefix, cursor, batch, self.keys.priority_prefix])
             failed += [text(i) for i in batch_failed]
             requeued += [text(i) for i in batch_requeued]
             if int(cursor) == 0:

@@ -1,8 +1,14 @@
 """The worker loop payload: stored once per network by the controller, loaded by every worker.
 
 ``payload`` holds the signed cloudpickle of ``{"loop": fn, "globals": {...}}``; ``payload:meta`` holds
-plain JSON the worker checks *before* unpickling: the environment fingerprint, the modules to import,
-worker settings (heartbeat, log level), and the spill path of a payload too large for Redis.
+JSON the worker checks *before* unpickling: the environment fingerprint, the modules to import,
+worker settings (heartbeat, log level), the SHA-256 of the payload and the spill path of a payload
+too large for Redis.
+
+Both are signed with the network's key (``Codec``), for the purposes ``"payload-meta"`` and
+``"payload"``: the worker verifies the metadata before it acts on any of it (imports a module, reads
+a spill file, applies a setting), and the payload's signature and hash before unpickling it. A
+payload copied from another network, or metadata edited in Redis, is refused.
 """
 
 from __future__ import annotations
@@ -17,13 +23,26 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, cast
 
-from .exceptions import ConfigError, EnvironmentMismatchError, PayloadError
+from .codec import Codec
+from .credentials import create_private_file
+from .exceptions import ConfigError, EnvironmentMismatchError, PayloadError, SignatureError
 
 if TYPE_CHECKING:
     from .network import RushNetwork
 
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024
 GlobalsArg = Mapping[str, Any] | Sequence[str] | None
+PAYLOAD_PURPOSE = "payload"
+META_PURPOSE = "payload-meta"
+
+
+class VerifiedMeta(dict[str, Any]):
+    """Payload metadata whose signature ``load_meta`` checked; ``load_payload`` takes nothing else."""
+
+
+def payload_codec(network: RushNetwork) -> Codec:
+    """The codec that signs this network's worker loop (its own key and purpose)."""
+    return Codec(network.codec.secret, network.network, purpose=PAYLOAD_PURPOSE)
 
 
 def resolve_globals(globals_: GlobalsArg, frame_depth: int = 2) -> dict[str, Any]:
@@ -110,7 +129,8 @@ def store_payload(network: RushNetwork, loop: Callable[..., Any], globals_: Mapp
     for module in by_value:
         cloudpickle.register_pickle_by_value(module)
     try:
-        blob = network.codec.dumps_pickle({"loop": loop, "globals": dict(globals_)})
+        codec = payload_codec(network)
+        blob = codec.dumps_pickle({"loop": loop, "globals": dict(globals_)})
     except PayloadError:
         raise
     except Exception:  # noqa: BLE001 - find the culprit for a clear message
@@ -130,27 +150,50 @@ def store_payload(network: RushNetwork, loop: Callable[..., Any], globals_: Mapp
                 f"{max_size / 1e6:.0f} MB limit for Redis. Pass payload_dir= (a directory every "
                 "worker can read) or make the globals smaller (load large data inside the loop).")
         path = Path(spill_dir) / f"rush-payload-{network.network}-{uuid.uuid4().hex}.pkl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(blob)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        create_private_file(path, blob)  # 0600, O_EXCL|O_NOFOLLOW: the globals may be private too
         meta["spill_path"] = str(path)
         blob = b""
+    meta_text = json.dumps(meta, sort_keys=True)
+    envelope = {"meta": meta_text, "mac": codec.sign(meta_text.encode(), purpose=META_PURPOSE).hex()}
     pipe = network.redis.pipeline(transaction=True)
     pipe.set(network.keys.payload, blob)
-    pipe.set(network.keys.payload_meta, json.dumps(meta))
+    pipe.set(network.keys.payload_meta, json.dumps(envelope))
     pipe.execute()
     return meta
 
 
-def load_meta(network: RushNetwork) -> dict[str, Any]:
+def load_meta(network: RushNetwork) -> VerifiedMeta:
+    """The payload metadata, after checking its signature (nothing in it is used before that)."""
     raw = network.redis.get(network.keys.payload_meta)
     if raw is None:
         raise PayloadError(f"network {network.network!r} has no worker loop in Redis; the controller "
                            "stores it in start_*_workers() (or was the network reset?)")
-    return json.loads(raw)
+    what = "the worker loop's metadata"
+    try:
+        envelope = json.loads(raw)
+        meta_text, mac = envelope["meta"], bytes.fromhex(envelope["mac"])
+        if not isinstance(meta_text, str):
+            raise TypeError("meta is not a string")
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+        raise SignatureError(f"{what} in Redis is not signed; refusing to use it (was it written by "
+                             "another rush-hpc version, or by someone without the secret?)") from None
+    payload_codec(network).verify(mac, meta_text.encode(), what, purpose=META_PURPOSE)
+    meta = json.loads(meta_text)
+    if not isinstance(meta, dict):
+        raise PayloadError(f"{what} is not a JSON object")
+    return VerifiedMeta(meta)
 
 
 def load_payload(network: RushNetwork, meta: Mapping[str, Any]) -> tuple[Callable[..., Any], dict[str, Any]]:
-    """Check the environment, import modules, verify the signature, unpickle; returns (loop, globals)."""
+    """Check the environment, import modules, verify the signature, unpickle; returns (loop, globals).
+
+    ``meta`` must come from ``load_meta`` (verified): its modules are imported and its spill path
+    read, so an unverified mapping is refused.
+    """
+    if not isinstance(meta, VerifiedMeta):
+        raise PayloadError("load_payload() takes only the metadata returned by load_meta(), whose "
+                           "signature was checked")
     check_fingerprint(meta["fingerprint"])
     for module in meta.get("modules", []):
         try:
@@ -166,8 +209,15 @@ def load_payload(network: RushNetwork, meta: Mapping[str, Any]) -> tuple[Callabl
                                "payload_dir must be visible to every worker") from None
     else:
         blob = cast(bytes, network.redis.get(network.keys.payload) or b"")
+    codec = payload_codec(network)
+    what = "the worker loop payload"
+    if blob[:1] == b"p" and len(blob) > 33:
+        codec.verify(blob[1:33], blob[33:], what, refusing="unpickle it")
+    if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+        raise SignatureError(f"{what} does not match the SHA-256 in its signed metadata (an older or "
+                             "foreign payload was put in its place); refusing to unpickle it")
     try:
-        payload = network.codec.loads_pickle(blob, "the worker loop payload")
+        payload = codec.loads_pickle(blob, what)
     except ModuleNotFoundError as error:
         raise PayloadError(f"the worker loop needs module {error.name!r}, which this worker cannot import "
                            f"({sys.executable}); install it on the workers, pass modules=[...], or define "

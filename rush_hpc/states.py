@@ -89,8 +89,7 @@ def set_worker_state(network: RushNetwork, worker_id: str, state: WorkerState | 
                        ",".join(allowed_previous(target, allowed))]
     for name, value in fields.items():
         args += [name, "" if value is None else str(value)]
-    previous = network._scripts["SET_WORKER_STATE"](
-        keys=[network.keys.worker(worker_id), network.keys.workers], args=args)
+    previous = network._script("SET_WORKER_STATE", [network.keys.worker(worker_id), network.keys.workers], args)
     if previous is None:
         return None
     return previous.decode() if isinstance(previous, bytes) else str(previous)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import redis
 
@@ -38,6 +38,15 @@ def _decode(value: bytes | str) -> str:
 
 def _now() -> str:
     return f"{time.time():.3f}"
+
+
+def _seconds(value: str | None, limit: float = 3600.0) -> float:
+    """A duration read from a worker hash (untrusted): a number of seconds in [0, limit], else 0."""
+    try:
+        seconds = float(value or 0)
+    except ValueError:
+        return 0.0
+    return seconds if 0.0 <= seconds <= limit else 0.0
 
 
 class Supervisor:
@@ -230,16 +239,10 @@ class Supervisor:
     def _in_outage_grace(self, hashes: Mapping[str, Mapping[str, str]]) -> bool:
         """True shortly after a Redis outage (this client saw commands fail, or Redis restarted):
         heartbeats that expired while Redis was down say nothing about the workers."""
-        expires = []
-        for info in hashes.values():
-            try:
-                if info.get("heartbeat_expire"):
-                    expires.append(float(info["heartbeat_expire"]) + float(info.get("heartbeat_period") or 1.0))
-            except ValueError:  # a malformed hash (Redis content is untrusted): not a reason to wait
-                continue
-        if not expires:
+        window = max((_seconds(h.get("heartbeat_expire")) + _seconds(h.get("heartbeat_period"))
+                      for h in hashes.values() if h.get("heartbeat_expire")), default=0.0)
+        if not window:
             return False
-        window = max(expires)
         if self.network._retry.seen_outage_within(window):
             return True
         try:
@@ -270,16 +273,19 @@ class Supervisor:
                 pipe.hset(self.network.keys.worker(worker_id), "job_state", state)
         pipe.execute()
 
-    def start_monitor(self, interval: float = defaults.MONITOR_INTERVAL) -> None:
+    def start_monitor(self, interval: float = defaults.MONITOR_INTERVAL,
+                      check: Callable[[], object] | None = None) -> None:
+        """Run ``check`` (default: ``detect_lost_workers``) every ``interval`` seconds in a thread."""
         if self._monitor is not None and self._monitor.is_alive():
             return
         self._monitor_stop.clear()
+        run = check or self.detect_lost_workers
 
         def watch() -> None:
             warned_at = -float("inf")
             while not self._monitor_stop.wait(interval):
                 try:
-                    self.detect_lost_workers()
+                    run()
                 except redis.RedisError as error:  # an outage longer than outage_timeout: say it once a minute
                     if time.monotonic() - warned_at > 60:
                         logger.warning("lost-worker monitor: Redis unavailable (%s); still watching", error)
@@ -297,15 +303,19 @@ class Supervisor:
     def kill(self, ids: Sequence[str], grace: float = defaults.KILL_GRACE) -> list[str]:
         """Mark killed, release their tasks, ask them through Redis, then force what did not go."""
         network = self.network
-        hashes = self.worker_hashes(ids)
-        killed = []
         for worker_id in ids:
-            if network.end_worker(worker_id, WorkerState.KILLED.value, allowed_previous(WorkerState.KILLED),
-                                  f"worker {worker_id} killed by the controller",
-                                  reason="killed by the controller", ended_at=_now()) is None:
-                continue
-            network.redis.rpush(network.keys.control(worker_id), "kill")
-            killed.append(worker_id)
+            network.end_worker(worker_id, WorkerState.KILLED.value, allowed_previous(WorkerState.KILLED),
+                               f"worker {worker_id} killed by the controller",
+                               reason="killed by the controller", ended_at=_now())
+        # every requested worker that is killed or lost now gets the kill, whatever end_worker answered:
+        # one declared lost earlier (frozen, cut off) may still run, and a re-sent end_worker is refused
+        hashes = self.worker_hashes(ids)
+        killed = [w for w in ids if hashes[w].get("state") in (WorkerState.KILLED.value, WorkerState.LOST.value)]
+        if killed:
+            pipe = network.redis.pipeline(transaction=False)
+            for worker_id in killed:
+                pipe.rpush(network.keys.control(worker_id), "kill")
+            pipe.execute()
         deadline = time.monotonic() + grace
         pending = set(killed)
         while pending and time.monotonic() < deadline:

@@ -15,7 +15,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from .config import RedisConfig, resolve_config
 from .credentials import resolve_secret
 from .exceptions import ConfigError, TaskError, WorkerNotRunningError
-from .network import RushNetwork, _as_list_of_dicts, _extras, _key_list, text
+from .walltime import DEFAULT_WALLTIME_MARGIN, seconds_left
+from .network import RushNetwork, _as_list_of_dicts, _extras, _key_list, new_task_id, text
 from .states import set_worker_state  # noqa: F401 - re-exported: it moved to states.py
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class RushWorker(RushNetwork):
     running worker (the bootstrap does this for launched workers).
     """
 
+    _single_connection = True
+
     def __init__(self, network: str, url: str | None = None, *, config: RedisConfig | None = None,
                  worker_id: str | None = None, secret: str | bytes | None = None) -> None:
         resolved = resolve_config(url, config)
@@ -48,7 +51,15 @@ class RushWorker(RushNetwork):
         self._terminated = threading.Event()
         self._heartbeat: Any = None
         self._default_extra = {"pid": self.pid}
-        self._n_finished_seen = 0
+        self._default_extra_blob = self.codec.encode(self._default_extra)
+        self._create_running_keys = [self.keys.all_tasks, self.keys.running, self.keys.worker(self.worker_id),
+                                     self.keys.held_tasks(self.worker_id)]
+        self._n_finished_seen: int | None = None
+        self._pending_pop: str | None = None
+        #: the end of this worker's allocation (epoch seconds; the bootstrap asks SLURM), None: no limit
+        self.job_end: float | None = None
+        #: stop taking tasks this many seconds before ``job_end``
+        self.walltime_margin = DEFAULT_WALLTIME_MARGIN
 
     # -- lifecycle -----------------------------------------------------------------------------
     def register(self, **info: Any) -> None:
@@ -76,7 +87,12 @@ class RushWorker(RushNetwork):
         """
         if self._terminated.is_set():
             return True
-        if self._heartbeat is None or not self._heartbeat.is_alive():
+        if self.job_end is not None and self.near_walltime:
+            logger.info("worker %s: %.0f s of its allocation left: terminating", self.worker_id, self.time_left)
+            self._terminated.set()
+        elif self._heartbeat is not None and self._heartbeat.terminate_requested():
+            self._terminated.set()
+        elif self._heartbeat is None or not self._heartbeat.is_alive():
             messages = self.redis.lrange(self.keys.control(self.worker_id), 0, -1)
             if b"terminate" in messages or b"kill" in messages:
                 self._terminated.set()
@@ -84,6 +100,18 @@ class RushWorker(RushNetwork):
 
     def _on_refused(self, state: str) -> None:
         self._terminated.set()
+
+    @property
+    def time_left(self) -> float | None:
+        """Seconds until this worker's allocation ends (SLURM walltime), None without a limit."""
+        return seconds_left(self.job_end)
+
+    @property
+    def near_walltime(self) -> bool:
+        """True within ``walltime_margin`` seconds of the allocation's end: start no new work. The
+        worker's ``pop_task`` returns None then, and ``terminated`` becomes True."""
+        left = seconds_left(self.job_end)
+        return left is not None and left <= self.walltime_margin
 
     def terminate(self) -> None:
         """Make ``terminated`` true in this process (signal handlers and the heartbeat use this)."""
@@ -93,29 +121,58 @@ class RushWorker(RushNetwork):
     def push_running_tasks(self, xss: Sequence[Mapping[str, Any]], extra: Any = None) -> list[str]:
         """Create tasks that this worker evaluates right now (state "running"); returns their keys."""
         xss = _as_list_of_dicts(xss, "xss")
-        extras = [{**self._default_extra, **(e or {})} for e in _extras(extra, len(xss))]
-        return self._create_tasks(xss, extras, state="running")
+        if extra is not None:
+            extras = [{**self._default_extra, **(e or {})} for e in _extras(extra, len(xss))]
+            return self._create_tasks(xss, extras, state="running")
+        # the hot path: the constant pid extra (encoded once), a script with only the keys it needs
+        encode = self.codec.encode
+        values = [encode(xs) for xs in xss]
+        pending = self._pending_create
+        call = ("running", self._default_extra_blob, values)
+        ids = pending[1] if pending is not None and pending[0] == call else [new_task_id() for _ in xss]
+        self._pending_create = (call, ids)
+        args: list[Any] = [self.keys.task_prefix, self.worker_id, self._default_extra_blob]
+        for task_id, blob in zip(ids, values):
+            args += [task_id, blob]
+        if ids:
+            self._script("CREATE_RUNNING_TASKS", self._create_running_keys, args)
+        self._pending_create = None
+        return ids
 
     def pop_task(self, timeout: float | None = None, fields: Any = None) -> Task | None:
         """Take the next queued task (own priority queue first) and mark it running.
 
-        Returns None when the queues stay empty for ``timeout`` seconds (None: return at once).
-        Raises ``WorkerNotRunningError`` when this worker may no longer take tasks.
+        Waits up to ``timeout`` seconds for one (None: return at once) blocked in Redis, not polling:
+        creating or requeueing a task wakes a waiting worker at once. Returns None when none came.
+        Returns None at once near the end of the allocation (``near_walltime``): no task is started
+        that cannot finish. Raises ``WorkerNotRunningError`` when this worker may no longer take tasks.
         """
-        deadline = time.monotonic() + (timeout or 0)
-        delay = 0.002
+        if self.job_end is not None and self.near_walltime:
+            return None
         keys = self.keys
         script_keys = [keys.priority(self.worker_id), keys.queued, keys.running, keys.worker(self.worker_id),
-                       keys.held_tasks(self.worker_id), keys.last_pop(self.worker_id)]
+                       keys.held_tasks(self.worker_id), keys.pops(self.worker_id)]
+        deadline = time.monotonic() + timeout if timeout else None
         while True:
-            request = uuid.uuid4().hex  # a re-sent call (lost reply) returns the same task
-            popped = self._script("POP_TASK", script_keys, [keys.task_prefix, self.worker_id, request])
+            popped = self._script("POP_TASK", script_keys, [keys.task_prefix, self.worker_id, self._pop_request()])
+            self._pending_pop = None
             if popped:
-                return Task(key=popped[0].decode(), xs=self.codec.decode(popped[1], "task xs"))
-            if time.monotonic() >= deadline or self.terminated:
+                return self._task(popped)
+            remaining = deadline - time.monotonic() if deadline is not None else 0.0
+            if remaining <= 0 or self.terminated:
                 return None
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 0.05)
+            # sleep in Redis until a task is created or requeued (slices of 1 s to notice terminate)
+            self.redis.blpop([keys.worker_wake(self.worker_id), keys.wake], timeout=max(0.01, min(remaining, 1.0)))
+
+    def _pop_request(self) -> str:
+        """The request id of the next pop: a re-sent call (lost reply, redis-py's retry) and the next
+        call after one that raised both repeat the pending id, and so get the task it popped."""
+        if self._pending_pop is None:
+            self._pending_pop = uuid.uuid4().hex
+        return self._pending_pop
+
+    def _task(self, popped: list[bytes]) -> Task:
+        return Task(key=popped[0].decode(), xs=self.codec.decode(popped[1], "task xs"))
 
     def push_results(self, keys: str | Iterable[str], yss: Sequence[Mapping[str, Any]],
                      extra: Any = None) -> list[str]:
@@ -125,6 +182,35 @@ class RushWorker(RushNetwork):
         requeued meanwhile, e.g. because this worker was declared lost) is discarded with a warning:
         the first state change wins. Safe to re-send: a repeat reports the tasks as finished.
         """
+        args = self._finish_args(keys, yss, extra)
+        self._n_finished_seen, *discarded = self._script(
+            "FINISH_TASKS", [self.keys.running, self.keys.finished, self.keys.worker(self.worker_id),
+                             self.keys.held_tasks(self.worker_id)], args)
+        return self._report_discarded(discarded, "results")
+
+    def finish_and_pop(self, keys: str | Iterable[str], yss: Sequence[Mapping[str, Any]], extra: Any = None,
+                       timeout: float | None = None) -> Task | None:
+        """``push_results`` and then ``pop_task(timeout)`` in ONE round trip (a queue worker's step).
+
+        Discarded results are logged as by ``push_results``. Returns the next task, or None when the
+        queues stay empty for ``timeout`` seconds.
+        """
+        if self.job_end is not None and self.near_walltime:
+            self.push_results(keys, yss, extra)
+            return None
+        finish = self._finish_args(keys, yss, extra)
+        args = [*finish[:2], self._pop_request(), *finish[2:]]
+        self._n_finished_seen, discarded, popped = self._script(
+            "FINISH_AND_POP", [self.keys.running, self.keys.finished, self.keys.worker(self.worker_id),
+                               self.keys.held_tasks(self.worker_id), self.keys.priority(self.worker_id),
+                               self.keys.queued, self.keys.pops(self.worker_id)], args)
+        self._pending_pop = None
+        self._report_discarded(discarded, "results")
+        if popped:
+            return self._task(popped)
+        return self.pop_task(timeout) if timeout else None
+
+    def _finish_args(self, keys: str | Iterable[str], yss: Sequence[Mapping[str, Any]], extra: Any) -> list[Any]:
         keys = _key_list(keys)
         yss = _as_list_of_dicts(yss, "yss")
         if len(keys) != len(yss):
@@ -135,10 +221,18 @@ class RushWorker(RushNetwork):
         args: list[Any] = [self.keys.task_prefix, self.worker_id]
         for key, ys, ys_extra in zip(keys, yss, extras):
             args += [key, encode(ys), encode(ys_extra) if ys_extra else b""]
-        self._n_finished_seen, *discarded = self._script(
-            "FINISH_TASKS", [self.keys.running, self.keys.finished, self.keys.worker(self.worker_id),
-                             self.keys.held_tasks(self.worker_id)], args)
-        return self._report_discarded(discarded, "results")
+        return args
+
+    @property
+    def n_finished_tasks(self) -> int:
+        """Finished tasks of the network.
+
+        Right after this worker finished tasks (``push_results`` / ``finish_and_pop``), the first
+        read returns the count that call saw in Redis, without another round trip (the vignette
+        loop's ``while rush.n_finished_tasks < n``); any other read asks Redis.
+        """
+        count, self._n_finished_seen = self._n_finished_seen, None
+        return int(self.redis.llen(self.keys.finished)) if count is None else int(count)
 
     def push_failed(self, keys: str | Iterable[str], conditions: Sequence[Mapping[str, Any]] | None = None
                     ) -> list[str]:

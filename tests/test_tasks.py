@@ -162,10 +162,10 @@ def test_plain_values_round_trip_exactly_without_unpickling(rush, worker, monkey
 
 def test_other_values_round_trip_through_signed_pickle(rush, worker):
     array = np.arange(6.0).reshape(2, 3)
-    key = worker.push_running_tasks([{"coords": (1, 2), "keys": {1: "int key"}}])
+    key = worker.push_running_tasks([{"coords": (1, 2), "lookup": {1: "int key"}}])
     worker.push_results(key, [{"array": array}])
     row = rush.fetch_finished_tasks().iloc[0]
-    assert row.coords == (1, 2) and row["keys"] == key[0]  # the task key column wins
+    assert row.coords == (1, 2) and row["lookup"] == {1: "int key"} and row["keys"] == key[0]
     np.testing.assert_array_equal(row["array"], array)
 
 

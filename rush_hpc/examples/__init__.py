@@ -10,11 +10,11 @@
 from __future__ import annotations
 
 import importlib.util
-import io
 import math
 import time
 from typing import Any, Callable, Sequence
 
+from .. import progress as progress_display
 from ..controller import Rush
 from ..exceptions import ConfigError
 
@@ -48,28 +48,31 @@ def start_workers(rush: Rush, loop: Callable[..., Any], n_workers: int, launcher
 
 
 def run_example(rush: Rush, loop: Callable[..., Any], n_workers: int, n_tasks: int, launcher: str,
-                progress: bool, globals: dict[str, Any], **options: Any) -> tuple[list[str], float]:
-    """Start the workers, wait until they are done, print the summary; returns (ids, seconds)."""
+                progress: bool | None, globals: dict[str, Any], quiet: bool = False,
+                **options: Any) -> tuple[list[str], float]:
+    """Start the workers, wait until they are done, print the summary; returns (ids, seconds).
+
+    ``progress``: a progress bar on stderr (None: on a terminal only, see ``rush_hpc.progress``).
+    """
     started = time.monotonic()
     ids = start_workers(rush, loop, n_workers, launcher, globals=globals, **options)
     rush.wait_for_workers(worker_ids=ids, timeout=120)
     wait_for_finished(rush, n_tasks, ids, progress=progress)
-    print(rush)
+    if not quiet:
+        print(rush)
     return ids, time.monotonic() - started
 
 
 def wait_for_finished(rush: Rush, n_tasks: int, ids: Sequence[str], timeout: float = 600,
-                      progress: bool = False) -> None:
+                      progress: bool | None = None) -> None:
     """Wait until ``n_tasks`` tasks finished or every worker ended (reporting failures)."""
-    import click
-
     deadline = time.monotonic() + timeout
-    with click.progressbar(length=n_tasks, label="finished tasks", file=None if progress else io.StringIO()) as bar:
-        done = 0
+    with progress_display.tracker(total=n_tasks, description="finished", progress=progress) as bar:
         while True:
-            finished = rush.n_finished_tasks
-            bar.update(min(finished, n_tasks) - done)
-            done = min(finished, n_tasks)
+            counts = rush.counts()
+            bar.update(done=min(counts["finished"], n_tasks),
+                       extra=f"{counts['running_workers']} workers · {counts['running']} running · "
+                             f"{counts['failed']} failed")
             ended = set(rush._ids_in_state("terminated", "failed", "lost", "killed"))
             if set(ids) <= ended or time.monotonic() > deadline:
                 break

@@ -49,7 +49,7 @@ def wl_median_stopping(rush) -> None:
                 break
 
 
-def run(rush, n_workers: int = 4, n_tasks: int = 1000, launcher: str = "local", progress: bool = False,
+def run(rush, n_workers: int = 4, n_tasks: int = 1000, launcher: str = "local", progress: bool | None = None,
         **options: Any):
     require("xgboost", "numpy")
     ids, elapsed = run_example(rush, wl_median_stopping, n_workers, n_tasks, launcher, progress,
@@ -60,7 +60,7 @@ def run(rush, n_workers: int = 4, n_tasks: int = 1000, launcher: str = "local", 
     print("evaluations and RMSE per number of rounds (stopped configurations never reach 20):")
     print(per_round.to_string())
     best = tasks.iloc[0]
-    print(f"best rmse = {best.rmse:.3f} (max_depth {best.max_depth}, {best.nrounds} rounds); "
+    print(f"best rmse = {best.rmse:.3f} (max_depth {best.max_depth}, {best.nrounds} rounds)\n"
           f"{len(tasks)} tasks by {len(ids)} workers in {elapsed:.2f} s")
     return tasks
 

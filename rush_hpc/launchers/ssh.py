@@ -20,6 +20,7 @@ from ..defaults import OUTPUT_TAIL_LINES, SSH_CHECK_INTERVAL, SSH_CONNECT_TIMEOU
 from ..exceptions import ConfigError, LaunchError, tail
 from .base import (ENV_NAME, Handle, HandleContext, InvalidInfo, Launcher, WorkerCommand, WorkerInfo,
                    check_line, check_name, check_no_nul, valid_pid)
+from .ssh_connection import check_host_key_policy, open_connection
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class SSHLauncher(Launcher):
                  python: str | None = None, setup: Sequence[str] = (), env: Mapping[str, str] | None = None,
                  log_dir: str = SSH_LOG_DIR, connect_kwargs: Mapping[str, Any] | None = None,
                  gateway: str | None = None, ssh_config: str | None = None,
-                 connect_timeout: float = SSH_CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = SSH_CONNECT_TIMEOUT, host_key_policy: str | None = None) -> None:
         super().__init__()
         if not hosts:
             raise ConfigError("start_ssh_workers needs at least one host")
@@ -101,6 +102,7 @@ class SSHLauncher(Launcher):
         check_line("gateway", gateway)
         self.connect_kwargs = dict(connect_kwargs or {})
         self.gateway, self.ssh_config, self.connect_timeout = gateway, ssh_config, connect_timeout
+        self.host_key_policy = check_host_key_policy(host_key_policy)  # see ssh_connection.py
         self._checked: dict[str, float] = {}
         self.check_interval = SSH_CHECK_INTERVAL  # seconds between SSH checks of unregistered workers
 
@@ -113,15 +115,9 @@ class SSHLauncher(Launcher):
 
     # -- connections ---------------------------------------------------------------------------
     def connect(self, host: HostSpec):
-        from fabric import Config, Connection
-
-        config = Config(runtime_ssh_path=self.ssh_config) if self.ssh_config else Config()
-        if self.ssh_config:
-            config.load_ssh_config()
-        gateway = Connection(self.gateway, config=config, connect_kwargs=self.connect_kwargs) \
-            if self.gateway else None
-        return Connection(host.host, user=host.user, port=host.port, config=config, gateway=gateway,
-                          connect_kwargs=self.connect_kwargs, connect_timeout=self.connect_timeout)
+        return open_connection(host.host, user=host.user, port=host.port, gateway=self.gateway,
+                               ssh_config=self.ssh_config, connect_kwargs=self.connect_kwargs,
+                               timeout=self.connect_timeout, host_key_policy=self.host_key_policy)
 
     @staticmethod
     def _exec(connection, script: str, stdin: bytes = b"", timeout: float = 120) -> tuple[int, str, str]:

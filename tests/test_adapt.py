@@ -1,0 +1,85 @@
+"""Elastic workers on real local workers: rise with the queue, drain, idle ones end, the lost are
+replaced, failing starts stop the policy with an error."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from rush_hpc.exceptions import NoWorkersError
+
+from conftest import wait_until
+
+FAST = {"heartbeat_period": 0.2, "heartbeat_expire": 1.0}
+
+
+def wl_queue(rush):
+    while not rush.terminated:
+        task = rush.pop_task(timeout=0.5)
+        if task is not None:
+            time.sleep(task.xs.get("sleep", 0.02))
+            rush.push_results(task.key, [{"y": task.xs["x"]}])
+
+
+def test_adapt_rises_with_the_queue_drains_and_shrinks(rush):
+    keys = rush.push_tasks([{"x": i, "sleep": 0.05} for i in range(200)])
+    rush.adapt(0, 6, worker_loop=wl_queue, interval=0.3, idle_timeout=1.0, **FAST)
+    peak = 0
+    deadline = time.monotonic() + 90
+    while rush.n_finished_tasks < 200 and time.monotonic() < deadline:
+        alive = len(rush._ids_in_state("running", "launched"))
+        peak = max(peak, alive)
+        assert alive <= 6  # never more than maximum, starting ones included
+        time.sleep(0.1)
+    rush.wait_for_tasks(keys, timeout=30)
+    assert peak >= 2
+    status = rush.adapt_status()
+    assert status["status"] == "running" and status["maximum"] == "6"
+    wait_until(lambda: not rush._ids_in_state("running", "launched"), timeout=30, what="idle workers to end")
+    assert set(rush.worker_info["state"]) == {"terminated"}
+    assert int(rush.adapt_status()["started"]) <= 6 + 2  # no flood of starts
+    rush.adapt(None)
+
+
+def test_a_worker_killed_under_adapt_is_replaced(rush):
+    rush.adapt(2, 2, worker_loop=wl_queue, interval=0.3, idle_timeout=60, **FAST)
+    wait_until(lambda: len(rush.running_worker_ids) == 2, timeout=30, what="two workers")
+    victim = rush.running_worker_ids[0]
+    os.kill(int(rush.worker_info.set_index("worker_id").loc[victim, "pid"]), signal.SIGKILL)
+    wait_until(lambda: victim not in rush.running_worker_ids and len(rush.running_worker_ids) == 2,
+               timeout=30, what="a replacement")
+    assert rush.worker_info.set_index("worker_id").loc[victim, "state"] == "lost"
+    rush.stop_workers()  # also stops the policy
+    assert rush.adapt_status()["status"] == "stopped"
+
+
+def test_failing_starts_stop_adapt_with_an_error(rush, tmp_path):
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'no such environment' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    rush.push_tasks([{"x": 1}])
+    rush.adapt(0, 4, worker_loop=wl_queue, interval=0.2, idle_timeout=60, max_start_failures=3,
+               python=str(broken), **FAST)
+    wait_until(lambda: rush.adapt_status().get("status") == "error", timeout=60, what="adapt to give up")
+    status = rush.adapt_status()
+    assert "3 worker starts failed in a row" in status["error"]
+    assert int(status["started"]) <= 12  # a few tries, not a loop
+    with pytest.raises(NoWorkersError):  # every worker it started failed: the wait says so at once
+        rush.wait_for_tasks(rush.fetch_tasks()["keys"].tolist(), timeout=30)
+
+
+def test_status_shows_the_policy_to_another_process(rush, redis_config):
+    import subprocess
+    import sys
+
+    rush.adapt(1, 3, worker_loop=wl_queue, interval=0.3, idle_timeout=60, **FAST)
+    wait_until(lambda: rush.adapt_status().get("alive") == "1", timeout=30, what="one worker alive")
+    env = {**os.environ, "RUSH_HPC_URL": redis_config.to_url(show_secrets=True), "RUSH_HPC_NETWORK": rush.network}
+    out = subprocess.run([sys.executable, "-m", "rush_hpc", "status"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "* Adapt: running (local, 1..3 workers, 1 alive" in out.stdout
+    rush.adapt(None)
