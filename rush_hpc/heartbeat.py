@@ -151,11 +151,13 @@ class BeatLoop:
                 terminate()
 
 
-def _record_heartbeat_failure(worker: RushWorker, error: BaseException) -> str:
+def _record_heartbeat_failure(worker: RushWorker, error: BaseException, client: redis.Redis) -> str:
+    """Record the failure with ``client``: in the child process, never through the worker's own
+    connection (its socket is the parent's: writing to it would garble the parent's replies)."""
     reason = f"heartbeat failed: {type(error).__name__}: {error}"
     try:
         worker.end_worker(worker.worker_id, "failed", ("running",), f"worker {worker.worker_id} {reason}",
-                          reason=reason, ended_at=f"{time.time():.3f}")
+                          client=client, reason=reason, ended_at=f"{time.time():.3f}")
     except Exception as record_error:  # noqa: BLE001 - best effort: Redis may be the problem
         print(f"rush-hpc worker {worker.worker_id}: could not record the heartbeat failure: {record_error}",
               file=sys.stderr, flush=True)
@@ -269,7 +271,8 @@ class HeartbeatProcess:
         try:
             loop.run(owner_state, ask_to_terminate, end, should_stop)
         except BaseException as error:  # noqa: BLE001 - never die silently
-            logger.error("worker %s: %s", self.worker.worker_id, _record_heartbeat_failure(self.worker, error))
+            logger.error("worker %s: %s", self.worker.worker_id,
+                         _record_heartbeat_failure(self.worker, error, loop.client))
             end("the heartbeat failed")
             raise
 
@@ -329,7 +332,7 @@ class Heartbeat(threading.Thread):
         try:
             self.loop.run(lambda: "running", self.worker.terminate, self.on_exit, self._stop_event.is_set)
         except BaseException as error:  # noqa: BLE001 - never die silently
-            self.on_exit(_record_heartbeat_failure(self.worker, error))
+            self.on_exit(_record_heartbeat_failure(self.worker, error, self.loop.client))
 
     def stop(self) -> None:
         """Stop beating and remove the key, so the controller sees a clean end at once."""

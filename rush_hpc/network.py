@@ -165,18 +165,19 @@ class RushNetwork:
         self._finished_position = 0  # rows of the finished list read so far (bad rows included)
         self._new_tasks_index = 0
 
-    def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def _script(self, name: str, keys: Sequence[str], args: Sequence[Any], client: Any = None) -> Any:
         """Run one of the Lua scripts (EVALSHA; loaded on first use or after a Redis restart).
 
         A refused fence becomes ``WorkerNotRunningError``. Called directly rather than through
         redis-py's Script object: this is the hot path.
         """
+        client = client or self.redis
         try:
             try:
-                return self.redis.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
+                return client.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
-                self.redis.script_load(getattr(lua, name))
-                return self.redis.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
+                client.script_load(getattr(lua, name))
+                return client.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
         except redis.ResponseError as error:
             message = str(error)
             if "RUSH_NOT_RUNNING" in message:
@@ -519,8 +520,8 @@ class RushNetwork:
         raise NoWorkersError(f"waiting for {counts} but no worker is running or starting (all "
                              f"{ever} ended); start workers (start_*_workers) or see worker_info for why they ended")
 
-    def end_worker(self, worker_id: str, state: str, allowed: Iterable[str], message: str,
-                   **fields: Any) -> tuple[str, list[str], list[str]] | None:
+    def end_worker(self, worker_id: str, state: str, allowed: Iterable[str], message: str, *,
+                   client: Any = None, **fields: Any) -> tuple[str, list[str], list[str]] | None:
         """Move a worker to its final ``state`` and release what it holds, in ONE atomic step.
 
         Its running tasks are requeued (retries left) or failed with ``message``; its priority
@@ -535,7 +536,7 @@ class RushNetwork:
         result = self._script(
             "END_WORKER", [keys.worker(worker_id), keys.workers, keys.running, keys.queued, keys.failed,
                   keys.priority(worker_id), keys.priority_workers, keys.held_tasks(worker_id),
-                  keys.pops(worker_id), keys.wake], args)
+                  keys.pops(worker_id), keys.wake], args, client)
         if not result:
             return None
         previous, failed, requeued = result
