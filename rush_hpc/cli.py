@@ -281,6 +281,10 @@ def stop(rush: Rush, kill: bool, worker_ids: tuple[str, ...]) -> None:
     worker_ids = tuple(resolve_worker_ids(rush, worker_ids))
     rush.stop_workers(type="kill" if kill else "terminate", worker_ids=list(worker_ids) or None)
     click.echo(f"{'killed' if kill else 'asked to terminate'}: {', '.join(worker_ids) or 'all workers'}")
+    unknown = rush._supervisor.not_force_killed if kill else []
+    if unknown:
+        click.echo(f"unknown: {len(unknown)} worker(s) did not answer and cannot be killed from here (only the "
+                   f"controller that started them knows their hosts): {', '.join(unknown)}")
 
 
 @cli.command()
@@ -289,6 +293,10 @@ def lost(rush: Rush) -> None:
     """Detect lost workers now (expired heartbeat, ended process or SLURM job)."""
     ids = rush.detect_lost_workers()
     click.echo("\n".join(ids) if ids else "no lost workers")
+    unknown = rush._supervisor.unchecked
+    if unknown:
+        click.echo(f"unknown: {len(unknown)} running worker(s) cannot be checked from here, only by their heartbeat "
+                   f"(only the controller that started them knows their hosts): {', '.join(unknown)}")
 
 
 @cli.command()

@@ -1,13 +1,15 @@
-"""``Rush``, the controller: starts workers, watches them, stops them, reads their logs.
+"""``Rush``, the controller: starts workers (one start path for every launcher) and answers questions.
 
-The launchers only start processes; this module owns the life of a worker as seen in Redis:
-launched -> running -> terminated | failed | killed | lost.
+Watching, waiting for, finding lost, killing and reaping workers is the supervisor's job
+(``supervisor.py``); worker states and their allowed transitions are in ``states.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
+import shutil
 import tempfile
 import threading
 import time
@@ -17,18 +19,20 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 
 import redis
 
+from . import defaults
 from . import heartbeat as heartbeat_settings
 from .config import RedisConfig, resolve_config
 from .credentials import (CREDENTIALS_ENV, CredentialsFile, create_credentials_file, credentials_blob,
                           resolve_secret, write_credentials)
-from .exceptions import ConfigError, LaunchError, RushTimeoutError, WorkerStartError
-from .launchers.base import Launcher, WorkerCommand
+from .exceptions import ConfigError, LaunchError, RushError
+from .launchers.base import Handle, Launcher, WorkerCommand
 from .launchers.local import LocalLauncher
 from .logs import read_log
 from .network import RushNetwork, text
 from .payload import GlobalsArg, resolve_globals, store_payload
 from .server import EmbeddedRedis
-from .worker import set_worker_state
+from .states import ACTIVE, WorkerState, set_worker_state
+from .supervisor import Supervisor
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -39,6 +43,31 @@ logger = logging.getLogger(__name__)
 EMBEDDED_OUTAGE_TIMEOUT = 5.0
 
 
+class WorkerIds(list[str]):
+    """``rush.worker_ids``: every worker id, sorted (a list, as always); call it to filter by
+    state: ``rush.worker_ids(state="running")``, ``rush.worker_ids(state=["failed", "lost"])``."""
+
+    def __init__(self, ids: Iterable[str], supervisor: Supervisor) -> None:
+        super().__init__(ids)
+        self._supervisor = supervisor
+
+    def __call__(self, state: WorkerState | str | Iterable[WorkerState | str] | None = None) -> list[str]:
+        if state is None:
+            return self._supervisor.worker_ids()
+        states = [state] if isinstance(state, str) else list(state)
+        return self._supervisor.worker_ids(*states) if states else []
+
+
+def positive_count(n_workers: Any) -> int:
+    """Any integral number (``np.int64(2)`` too) that is at least 1."""
+    try:
+        count = operator.index(n_workers)
+    except TypeError:
+        raise ConfigError(f"n_workers must be a positive integer, got {n_workers!r}") from None
+    if isinstance(n_workers, bool) or count < 1:
+        raise ConfigError(f"n_workers must be a positive integer, got {n_workers!r}")
+    return count
+
 
 class Rush(RushNetwork):
     """The controller of a network. Create it with ``rush_hpc.rsh()``."""
@@ -47,16 +76,20 @@ class Rush(RushNetwork):
                  embedded: EmbeddedRedis | None = None) -> None:
         super().__init__(network, config, secret)
         self._embedded = embedded
-        self._launchers: dict[str, Launcher] = {}
-        self._log_dir: Path | None = None
-        self._monitor: threading.Thread | None = None
-        self._monitor_stop = threading.Event()
-        self._released_by_sweep = 0
+        self._supervisor = Supervisor(self)
+        self._log_dir: Path | None = None  # our private temporary directory (removed by close/reset)
+        self._log_dir_users: set[str] = set()  # ids of the workers started with it
+        self._closed = False
         self._adapt: Any = None
         self._credential_files: list[tuple[CredentialsFile, list[str]]] = []
         self._credentials_lock = threading.Lock()  # the monitor thread removes them too
 
     # -- starting workers -------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RushError(f"the controller of network {self.network!r} is closed; "
+                            "create a new one with rush_hpc.rsh() to start workers")
+
     def _worker_log_dir(self, log_dir: str | Path | None) -> Path:
         if log_dir is not None:
             path = Path(log_dir).expanduser()
@@ -67,30 +100,37 @@ class Rush(RushNetwork):
         return self._log_dir
 
     def store_worker_loop(self, worker_loop: Callable[..., Any], globals: GlobalsArg = None,
-                          modules: Sequence[str] = (), *, heartbeat_period: float | None = 1.0,
-                          heartbeat_expire: float | None = 5.0, log_level: str = "INFO",
-                          payload_dir: str | None = None, _frame_depth: int = 2) -> None:
+                          modules: Sequence[str] = (), *, heartbeat_period: float | None = defaults.HEARTBEAT_PERIOD,
+                          heartbeat_expire: float | None = defaults.HEARTBEAT_EXPIRE,
+                          log_level: str = defaults.LOG_LEVEL, payload_dir: str | None = None,
+                          _frame_depth: int = 2) -> None:
         """Serialize, sign and store the worker loop that every worker of this network runs."""
+        self._check_open()
         heartbeat_settings.validate(heartbeat_period, heartbeat_expire)
         store_payload(self, worker_loop, resolve_globals(globals, _frame_depth + 1), modules,
                       {"heartbeat_period": heartbeat_period, "heartbeat_expire": heartbeat_expire,
                        "log_level": log_level}, spill_dir=payload_dir)
 
-    def _start_in_directory(self, make_launcher: Callable[[Path], Any], n_workers: int,
+    def _start_in_directory(self, make_launcher: Callable[[Path], Launcher], n_workers: int,
                             log_dir: str | None) -> list[str]:
         """Launchers whose workers see this machine's files (local, SLURM with a shared ``log_dir``):
-        output and the 0600 credentials file go to ``log_dir``."""
+        output and the 0600 credentials file go to ``log_dir``. Credential delivery is this step."""
+        count = positive_count(n_workers)
+        if log_dir is not None and any(c in str(log_dir) for c in "\r\n\0"):
+            raise ConfigError(f"log_dir may not contain a line break or NUL character, got {str(log_dir)!r}")
         directory = self._worker_log_dir(log_dir)
         launcher = make_launcher(directory)
         credentials = create_credentials_file(directory, self.config, self.codec.secret)
         command = WorkerCommand(self.network, launcher.python, {CREDENTIALS_ENV: str(credentials.path)})
         try:
-            ids = self.start_workers(launcher, n_workers, command)
+            ids = self.start_workers(launcher, count, command)
         except BaseException:
             credentials.remove()
             raise
         with self._credentials_lock:
             self._credential_files.append((credentials, ids))
+        if directory == self._log_dir:
+            self._log_dir_users.update(ids)
         return ids
 
     def _remove_spent_credentials(self, everything: bool = False) -> None:
@@ -98,7 +138,8 @@ class Rush(RushNetwork):
         ``everything``): no secret stays on disk longer than a worker may still need it."""
         with self._credentials_lock:
             keep = []
-            launched = set(self._ids_in_state("launched")) if self._credential_files and not everything else set()
+            launched = set(self._supervisor.worker_ids(WorkerState.LAUNCHED)) \
+                if self._credential_files and not everything else set()
             for credentials, ids in self._credential_files:
                 if everything or not launched.intersection(ids):
                     credentials.remove()
@@ -108,45 +149,68 @@ class Rush(RushNetwork):
 
     def start_workers(self, launcher: Launcher, n_workers: int, command: WorkerCommand,
                       pre_info: Mapping[str, str] | None = None) -> list[str]:
-        """Register ``n_workers`` ids as launched, start them, record what the launcher reports."""
-        if not isinstance(n_workers, int) or n_workers < 1:
-            raise ConfigError(f"n_workers must be a positive integer, got {n_workers!r}")
-        worker_ids = [uuid.uuid4().hex for _ in range(n_workers)]
+        """The one start path: record ``n_workers`` ids as launched, start them, keep the handles.
+
+        A start the launcher refuses outright (bad option, sbatch error) leaves no worker record;
+        when only some workers started (an SSH host was down), the others are marked failed.
+        """
+        self._check_open()
+        count = positive_count(n_workers)
+        command = dataclasses.replace(command, launcher=launcher.name)
+        worker_ids = [uuid.uuid4().hex for _ in range(count)]
         now = f"{time.time():.3f}"
         for worker_id in worker_ids:
-            set_worker_state(self, worker_id, "launched", "", worker_id=worker_id,
+            set_worker_state(self, worker_id, WorkerState.LAUNCHED, worker_id=worker_id,
                              launcher=launcher.name, launched_at=now, **(pre_info or {}))
         try:
-            infos = launcher.start(worker_ids, command)
+            handles = launcher.start(worker_ids, command)
         except LaunchError as error:
-            self._record_infos(launcher, error.infos)
-            for worker_id in set(worker_ids) - set(error.infos):
-                set_worker_state(self, worker_id, "failed", ("launched",), reason=f"launch failed: {error}")
+            started = [launcher.handles[w] for w in error.started if w in launcher.handles]
+            self._record(started)
+            missing = [w for w in worker_ids if w not in {h.worker_id for h in started}]
+            if started:
+                for worker_id in missing:
+                    set_worker_state(self, worker_id, WorkerState.FAILED, (WorkerState.LAUNCHED.value,),
+                                     reason=f"launch failed: {str(error)[:500]}", ended_at=f"{time.time():.3f}")
+            else:
+                self._forget_records(missing)
             raise
-        except BaseException as error:
-            for worker_id in worker_ids:
-                set_worker_state(self, worker_id, "failed", ("launched",), reason=f"launch failed: {error}")
+        except BaseException:
+            self._forget_records(worker_ids)
             raise
-        self._record_infos(launcher, infos)
-        logger.info("started %d %s worker(s) in network %s", len(infos), launcher.name, self.network)
+        self._record(handles)
+        logger.info("started %d %s worker(s) in network %s", len(handles), launcher.name, self.network)
         return worker_ids
 
-    def _record_infos(self, launcher: Launcher, infos: Mapping[str, Mapping[str, str]]) -> None:
+    def _record(self, handles: Sequence[Handle]) -> None:
+        self._supervisor.add(handles)
         pipe = self.redis.pipeline(transaction=False)
-        for worker_id, info in infos.items():
-            self._launchers[worker_id] = launcher
-            pipe.hset(self.keys.worker(worker_id), mapping={k: v for k, v in info.items() if v is not None})
+        for handle in handles:
+            pipe.hset(self.keys.worker(handle.worker_id), mapping=dict(handle.to_info()))  # type: ignore[arg-type]
+        pipe.execute()
+
+    def _forget_records(self, worker_ids: Sequence[str]) -> None:
+        """Remove the records of workers that were never started (a refused start)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for worker_id in worker_ids:
+            pipe.delete(self.keys.worker(worker_id))
+            pipe.srem(self.keys.workers, worker_id)
+            pipe.srem(self.keys.worker_state_set(WorkerState.LAUNCHED.value), worker_id)
         pipe.execute()
 
     def start_local_workers(self, worker_loop: Callable[..., Any], n_workers: int = 1,
                             globals: GlobalsArg = None, modules: Sequence[str] = (), *,
-                            heartbeat_period: float | None = 1.0, heartbeat_expire: float | None = 5.0,
-                            log_level: str = "INFO", log_dir: str | None = None,
+                            heartbeat_period: float | None = defaults.HEARTBEAT_PERIOD,
+                            heartbeat_expire: float | None = defaults.HEARTBEAT_EXPIRE,
+                            log_level: str = defaults.LOG_LEVEL, log_dir: str | None = None,
                             payload_dir: str | None = None, python: str | None = None) -> list[str]:
         """Start ``n_workers`` worker processes on this machine; returns their ids.
 
-        Their stdout/stderr go to ``log_dir`` (a private temporary directory by default).
+        They get this process's import path (``PYTHONPATH``) and working directory. Their
+        stdout/stderr go to ``log_dir`` (a private temporary directory by default, removed by
+        ``close()`` / ``reset()`` once the workers are gone).
         """
+        positive_count(n_workers)
         self.store_worker_loop(worker_loop, globals, modules, heartbeat_period=heartbeat_period,
                                heartbeat_expire=heartbeat_expire, log_level=log_level,
                                payload_dir=payload_dir, _frame_depth=2)
@@ -154,27 +218,32 @@ class Rush(RushNetwork):
 
     def start_ssh_workers(self, worker_loop: Callable[..., Any], hosts: Sequence[Any],
                           n_workers: int = 1, globals: GlobalsArg = None, modules: Sequence[str] = (),
-                          *, heartbeat_period: float | None = 1.0, heartbeat_expire: float | None = 5.0,
-                          log_level: str = "INFO", payload_dir: str | None = None,
+                          *, heartbeat_period: float | None = defaults.HEARTBEAT_PERIOD,
+                          heartbeat_expire: float | None = defaults.HEARTBEAT_EXPIRE,
+                          log_level: str = defaults.LOG_LEVEL, payload_dir: str | None = None,
                           **ssh_options: Any) -> list[str]:
         """Start workers on remote hosts over SSH (see ``rush_hpc.launchers.ssh.SSHLauncher``)."""
         from .launchers.ssh import SSHLauncher
 
+        positive_count(n_workers)
         self.store_worker_loop(worker_loop, globals, modules, heartbeat_period=heartbeat_period,
                                heartbeat_expire=heartbeat_expire, log_level=log_level,
                                payload_dir=payload_dir, _frame_depth=2)
-        launcher = SSHLauncher(hosts, n_workers=n_workers, network=self.network,
+        launcher = SSHLauncher(hosts, n_workers=positive_count(n_workers), network=self.network,
                                credentials=self._credentials_blob(), **ssh_options)
+        self._supervisor.context.ssh.append(launcher)  # its hosts: the only ones we ever contact
         return self.start_workers(launcher, launcher.total_workers, launcher.command())
 
     def start_slurm_workers(self, worker_loop: Callable[..., Any], n_workers: int = 1,
                             globals: GlobalsArg = None, modules: Sequence[str] = (), *,
-                            heartbeat_period: float | None = 1.0, heartbeat_expire: float | None = 10.0,
-                            log_level: str = "INFO", payload_dir: str | None = None,
+                            heartbeat_period: float | None = defaults.HEARTBEAT_PERIOD,
+                            heartbeat_expire: float | None = defaults.SLURM_HEARTBEAT_EXPIRE,
+                            log_level: str = defaults.LOG_LEVEL, payload_dir: str | None = None,
                             log_dir: str | None = None, **slurm_options: Any) -> list[str]:
         """Start workers as ONE SLURM job array through submitit."""
         from .launchers.slurm import SubmititLauncher
 
+        positive_count(n_workers)
         self.store_worker_loop(worker_loop, globals, modules, heartbeat_period=heartbeat_period,
                                heartbeat_expire=heartbeat_expire, log_level=log_level,
                                payload_dir=payload_dir, _frame_depth=2)
@@ -182,12 +251,15 @@ class Rush(RushNetwork):
 
     def start_sbatch_workers(self, worker_loop: Callable[..., Any], n_workers: int = 1,
                              globals: GlobalsArg = None, modules: Sequence[str] = (), *,
-                             heartbeat_period: float | None = 1.0, heartbeat_expire: float | None = 10.0,
-                             log_level: str = "INFO", payload_dir: str | None = None,
+                             heartbeat_period: float | None = defaults.HEARTBEAT_PERIOD,
+                             heartbeat_expire: float | None = defaults.SLURM_HEARTBEAT_EXPIRE,
+                             log_level: str = defaults.LOG_LEVEL, payload_dir: str | None = None,
                              log_dir: str | None = None, **sbatch_options: Any) -> list[str]:
-        """Start workers as ONE job array from a job script template (``templates/sbatch.sh``)."""
+        """Start workers as ONE job array from a job script template (``rush_hpc/templates/sbatch.sh``,
+        or your own file: ``template="/path/to/job.sh"``)."""
         from .launchers.sbatch import SbatchLauncher
 
+        positive_count(n_workers)
         self.store_worker_loop(worker_loop, globals, modules, heartbeat_period=heartbeat_period,
                                heartbeat_expire=heartbeat_expire, log_level=log_level,
                                payload_dir=payload_dir, _frame_depth=2)
@@ -200,8 +272,8 @@ class Rush(RushNetwork):
         directory = Path(log_dir) if log_dir else Path("<log_dir>")
         launcher = SbatchLauncher(directory, **sbatch_options)
         command = WorkerCommand(self.network, launcher.python,
-                                {CREDENTIALS_ENV: str(directory / "credentials.json")})
-        return launcher.render(n_workers, command, batch_id="<batch>")
+                                {CREDENTIALS_ENV: str(directory / "credentials.json")}, launcher.name)
+        return launcher.render(positive_count(n_workers), command, batch_id="<batch>")
 
     def _credentials_blob(self) -> bytes:
         return credentials_blob(self.config, self.codec.secret)
@@ -226,28 +298,26 @@ class Rush(RushNetwork):
             env = {"RUSH_HPC_URL": self.config.to_url(show_secrets=show_secrets), "RUSH_HPC_SECRET": secret}
         return WorkerCommand(self.network, python, env).shell(None)
 
-    # -- observing workers ------------------------------------------------------------------
+    # -- answering questions ----------------------------------------------------------------
     def _worker_hashes(self, worker_ids: Iterable[str] | None = None) -> dict[str, dict[str, str]]:
-        ids = sorted(text(w) for w in self.redis.smembers(self.keys.workers)) \
-            if worker_ids is None else list(worker_ids)
-        pipe = self.redis.pipeline(transaction=False)
-        for worker_id in ids:
-            pipe.hgetall(self.keys.worker(worker_id))
-        return {wid: {k.decode(): v.decode() for k, v in h.items()} for wid, h in zip(ids, pipe.execute())}
+        return self._supervisor.worker_hashes(worker_ids)
 
     def _ids_in_state(self, *states: str) -> list[str]:
-        pipe = self.redis.pipeline(transaction=False)
-        for state in states:
-            pipe.smembers(self.keys.worker_state_set(state))
-        return sorted({w.decode() for members in pipe.execute() for w in members})
+        """Kept for old callers; use ``worker_ids(state=...)``."""
+        return self._supervisor.worker_ids(*states)
 
     @property
-    def worker_ids(self) -> list[str]:
-        return sorted(text(w) for w in self.redis.smembers(self.keys.workers))
+    def worker_ids(self) -> WorkerIds:
+        """Every worker id (a sorted list); ``rush.worker_ids(state="running")`` filters by state."""
+        return WorkerIds(self._supervisor.worker_ids(), self._supervisor)
+
+    def worker_ids_in(self, *states: WorkerState | str) -> list[str]:
+        """Ids of the workers in any of ``states`` (``WorkerState`` members or their names), sorted."""
+        return self._supervisor.worker_ids(*states) if states else []
 
     @property
     def running_worker_ids(self) -> list[str]:
-        return self._ids_in_state("running")
+        return self._supervisor.worker_ids(WorkerState.RUNNING)
 
     @property
     def worker_info(self) -> pd.DataFrame:
@@ -260,152 +330,64 @@ class Rush(RushNetwork):
             pipe.get(self.keys.heartbeat(worker_id))
         beats = pipe.execute()
         columns = ["worker_id", "state", "pid", "hostname", "launcher", "host", "job_id", "node",
-                   "python", "launched_at", "started_at", "ended_at", "heartbeat", "reason"]
+                   "python", "launched_at", "started_at", "ended_at", "heartbeat", "reason", "job_state"]
         rows = []
         for (worker_id, info), beat in zip(hashes.items(), beats):
             row: dict[str, Any] = {c: info.get(c) for c in columns}
             row["worker_id"] = worker_id
-            row["heartbeat"] = float(beat) if beat else None
+            row["heartbeat"] = _float_or_none(beat)
             rows.append(row)
         frame = pd.DataFrame.from_records(rows, columns=columns)
         for column in ("launched_at", "started_at", "ended_at", "heartbeat"):
-            frame[column] = pd.to_datetime(pd.to_numeric(frame[column]), unit="s")
+            frame[column] = pd.to_datetime(pd.to_numeric(frame[column], errors="coerce"), unit="s")
         return frame
 
-    def _start_failure(self, worker_id: str, info: Mapping[str, str], reason: str) -> str:
-        launcher = self._launchers.get(worker_id)
-        output = launcher.output_tail(info) if launcher else ""
-        return f"{reason}" + (f"\n--- end of its output ---\n{output}" if output else "")
-
+    # -- supervising (see supervisor.py) ----------------------------------------------------
     def wait_for_workers(self, n: int | None = None, worker_ids: Sequence[str] | None = None,
-                         timeout: float | None = 60.0, poll: float = 0.02) -> None:
+                         timeout: float | None = defaults.WAIT_TIMEOUT, poll: float = defaults.WAIT_POLL) -> None:
         """Block until ``n`` workers (or all of ``worker_ids``) have registered.
 
         Raises ``WorkerStartError`` as soon as a worker fails or exits before registering (with the
-        tail of its stderr), and ``RushTimeoutError`` (listing who is missing) after ``timeout``.
+        tail of its output when this controller started it) or a SLURM job pends for a reason that
+        will not clear (with the job id and the fix), and ``RushTimeoutError`` (listing who is
+        missing) after ``timeout``.
         """
-        if n is None and worker_ids is None:
-            raise ConfigError("wait_for_workers needs n= or worker_ids=")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            hashes = self._worker_hashes(worker_ids)
-            registered = [w for w, h in hashes.items() if h.get("started_at")]
-            waiting = {w: h for w, h in hashes.items() if not h.get("started_at")}
-            failures = self._start_failures(waiting)
-            target = len(worker_ids) if worker_ids is not None else n
-            if failures:
-                details = "\n".join(f"worker {w}: {r}" for w, r in failures.items())
-                raise WorkerStartError(f"{len(failures)} worker(s) failed before registering:\n{details}",
-                                       failures)
-            if len(registered) >= (target or 0):
-                self._remove_spent_credentials()
-                return
-            if deadline is not None and time.monotonic() > deadline:
-                details = "\n".join(f"worker {w} ({h.get('launcher')}, {h.get('state')}): "
-                                    f"{self._start_failure(w, h, 'not registered')}"
-                                    for w, h in list(waiting.items())[:10])
-                raise RushTimeoutError(f"only {len(registered)} of {target} workers registered within "
-                                       f"{timeout} s.\n{details}")
-            time.sleep(poll)
-
-    def _start_failures(self, waiting: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
-        failures = {w: self._start_failure(w, h, h.get("reason", "failed"))
-                    for w, h in waiting.items() if h.get("state") == "failed"}
-        launched = {w: h for w, h in waiting.items() if h.get("state") == "launched"}
-        for worker_id, reason in self._gone(launched).items():
-            # it may have registered in the meantime
-            if self.redis.hget(self.keys.worker(worker_id), "started_at") is None:
-                failure = self._start_failure(worker_id, launched[worker_id], reason + " before registering")
-                set_worker_state(self, worker_id, "failed", ("launched",), reason=failure,
-                                 ended_at=f"{time.time():.3f}")
-                failures[worker_id] = failure
-        return failures
-
-    def _gone(self, infos: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
-        """Ask each worker's launcher which processes / jobs have ended."""
-        by_launcher: dict[int, tuple[Launcher, dict[str, Mapping[str, str]]]] = {}
-        for worker_id, info in infos.items():
-            launcher = self._launchers.get(worker_id) or _launcher_from_info(info)
-            if launcher is not None:
-                by_launcher.setdefault(id(launcher), (launcher, {}))[1][worker_id] = info
-        reasons: dict[str, str] = {}
-        for launcher, group in by_launcher.values():
-            reasons.update(launcher.gone(group))
-        return reasons
+        self._supervisor.wait_for_workers(n, worker_ids, timeout, poll)
+        self._remove_spent_credentials()
 
     def detect_lost_workers(self) -> list[str]:
         """Mark workers lost whose heartbeat expired or whose process / job ended; returns their ids.
 
-        Their running tasks go back to the queue (retries left) or fail with the reason.
+        Their running tasks go back to the queue (retries left) or fail with the reason; the SLURM
+        jobs of lost workers are cancelled (requeued ones too).
         """
-        hashes = self._worker_hashes(self._ids_in_state("running"))
-        pipe = self.redis.pipeline(transaction=False)
-        for worker_id in hashes:
-            pipe.exists(self.keys.heartbeat(worker_id))
-        beating = dict(zip(hashes, pipe.execute()))
-        reasons = self._gone(hashes)
-        grace = self._in_outage_grace(hashes)
-        for worker_id, info in hashes.items():
-            if grace:
-                break  # Redis was down for everyone: give the workers time to beat again
-            if worker_id not in reasons and info.get("heartbeat_expire") and not beating[worker_id]:
-                reasons[worker_id] = f"heartbeat expired (no beat for {info['heartbeat_expire']} s)"
-        lost = []
-        for worker_id, reason in reasons.items():
-            ended = self.end_worker(worker_id, "lost", ("running",), f"worker {worker_id} lost: {reason}",
-                                    reason=reason, ended_at=f"{time.time():.3f}")
-            if ended is not None:
-                logger.warning("worker %s lost (%s); %d task(s) failed, %d requeued", worker_id, reason,
-                               len(ended[1]), len(ended[2]))
-                lost.append(worker_id)
-        self._start_failures(self._worker_hashes(self._ids_in_state("launched")))
-        failed, requeued = self.sweep_orphaned_tasks()
-        self._released_by_sweep = len(failed) + len(requeued)
+        lost = self._supervisor.detect_lost_workers()
         self._remove_spent_credentials()
         return lost
 
-    def _in_outage_grace(self, hashes: Mapping[str, Mapping[str, str]]) -> bool:
-        """True shortly after a Redis outage (this client saw commands fail, or Redis restarted):
-        heartbeats that expired while Redis was down say nothing about the workers."""
-        window = max((_seconds(h.get("heartbeat_expire")) + _seconds(h.get("heartbeat_period"))
-                      for h in hashes.values() if h.get("heartbeat_expire")), default=0.0)
-        if not window:
-            return False
-        if self._retry.seen_outage_within(window):
-            return True
-        try:
-            uptime = int(self.redis.info("server").get("uptime_in_seconds", window + 1))
-        except redis.ResponseError:  # INFO may be denied to an ACL user
-            return False
-        return uptime < window
-
     def _watch_workers(self) -> bool:
-        return bool(self.detect_lost_workers()) or self._released_by_sweep > 0
+        """Hook of the waits (``wait_for_tasks``): detect lost workers; True when tasks were released."""
+        return bool(self.detect_lost_workers()) or self._supervisor.released_by_sweep > 0
 
-    def start_monitor(self, interval: float = 5.0) -> None:
+    def start_monitor(self, interval: float = defaults.MONITOR_INTERVAL) -> None:
         """Run ``detect_lost_workers()`` every ``interval`` seconds in a background thread."""
-        if self._monitor is not None and self._monitor.is_alive():
-            return
-        self._monitor_stop.clear()
+        self._supervisor.start_monitor(interval, self.detect_lost_workers)
 
-        def watch() -> None:
-            warned_at = -float("inf")
-            while not self._monitor_stop.wait(interval):
-                try:
-                    self.detect_lost_workers()
-                except redis.RedisError as error:  # an outage longer than outage_timeout: say it once a minute
-                    if time.monotonic() - warned_at > 60:
-                        logger.warning("lost-worker monitor: Redis unavailable (%s); still watching", error)
-                        warned_at = time.monotonic()
-                except Exception:  # noqa: BLE001 - keep watching
-                    logger.exception("lost-worker monitor failed")
+    def stop_monitor(self) -> None:
+        """Stop the background lost-worker checks of ``start_monitor``."""
+        self._supervisor.stop_monitor()
 
-        self._monitor = threading.Thread(target=watch, name=f"rush-monitor-{self.network}", daemon=True)
-        self._monitor.start()
+    @property
+    def _monitor_stop(self) -> threading.Event:  # kept for callers of the old attribute
+        return self._supervisor._monitor_stop
 
-    # -- stopping workers -------------------------------------------------------------------
+    @property
+    def _launchers(self) -> dict[str, Any]:
+        """Gone: launchers return handles now (``self._supervisor.handles``); empty for old callers."""
+        return {}
+
     def stop_workers(self, type: str = "terminate", worker_ids: Sequence[str] | None = None,
-                     kill_grace: float = 3.0) -> None:
+                     kill_grace: float = defaults.KILL_GRACE) -> None:
         """``terminate``: ask workers to finish (``rush.terminated`` becomes True in their loop).
         ``kill``: stop them now; their running tasks fail (or requeue when retries are left).
         """
@@ -423,7 +405,7 @@ class Rush(RushNetwork):
             if unknown:
                 raise ConfigError(f"unknown worker id(s) in network {self.network!r}: {unknown[:5]}; "
                                   "see rush.worker_info (or `rush-hpc workers`)")
-        ids = worker_ids if worker_ids is not None else self._ids_in_state("running", "launched")
+        ids = worker_ids if worker_ids is not None else self._supervisor.worker_ids(*ACTIVE)
         if type == "terminate":  # to each worker alive now: workers started later are not affected
             pipe = self.redis.pipeline(transaction=False)
             for worker_id in ids:
@@ -433,37 +415,7 @@ class Rush(RushNetwork):
         self._kill(ids, kill_grace)
 
     def _kill(self, ids: Sequence[str], grace: float) -> None:
-        for worker_id in ids:
-            self.end_worker(worker_id, "killed", ("launched", "running"), f"worker {worker_id} killed by the controller",
-                            reason="killed by the controller", ended_at=f"{time.time():.3f}")
-        # every requested worker that is killed or lost now gets the kill, whatever end_worker answered:
-        # one declared lost earlier (frozen, cut off) may still run, and a re-sent end_worker is refused
-        hashes = self._worker_hashes(ids)
-        killed = [w for w in ids if hashes[w].get("state") in ("killed", "lost")]
-        if killed:
-            pipe = self.redis.pipeline(transaction=False)
-            for worker_id in killed:
-                pipe.rpush(self.keys.control(worker_id), "kill")
-            pipe.execute()
-        deadline = time.monotonic() + grace
-        pending = set(killed)
-        while pending and time.monotonic() < deadline:
-            pipe = self.redis.pipeline(transaction=False)
-            for worker_id in pending:
-                pipe.exists(self.keys.heartbeat(worker_id))
-            gone = self._gone({w: hashes[w] for w in pending})
-            pending = {w for w, beat in zip(list(pending), pipe.execute()) if beat and w not in gone}
-            if pending:
-                time.sleep(0.05)
-        force: dict[int, tuple[Launcher, dict[str, Mapping[str, str]]]] = {}
-        for worker_id in killed:
-            launcher = self._launchers.get(worker_id) or _launcher_from_info(hashes[worker_id])
-            if launcher is not None and (worker_id in pending or launcher.always_force_kill
-                                         or isinstance(launcher, LocalLauncher)):
-                force.setdefault(id(launcher), (launcher, {}))[1][worker_id] = hashes[worker_id]
-        for launcher, group in force.values():
-            launcher.kill(group)
-        logger.info("killed %d worker(s) of network %s", len(killed), self.network)
+        self._supervisor.kill(ids, grace)
 
     # -- elastic workers ---------------------------------------------------------------------
     def adapt(self, minimum: int | None = 0, maximum: int = 1, launcher: str = "local", *,
@@ -504,6 +456,8 @@ class Rush(RushNetwork):
             policy.stop()
 
     # -- logs -------------------------------------------------------------------------------
+
+    # -- logs -------------------------------------------------------------------------------
     def read_log(self, worker_ids: Sequence[str] | None = None, n: int | None = None) -> pd.DataFrame:
         """Log records the workers wrote to Redis (time, worker_id, level, logger, message)."""
         return read_log(self.redis, self.keys.log, worker_ids, n)
@@ -515,7 +469,7 @@ class Rush(RushNetwork):
     # -- housekeeping -----------------------------------------------------------------------
     def reset(self, type: str = "kill") -> None:
         """Stop the workers and delete every key of this network (other networks are untouched)."""
-        if self._ids_in_state("running", "launched"):
+        if self._supervisor.worker_ids(*ACTIVE):
             self.stop_workers(type=type)
         deleted = 0
         batch: list[bytes] = []
@@ -527,8 +481,10 @@ class Rush(RushNetwork):
         if batch:
             deleted += self.redis.unlink(*batch)
         self._clear_task_cache()
-        self._reap_local_workers(timeout=5.0)
-        self._launchers.clear()
+        self._supervisor.reap(timeout=5.0)
+        if type == "kill":  # every worker we started is gone (killed, reaped, its job cancelled)
+            self._remove_log_dir(set())
+        self._supervisor.forget()
         logger.info("reset network %s (%d keys deleted)", self.network, deleted)
 
     def _network_key_names(self) -> Iterator[Any]:
@@ -550,10 +506,13 @@ class Rush(RushNetwork):
             yield from k.worker_keys(worker_id)
         yield from k.fixed_keys()
 
-    def _reap_local_workers(self, timeout: float) -> None:
-        for launcher in {id(l): l for l in self._launchers.values()}.values():
-            if isinstance(launcher, LocalLauncher):
-                launcher.reap(timeout)
+    def _remove_log_dir(self, active: set[str]) -> None:
+        """Remove our private temporary directory (credentials, logs, job scripts) unless a worker
+        started with it is still ``active`` (it may still need its credentials file)."""
+        if self._log_dir is None or self._log_dir_users & active:
+            return
+        shutil.rmtree(self._log_dir, ignore_errors=True)
+        self._log_dir, self._log_dir_users = None, set()
 
     def __str__(self) -> str:
         c = self.counts()
@@ -574,17 +533,28 @@ class Rush(RushNetwork):
         """Stop the monitor, reap local workers, and stop the embedded Redis (if any).
 
         With an embedded Redis the network ends here, so its local workers are killed first
-        rather than left to crash on a vanished server.
+        rather than left to crash on a vanished server. The private temporary directory goes
+        once no worker of this controller still runs.
         """
-        self._monitor_stop.set()
+        if self._closed:
+            return
+        self._supervisor.stop_monitor()
         self._stop_adapt()
+        active: set[str] = set()
+        if self._supervisor.handles:
+            try:
+                active = set(self._supervisor.worker_ids(*ACTIVE))
+            except redis.RedisError:  # cannot tell: keep what workers may still need
+                active = set(self._supervisor.handles)
         if self._embedded is not None:
-            local = [w for w in self._ids_in_state("running", "launched")
-                     if isinstance(self._launchers.get(w), LocalLauncher)]
+            local = [w for w in active if getattr(self._supervisor.handles.get(w), "launcher", None) == "local"]
             if local:
                 self._kill(local, grace=1.0)
-        self._reap_local_workers(timeout=0.0)
+                active -= set(local)
+        self._supervisor.reap(timeout=0.0)
         self._remove_spent_credentials(everything=True)
+        self._remove_log_dir(active)
+        self._closed = True
         super().close()
         if self._embedded is not None:
             self._embedded.stop()
@@ -596,25 +566,11 @@ class Rush(RushNetwork):
         self.close()
 
 
-def _launcher_from_info(info: Mapping[str, str]) -> Launcher | None:
-    """A launcher able to check a worker that another controller process started."""
-    kind = info.get("launcher")
-    if kind == "local":
-        return LocalLauncher(Path(info.get("stderr", ".")).parent)
-    if kind in ("slurm", "sbatch") and info.get("job_id"):
-        from .launchers.slurm import SlurmJobs
-
-        return SlurmJobs()
-    return None
-
-
-def _seconds(value: str | None, limit: float = 3600.0) -> float:
-    """A duration read from a worker hash (untrusted): a number of seconds in [0, limit], else 0."""
+def _float_or_none(value: Any) -> float | None:
     try:
-        seconds = float(value or 0)
-    except ValueError:
-        return 0.0
-    return seconds if 0.0 <= seconds <= limit else 0.0
+        return float(value) if value else None
+    except (TypeError, ValueError):
+        return None
 
 
 def rsh(network: str | None = None, url: str | None = None, *, config: RedisConfig | None = None,

@@ -17,6 +17,7 @@ from .credentials import resolve_secret
 from .exceptions import ConfigError, TaskError, WorkerNotRunningError
 from .walltime import DEFAULT_WALLTIME_MARGIN, seconds_left
 from .network import RushNetwork, _as_list_of_dicts, _extras, _key_list, new_task_id, text
+from .states import set_worker_state  # noqa: F401 - re-exported: it moved to states.py
 
 logger = logging.getLogger(__name__)
 
@@ -283,16 +284,3 @@ def process_start_time() -> float:
         import psutil
 
         return float(psutil.Process().create_time())
-
-
-def set_worker_state(network: RushNetwork, worker_id: str, state: str,
-                     allowed: Iterable[str] | str = "*", /, **fields: Any) -> str | None:
-    """Move ``worker_id`` to ``state`` if its current state is in ``allowed``; shared by both sides."""
-    allowed_arg = allowed if isinstance(allowed, str) else ",".join(allowed)
-    args: list[Any] = [state, network.keys.worker_set_prefix, worker_id, allowed_arg]
-    for name, value in fields.items():
-        args += [name, "" if value is None else str(value)]
-    previous = network._script("SET_WORKER_STATE", [network.keys.worker(worker_id), network.keys.workers], args)
-    if previous is None:
-        return None
-    return previous.decode() if isinstance(previous, bytes) else str(previous)

@@ -20,4 +20,4 @@ def test_wheel_contents(tmp_path):
         assert expected in names, expected
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "rush-hpc = rush_hpc.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert (ROOT / "templates" / "sbatch.sh").read_bytes() == zipfile.ZipFile(wheel).read("rush_hpc/templates/sbatch.sh")
+    assert (ROOT / "rush_hpc" / "templates" / "sbatch.sh").read_bytes() == zipfile.ZipFile(wheel).read("rush_hpc/templates/sbatch.sh")

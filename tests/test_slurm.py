@@ -1,4 +1,6 @@
-"""SLURM launchers against a real single-node cluster with accounting (scripts/test-cluster)."""
+"""SLURM launchers against the real cluster of scripts/test-cluster (accounting on): partition
+"debug" is this machine; partition "multi" is two nodes in network namespaces (placement across
+nodes, a node failure)."""
 
 from __future__ import annotations
 
@@ -12,23 +14,26 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
+import rush_hpc
+from rush_hpc.config import RedisConfig
 from rush_hpc.examples.random_search import wl_random_search
-from rush_hpc import ConfigError, WorkerStartError
-from rush_hpc.launchers.base import WorkerCommand
-from rush_hpc.launchers.sbatch import SbatchLauncher
+from rush_hpc import WorkerStartError
 
-from conftest import SECRET, require_cluster, wait_until
+from loops import wl_hold
+from conftest import SECRET, require_cluster, start_redis_server, stop, wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = pytest.mark.slurm
-GOLDEN = Path(__file__).parent / "golden" / "sbatch.sh"
 SLURM = {"partition": "debug", "time": 5, "heartbeat_period": 0.5, "heartbeat_expire": 3.0}
+MULTI_NODES = [n for n in os.environ.get("RUSH_TEST_SLURM_MULTI", "").split(",") if n]
+PASSWORD = "slurm-multi-redis-pw-91c2"
 
 
 @pytest.fixture(scope="module")
 def slurm_cluster():
     ok = shutil.which("sinfo") is not None and subprocess.run(
-        ["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20).stdout.strip() in ("idle", "mix", "alloc")
+        ["sinfo", "-h", "-p", "debug", "-o", "%t"], capture_output=True, text=True, timeout=20
+    ).stdout.strip() in ("idle", "mix", "alloc")
     require_cluster("SLURM cluster", ok, "sinfo does not show an up node (SLURM_CONF unset?)")
     ok = subprocess.run(["sacct", "-n", "-X", "-j", "1"], capture_output=True, timeout=20).returncode == 0
     require_cluster("SLURM accounting", ok, "sacct fails: slurmdbd not running")
@@ -68,7 +73,7 @@ def _check_random_search(rush, ids, launcher):
     info = rush.worker_info.set_index("worker_id").loc[ids]
     assert (info.launcher == launcher).all()
     assert all("_" in j for j in info.job_id) and info.node.notna().all()
-    wait_until(lambda: set(rush._ids_in_state("terminated")) == set(ids), 60, what="workers to end")
+    wait_until(lambda: set(rush.worker_ids(state="terminated")) == set(ids), 60, what="workers to end")
     assert rush.n_finished_tasks >= 100 and rush.n_running_tasks == 0
 
 
@@ -91,41 +96,6 @@ def test_nasty_log_dir_survives_the_job_script(slurm_rush, tmp_path):
                                           log_dir=str(nasty), **SLURM)
     slurm_rush.wait_for_workers(worker_ids=ids, timeout=60)
     assert list(nasty.glob("rush-*-0.err"))
-
-
-def render_golden(python="/opt/venv/bin/python", network="golden-net") -> str:
-    launcher = SbatchLauncher("/shared/rush logs", partition="cpu", time="02:00:00", mem="4G",
-                              account="proj-1", max_parallel=2, setup=["module load python/3.11"],
-                              extra_directives={"constraint": "a'; echo foo", "exclusive": True},
-                              job_name="rush worker")
-    command = WorkerCommand(network, python, {"RUSH_HPC_CREDENTIALS": "/shared/rush logs/credentials.json"})
-    return launcher.render(3, command, "batch1", ["w0", "w1", "w2"])
-
-
-def test_rendered_script_matches_the_golden_file():
-    if os.environ.get("RUSH_HPC_UPDATE_GOLDEN"):
-        GOLDEN.write_text(render_golden())
-    assert render_golden() == GOLDEN.read_text()
-
-
-def test_rendered_script_quotes_every_value_and_bash_parses_it(tmp_path):
-    script = render_golden(python="/opt/my env/bin/python", network="n")
-    assert "#SBATCH --constraint='a'\"'\"'; echo foo'" in script
-    assert "exec '/opt/my env/bin/python' -m rush_hpc worker" in script
-    path = tmp_path / "job.sh"
-    path.write_text(script)
-    subprocess.run(["bash", "-n", str(path)], check=True)
-
-
-def test_unknown_sbatch_option_lists_the_valid_ones(rush):
-    with pytest.raises(ConfigError, match=r"unknown sbatch option\(s\) \['partiton'\].*partition=None"):
-        rush.sbatch_script(n_workers=2, partiton="cpu")
-
-
-def test_dry_run_script_has_no_secrets(rush):
-    script = rush.sbatch_script(n_workers=8, partition="debug")
-    assert "#SBATCH --array=0-7" in script and SECRET.decode() not in script
-    assert "RUSH_HPC_CREDENTIALS=" in script
 
 
 def test_scancel_of_one_worker_makes_it_lost_with_reason_cancelled(slurm_rush, log_dir):
@@ -162,10 +132,10 @@ def test_time_limit_signal_ends_cleanly_and_timeout_is_the_reason_when_killed(sl
     honours = info.loc[[j for j in info.index if j.endswith("_0")][0], "worker_id"]
     ignores = info.loc[[j for j in info.index if j.endswith("_1")][0], "worker_id"]
     # the signal comes 50 s before the 1-minute limit: the honouring worker ends cleanly
-    wait_until(lambda: honours in slurm_rush._ids_in_state("terminated"), 45, poll=0.5, what="clean end")
+    wait_until(lambda: honours in slurm_rush.worker_ids(state="terminated"), 45, poll=0.5, what="clean end")
     assert slurm_rush.fetch_finished_tasks()["y"].tolist() == ["finished before the time limit"]
     # the other one is killed at the limit: lost with reason TIMEOUT, its task failed with it
-    wait_until(lambda: ignores in slurm_rush.detect_lost_workers() or ignores in slurm_rush._ids_in_state("lost"),
+    wait_until(lambda: ignores in slurm_rush.detect_lost_workers() or ignores in slurm_rush.worker_ids(state="lost"),
                150, poll=1.0, what="TIMEOUT")
     reason = slurm_rush.worker_info.set_index("worker_id").loc[ignores, "reason"]
     assert "TIMEOUT" in reason or "heartbeat" in reason
@@ -181,3 +151,133 @@ def test_job_whose_setup_fails_is_reported_with_its_stderr(slurm_rush, log_dir):
                                     setup=["no_such_setup_command --flag"], **SLURM)
     with pytest.raises(WorkerStartError, match="(?s)FAILED before registering.*no_such_setup_command"):
         slurm_rush.wait_for_workers(1, timeout=60)
+
+
+def test_cancelling_a_worker_that_ended_cleanly_is_recorded(slurm_rush, log_dir):
+    def loop(rush):
+        while not rush.terminated:
+            time.sleep(0.05)
+
+    ids = slurm_rush.start_sbatch_workers(loop, n_workers=1, log_dir=log_dir, **SLURM)
+    slurm_rush.wait_for_workers(worker_ids=ids, timeout=60)
+    slurm_rush.stop_workers(type="kill")  # the worker answers the kill message; its job is cancelled anyway
+    worker = slurm_rush._worker_hashes(ids)[ids[0]]
+    assert worker["state"] == "killed" and float(worker["cancelled_at"]) > float(worker["started_at"])
+    wait_until(lambda: (slurm_rush.detect_lost_workers() or True)
+               and slurm_rush._worker_hashes(ids)[ids[0]].get("job_state"), 30, poll=0.5, what="job_state")
+    # the scheduler's final word is joined to the worker (the worker may exit on the kill message first)
+    assert slurm_rush._worker_hashes(ids)[ids[0]]["job_state"] in ("CANCELLED", "COMPLETED", "FAILED")
+
+
+def test_submitit_setup_runs_under_set_e(slurm_rush, log_dir):
+    slurm_rush.start_slurm_workers(wl_random_search, n_workers=1, log_dir=log_dir,
+                                   setup=["false", "echo setup went on"], **SLURM)
+    with pytest.raises(WorkerStartError, match="(?s)FAILED before registering"):
+        slurm_rush.wait_for_workers(1, timeout=60)
+
+
+def test_a_pending_reason_that_never_clears_is_reported_at_once(slurm_rush, log_dir, multi_nodes):
+    started = time.monotonic()
+    ids = slurm_rush.start_sbatch_workers(wl_random_search, n_workers=2, log_dir=log_dir,
+                                          **{**SLURM, "partition": "multi", "time": 120})  # MaxTime=30
+    with pytest.raises(WorkerStartError, match=r"(?s)SLURM job \d+_[01] is pending for reason "
+                                               r"PartitionTimeLimit.*shorter time="):
+        slurm_rush.wait_for_workers(worker_ids=ids, timeout=60)
+    assert time.monotonic() - started < 20
+
+
+# -- several nodes ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def multi_nodes(slurm_cluster):
+    up = len(MULTI_NODES) >= 2 and all(
+        subprocess.run(["sinfo", "-h", "-n", node, "-o", "%t"], capture_output=True, text=True,
+                       timeout=20).stdout.strip() in ("idle", "mix", "alloc") for node in MULTI_NODES)
+    require_cluster("multi-node SLURM partition", up, "RUSH_TEST_SLURM_MULTI unset or its nodes not idle")
+    return MULTI_NODES
+
+
+@pytest.fixture(scope="module")
+def bridge_redis(multi_nodes, tmp_path_factory):
+    """Jobs on the namespace nodes reach the controller's Redis on the bridge address."""
+    bridge = os.environ["RUSH_TEST_BRIDGE_IP"]
+    process, port = start_redis_server(tmp_path_factory.mktemp("redis-multi"), "--bind", "127.0.0.1", bridge,
+                                       "--requirepass", PASSWORD)
+    yield RedisConfig(host=bridge, port=port, password=PASSWORD)
+    stop(process)
+
+
+@pytest.fixture
+def mrush(bridge_redis, network):
+    controller = rush_hpc.rsh(network=network, config=bridge_redis, secret=SECRET)
+    yield controller
+    controller.reset()
+    controller.close()
+
+
+MULTI = {"partition": "multi", "time": 5, "heartbeat_period": 0.5}
+
+
+def test_workers_spread_over_two_nodes(mrush, multi_nodes, log_dir):
+    # 2 CPUs per worker, 4 per node: 4 workers need both nodes
+    ids = mrush.start_sbatch_workers(wl_hold, n_workers=4, log_dir=log_dir, cpus_per_worker=2,
+                                     heartbeat_expire=5.0, **MULTI)
+    mrush.wait_for_workers(worker_ids=ids, timeout=60)
+    info = mrush.worker_info.set_index("worker_id").loc[ids]
+    assert sorted(info.node.value_counts().to_dict().items()) == [(n, 2) for n in sorted(multi_nodes)]
+    assert set(info.hostname) == set(multi_nodes)  # each node is its own host (UTS namespace)
+    mrush.stop_workers(type="terminate")
+    wait_until(lambda: set(mrush.worker_ids(state="terminated")) == set(ids), 30, what="workers to end")
+    assert mrush.n_finished_tasks == 4
+
+
+def test_node_failure_loses_its_workers_with_node_fail_and_cancels_the_requeued_job(
+        mrush, bridge_redis, multi_nodes, log_dir):
+    victim_node = multi_nodes[1]
+    ids = mrush.start_sbatch_workers(wl_hold, n_workers=2, log_dir=log_dir, cpus_per_worker=4,
+                                     heartbeat_expire=120.0, **MULTI)  # the scheduler must tell, not the heartbeat
+    mrush.wait_for_workers(worker_ids=ids, timeout=60)
+    info = mrush.worker_info.set_index("worker_id")
+    victim = info.index[info.node == victim_node][0]
+    job = info.loc[victim, "job_id"]
+    subprocess.run(["ip", "-n", victim_node, "link", "set", "eth0", "down"], check=True)
+    try:
+        # a second controller (no handles in memory) sees it through validated handles and ONE sacct
+        second = rush_hpc.rsh(network=mrush.network, config=bridge_redis, secret=SECRET)
+        lost = wait_until(second.detect_lost_workers, 60, poll=1.0, what="NODE_FAIL")
+        second.close()
+        assert lost == [victim]
+        worker = mrush._worker_hashes([victim])[victim]
+        assert worker["state"] == "lost" and "NODE_FAIL" in worker["reason"], worker["reason"]
+        assert "NODE_FAIL" in mrush.fetch_running_tasks().to_string() or mrush.n_failed_tasks == 1
+        # SLURM requeued the job; the controller cancelled it, so it will not start a worker later
+        wait_until(lambda: subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True
+                                          ).stdout.strip() == "", 30, poll=0.5, what="the requeued job to go")
+        def records() -> list[str]:
+            return subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job], capture_output=True,
+                                  text=True).stdout.split("\n")
+
+        wait_until(lambda: len(records()) > 2, 10, poll=0.5, what="the requeued record in sacct")
+        assert records()[0] == "NODE_FAIL" and records()[1].startswith("CANCELLED"), records()
+    finally:
+        subprocess.run(["ip", "-n", victim_node, "link", "set", "eth0", "up"], check=True)
+    # the node comes back (ReturnToService=2) for the tests that follow
+    wait_until(lambda: subprocess.run(["sinfo", "-h", "-n", victim_node, "-o", "%t"], capture_output=True,
+                                      text=True).stdout.strip() in ("idle", "mix", "alloc"), 60, poll=1.0,
+               what=f"{victim_node} back")
+
+
+def test_rush_hpc_stop_kill_from_another_process_cancels_the_job(slurm_rush, log_dir):
+    """A second controller (the CLI) rebuilds the SLURM handle from the worker's record (validated
+    job id) and cancels the job; it records the cancel."""
+    ids = slurm_rush.start_sbatch_workers(wl_hold, n_workers=1, log_dir=log_dir, **SLURM)
+    slurm_rush.wait_for_workers(worker_ids=ids, timeout=60)
+    job = slurm_rush._worker_hashes(ids)[ids[0]]["job_id"]
+    env = {**os.environ, "RUSH_HPC_URL": slurm_rush.config.to_url(show_secrets=True),
+           "RUSH_HPC_NETWORK": slurm_rush.network, "RUSH_HPC_SECRET": SECRET.decode()}
+    result = subprocess.run([sys.executable, "-m", "rush_hpc", "stop", "--kill"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    worker = slurm_rush._worker_hashes(ids)[ids[0]]
+    assert worker["state"] == "killed" and worker.get("cancelled_at")
+    wait_until(lambda: subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True
+                                      ).stdout.strip() == "", 30, poll=0.5, what="the job to go")

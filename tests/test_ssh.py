@@ -21,6 +21,7 @@ from rush_hpc.examples.random_search import wl_random_search
 from rush_hpc import LaunchError
 from rush_hpc.config import RedisConfig
 
+from loops import wl_queue_slow as wl_queue
 from conftest import SECRET, require_cluster, start_redis_server, stop, wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -72,14 +73,6 @@ def ssh(ssh_env, host: str, command: str) -> str:
 SEARCH = {"rush_n_tasks": 100}  # globals of the vignette loop from rush_hpc.examples
 
 
-def wl_queue(rush):
-    while not rush.terminated:
-        task = rush.pop_task(timeout=0.1)
-        if task is not None:
-            time.sleep(task.xs["sleep"])
-            rush.push_results(task.key, [{"y": 1}])
-
-
 def wl_env(rush):
     import os
 
@@ -102,7 +95,7 @@ def test_workers_on_three_hosts_run_the_random_search(srush, ssh_env):
     else:
         assert sorted(set(info.hostname)) == sorted(ssh_env["hosts"])  # each namespace has its own
     assert (info.launcher == "ssh").all() and info.pid.notna().all()
-    wait_until(lambda: set(srush._ids_in_state("terminated")) == set(ids), 60, what="workers to end")
+    wait_until(lambda: set(srush.worker_ids(state="terminated")) == set(ids), 60, what="workers to end")
     frame = srush.fetch_finished_tasks()
     assert len(frame) >= 100 and set(frame["worker_id"]) <= set(ids)
 
@@ -153,7 +146,7 @@ def test_kill_through_redis_and_by_ssh_when_the_worker_does_not_answer(srush, ss
     # the namespaces share the PID space: freeze one worker so that only SSH can kill it
     os.kill(pids[ids[1]], signal.SIGSTOP)
     srush.stop_workers(type="kill", kill_grace=1.0)
-    assert set(srush._ids_in_state("killed")) == set(ids)
+    assert set(srush.worker_ids(state="killed")) == set(ids)
     for pid in pids.values():
         wait_until(lambda: "Z" in (ssh(ssh_env, ssh_env["hosts"][0], f"ps -o stat= -p {pid}") or "Z"), 10,
                    what=f"process {pid} to die")
@@ -199,3 +192,22 @@ def test_remote_worker_that_never_registers_is_reported_with_its_remote_log(srus
     with pytest.raises(rush_hpc.WorkerStartError,
                        match=r"(?s)exited before registering.*end of its output.*libpython3\.11\.so"):
         srush.wait_for_workers(1, timeout=30)
+
+
+def test_a_second_controller_never_sshes_to_hosts_from_redis(srush, ssh_env, bridge_redis, monkeypatch):
+    ids = start(srush, ssh_env, loop=wl_queue, hosts=ssh_env["hosts"][:1], n_workers=1)
+    srush.wait_for_workers(worker_ids=ids, timeout=30)
+    # a Redis writer points the worker at another host; a second controller has no host list at all
+    srush.redis.hset(srush.keys.worker(ids[0]), "host", ssh_env["hosts"][2])
+    from rush_hpc.launchers.ssh import SSHLauncher
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a controller connected to a host named only in Redis")
+
+    monkeypatch.setattr(SSHLauncher, "connect", refuse)
+    second = rush_hpc.rsh(network=srush.network, config=bridge_redis, secret=SECRET)
+    assert second.detect_lost_workers() == [] and second._supervisor.unchecked == ids
+    second.close()
+    monkeypatch.undo()
+    srush.stop_workers(type="kill", kill_grace=0.5)  # the first controller's handle holds the real host
+    assert srush.worker_ids(state="killed") == ids

@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import psutil
 
-from .base import Launcher, WorkerCommand, WorkerInfo, read_tail
+from .. import defaults
+from .base import (Handle, HandleContext, InvalidInfo, Launcher, WorkerCommand, WorkerInfo, read_tail,
+                   valid_pid)
 
 
 def pid_alive(pid: int) -> bool:
@@ -22,6 +24,31 @@ def pid_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def is_our_worker(pid: int, worker_id: str) -> bool:
+    """True if ``pid`` is a live process of this user running ``rush_hpc worker --worker-id <id>``.
+
+    What a pid read from Redis must pass before it is signalled: a Redis writer could name pid 1,
+    another user's process or a reused pid.
+    """
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE or process.uids().real != os.getuid():
+            return False
+        argv = process.cmdline()
+    except psutil.Error:
+        return False
+    return worker_argv_matches(argv, worker_id)
+
+
+def worker_argv_matches(argv: Sequence[str], worker_id: str) -> bool:
+    """Whether a command line is ``... -m rush_hpc worker ... --worker-id <worker_id>``."""
+    argv = list(argv)
+    for i in range(len(argv) - 1):
+        if argv[i] == "--worker-id" and argv[i + 1] == worker_id:
+            return "rush_hpc" in argv and "worker" in argv
+    return False
 
 
 def describe_exit(returncode: int) -> str:
@@ -33,68 +60,136 @@ def describe_exit(returncode: int) -> str:
     return f"exited with code {returncode}"
 
 
+def controller_pythonpath() -> str:
+    """The controller's import path beyond the interpreter's own (script directory, cwd, PYTHONPATH),
+    so that a loop importing a module next to the controller's script works in local workers."""
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    entries: list[str] = []
+    for entry in sys.path:
+        path = os.path.realpath(entry or os.getcwd())
+        if any(path == p or path.startswith(p + os.sep) for p in prefixes) or not os.path.isdir(path):
+            continue
+        if path not in entries:
+            entries.append(path)
+    return os.pathsep.join(entries)
+
+
+class LocalHandle(Handle):
+    """A local worker process. Trusted: holds the Popen and its log paths. From Redis: only a pid
+    that must belong to this user and run this very worker, on this host."""
+
+    launcher = "local"
+    always_force_kill = True  # the whole process group goes, children of the loop included
+
+    def __init__(self, worker_id: str, pid: int, *, host: str | None = None,
+                 process: subprocess.Popen[bytes] | None = None, stdout: Path | None = None,
+                 stderr: Path | None = None, trusted: bool = True) -> None:
+        super().__init__(worker_id, trusted=trusted)
+        self.pid, self.host = pid, host or socket.gethostname()
+        self.process, self.stdout, self.stderr = process, stdout, stderr
+
+    def to_info(self) -> dict[str, str]:
+        info = {"launcher": self.launcher, "host": self.host, "pid": str(self.pid)}
+        if self.stdout is not None and self.stderr is not None:
+            info.update(stdout=str(self.stdout), stderr=str(self.stderr))
+        return info
+
+    @classmethod
+    def from_info(cls, worker_id: str, info: WorkerInfo, context: HandleContext) -> LocalHandle:
+        if info.get("host") != socket.gethostname():
+            raise InvalidInfo(f"local worker of another host ({info.get('host')!r})")
+        return cls(worker_id, valid_pid(info.get("pid")), trusted=False)  # no paths: never read from Redis
+
+    def gone(self) -> str | None:
+        if self.process is not None:
+            code = self.process.poll()
+            return None if code is None else f"process {self.pid} {describe_exit(code)}"
+        if not is_our_worker(self.pid, self.worker_id):
+            return f"process {self.pid} is gone"
+        return None
+
+    def kill(self) -> None:
+        if self.process is not None:
+            if self.process.poll() is None:
+                _killpg(self.pid)  # the worker leads its own session (start_new_session)
+            self.process.wait(10)
+        elif is_our_worker(self.pid, self.worker_id):
+            try:
+                leader = os.getpgid(self.pid) == self.pid
+            except ProcessLookupError:
+                return
+            _killpg(self.pid) if leader else _kill(self.pid)
+
+    def output_tail(self, lines: int = defaults.OUTPUT_TAIL_LINES) -> str:
+        if not self.trusted:
+            return ""
+        return read_tail(str(self.stderr) if self.stderr else None, lines) or \
+            read_tail(str(self.stdout) if self.stdout else None, lines)
+
+    def reap(self, timeout: float = 0.0) -> None:
+        """Collect the exited child (waiting up to ``timeout``); a worker still running is left
+        running (a controller may exit while its workers go on) and parked so no ResourceWarning fires."""
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _DETACHED.append(self.process)
+        self.process = None if self.process.returncode is not None else self.process
+
+
+def _killpg(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 class LocalLauncher(Launcher):
+    """Workers as children of this process, in their own session, with the controller's import
+    path and working directory."""
+
     name = "local"
 
     def __init__(self, log_dir: str | os.PathLike[str], python: str | None = None) -> None:
+        super().__init__()
         self.log_dir = Path(log_dir)
         self.python = python or sys.executable
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, worker_ids: Sequence[str], command: WorkerCommand) -> dict[str, dict[str, str]]:
+    def environment(self, command: WorkerCommand) -> dict[str, str]:
+        env = {**os.environ, **command.environment()}
+        path = controller_pythonpath()
+        if path:
+            env["PYTHONPATH"] = path
+        return env
+
+    def start(self, worker_ids: Sequence[str], command: WorkerCommand) -> list[Handle]:
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        env = {**os.environ, **command.env, "RUSH_HPC_LAUNCHER": self.name}
-        infos: dict[str, dict[str, str]] = {}
+        env = self.environment(command)
+        handles: list[Handle] = []
         for worker_id in worker_ids:
             stdout, stderr = self.log_dir / f"{worker_id}.out", self.log_dir / f"{worker_id}.err"
             with open(stdout, "wb") as out, open(stderr, "wb") as err:
                 process = subprocess.Popen(command.argv(worker_id), env=env, stdin=subprocess.DEVNULL,
-                                           stdout=out, stderr=err, start_new_session=True)
-            self.processes[worker_id] = process
-            infos[worker_id] = {"launcher": self.name, "host": socket.gethostname(),
-                                "pid": str(process.pid), "stdout": str(stdout), "stderr": str(stderr)}
-        return infos
-
-    def gone(self, infos: Mapping[str, WorkerInfo]) -> dict[str, str]:
-        reasons = {}
-        for worker_id, info in infos.items():
-            process = self.processes.get(worker_id)
-            if process is not None:
-                if process.poll() is not None:
-                    reasons[worker_id] = f"process {process.pid} {describe_exit(process.returncode)}"
-            elif info.get("pid") and info.get("host") == socket.gethostname():
-                if not pid_alive(int(info["pid"])):
-                    reasons[worker_id] = f"process {info['pid']} is gone"
-        return reasons
-
-    def kill(self, infos: Mapping[str, WorkerInfo]) -> None:
-        for worker_id, info in infos.items():
-            process = self.processes.get(worker_id)
-            pid = process.pid if process is not None else int(info.get("pid") or 0)
-            if pid and (process is None or process.poll() is None):
-                try:
-                    os.killpg(pid, signal.SIGKILL)  # the worker leads its own session
-                except ProcessLookupError:
-                    pass
-            if process is not None:
-                process.wait(10)
-
-    def output_tail(self, info: WorkerInfo, lines: int = 20) -> str:
-        return read_tail(info.get("stderr"), lines) or read_tail(info.get("stdout"), lines)
-
-    def reap(self, timeout: float = 0.0) -> None:
-        """Collect exited children (waiting up to ``timeout`` for ending ones); keep the rest alive.
-
-        Workers that still run are deliberately left running (a controller may exit while its
-        workers go on); their handles move to a module-level list so no ResourceWarning fires.
-        """
-        deadline = time.monotonic() + timeout
-        for process in self.processes.values():
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _DETACHED.append(process)
-        self.processes.clear()
+                                           stdout=out, stderr=err, start_new_session=True, cwd=os.getcwd())
+            handle = LocalHandle(worker_id, process.pid, process=process, stdout=stdout, stderr=stderr)
+            self.handles[worker_id] = handle
+            handles.append(handle)
+        return handles
 
 
 _DETACHED: list[subprocess.Popen[bytes]] = []
+
+
+def wait_gone(handles: Sequence[LocalHandle], timeout: float) -> None:
+    """Wait up to ``timeout`` for local workers to exit (used before removing their directory)."""
+    deadline = time.monotonic() + timeout
+    for handle in handles:
+        handle.reap(max(0.0, deadline - time.monotonic()))

@@ -1,8 +1,9 @@
-"""Workers as ONE SLURM job array from a readable job script template (``templates/sbatch.sh``).
+"""Workers as ONE SLURM job array from a readable job script template (``rush_hpc/templates/sbatch.sh``).
 
 ``render`` is a pure function of the options; ``rush.sbatch_script()`` shows its result without
-submitting. Directives are sorted and every value is shell-quoted; secrets never enter the script
-(it only names the 0600 credentials file).
+submitting. Directives are sorted and every value is shell-quoted; values with line breaks are
+refused (they would inject lines); secrets never enter the script (it only names the 0600
+credentials file). Users may pass their own template file (``template=``).
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
+from .. import defaults
 from ..exceptions import ConfigError
-from .base import WorkerCommand, call
-from .slurm import SlurmJobs, time_to_minutes
+from .base import DIRECTIVE_NAME, Handle, Launcher, WorkerCommand, call, check_line, check_name, check_no_nul
+from .slurm import SbatchHandle, time_to_minutes
 
 DEFAULTS: dict[str, Any] = {
-    "template": None, "job_name": "rush-worker", "partition": None, "time": "01:00:00",
+    "template": None, "job_name": defaults.SLURM_JOB_NAME, "partition": None, "time": defaults.SLURM_TIME,
     "cpus_per_worker": 1, "mem": None, "account": None, "qos": None, "gpus": None,
-    "max_parallel": None, "setup": (), "extra_directives": {}, "python": None, "signal_delay_s": 60,
-    "sbatch": "sbatch",
+    "max_parallel": None, "setup": (), "extra_directives": {}, "python": None,
+    "signal_delay_s": defaults.SIGNAL_DELAY_S, "sbatch": "sbatch",
 }
+_ONE_LINE = ("template", "job_name", "partition", "time", "cpus_per_worker", "mem", "account", "qos", "gpus",
+             "max_parallel", "python", "signal_delay_s", "sbatch")
 
 
 def default_template() -> str:
@@ -37,17 +41,33 @@ def _flag(name: str, value: Any) -> str:
     return f"#SBATCH --{name}" if value is True else f"#SBATCH --{name}={shlex.quote(str(value))}"
 
 
-class SbatchLauncher(SlurmJobs):
+def validate_options(options: dict[str, Any], log_dir: Path) -> None:
+    """Unknown options list the valid ones; no value may break a line of the job script."""
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        valid = ", ".join(f"{k}={v!r}" for k, v in sorted(DEFAULTS.items()))
+        raise ConfigError(f"unknown sbatch option(s) {sorted(unknown)}; valid options (defaults): {valid}")
+    check_line("log_dir", str(log_dir))
+    for name in _ONE_LINE:
+        check_line(name, options.get(name))
+    setup = options.get("setup") or ()
+    if isinstance(setup, str):
+        raise ConfigError("setup must be a list of shell lines, got a string")
+    for line in setup:
+        check_no_nul("setup", line)
+    for name, value in dict(options.get("extra_directives") or {}).items():
+        check_name("extra_directives", name.replace("_", "-") if isinstance(name, str) else name, DIRECTIVE_NAME)
+        check_line(f"extra_directives[{name!r}]", value)
+
+
+class SbatchLauncher(Launcher):
     name = "sbatch"
 
     def __init__(self, log_dir: str | os.PathLike[str], **options: Any) -> None:
         super().__init__()
-        unknown = set(options) - set(DEFAULTS)
-        if unknown:
-            valid = ", ".join(f"{k}={v!r}" for k, v in sorted(DEFAULTS.items()))
-            raise ConfigError(f"unknown sbatch option(s) {sorted(unknown)}; valid options (defaults): {valid}")
-        self.options = {**DEFAULTS, **options}
         self.log_dir = Path(log_dir)
+        validate_options(options, self.log_dir)
+        self.options = {**DEFAULTS, **options}
         self.python = self.options["python"] or sys.executable
         template = self.options["template"]
         try:
@@ -75,6 +95,8 @@ class SbatchLauncher(SlurmJobs):
                worker_ids: Sequence[str] | None = None) -> str:
         """The job script text for ``n_workers`` workers."""
         ids = list(worker_ids) if worker_ids is not None else [f"<worker-{i}>" for i in range(n_workers)]
+        for name, value in command.environment().items():
+            check_line(f"environment variable {name}", value)
         values = {
             "directives": "\n".join(_flag(k, v) for k, v in sorted(self.directives(n_workers, batch_id).items())),
             "setup": "\n".join(self.options["setup"]) or ":",
@@ -89,15 +111,18 @@ class SbatchLauncher(SlurmJobs):
             raise ConfigError(f"job script template: bad placeholder {error}; valid placeholders: "
                               f"{sorted(values)} (write $$ for a literal $)") from None
 
-    def start(self, worker_ids: Sequence[str], command: WorkerCommand) -> dict[str, dict[str, str]]:
+    def start(self, worker_ids: Sequence[str], command: WorkerCommand) -> list[Handle]:
         batch_id = uuid.uuid4().hex[:12]
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         script = self.log_dir / f"rush-{batch_id}.sh"
         script.write_text(self.render(len(worker_ids), command, batch_id, worker_ids))
-        output = call([self.options["sbatch"], "--parsable", str(script)], timeout=60)
+        output = call([self.options["sbatch"], "--parsable", "--", str(script)], timeout=60)
         job_id = output.strip().split(";")[0]
-        return {w: {"launcher": self.name, "job_id": f"{job_id}_{i}", "job_script": str(script),
-                    "stdout": str(self.log_dir / f"rush-{batch_id}-{i}.out"),
-                    "stderr": str(self.log_dir / f"rush-{batch_id}-{i}.err")}
-                for i, w in enumerate(worker_ids)}
-
+        handles: list[Handle] = []
+        for i, worker_id in enumerate(worker_ids):
+            handle = SbatchHandle(worker_id, f"{job_id}_{i}", job_script=str(script),
+                                  stdout=str(self.log_dir / f"rush-{batch_id}-{i}.out"),
+                                  stderr=str(self.log_dir / f"rush-{batch_id}-{i}.err"))
+            self.handles[worker_id] = handle
+            handles.append(handle)
+        return handles

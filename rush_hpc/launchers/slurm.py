@@ -1,9 +1,13 @@
-"""Workers as SLURM jobs: ``SlurmJobs`` (the scheduler's view, shared by both SLURM launchers) and
-``SubmititLauncher`` (one job array through submitit).
+"""Workers as SLURM jobs: ``SlurmHandle`` (the scheduler's view, shared by both SLURM launchers)
+and ``SubmititLauncher`` (one job array through submitit).
 
-The scheduler's truth comes from ``sacct`` (accounting must be on; submitit needs it too): a job
-that ended TIMEOUT, PREEMPTED, OUT_OF_MEMORY, NODE_FAIL, CANCELLED or FAILED gives that reason to
-its worker and to the worker's running tasks.
+The scheduler's truth comes from ``sacct -D`` (accounting must be on; submitit needs it too), read
+once per batch of job ids: a job whose record ended TIMEOUT, PREEMPTED, OUT_OF_MEMORY, NODE_FAIL,
+CANCELLED or FAILED gives that reason to its worker, even when SLURM requeued the job (``-D`` shows
+the ended record before the requeued one). The jobs of lost and killed workers are cancelled, so
+a requeued array element cannot start a worker later. Pending jobs are checked with ``squeue``:
+a reason that will not clear by waiting (a time limit above the partition's, a bad account, ...)
+is reported at once with the fix.
 """
 
 from __future__ import annotations
@@ -11,18 +15,49 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .. import defaults
 from ..exceptions import CommandError, ConfigError, LaunchError
-from .base import Launcher, WorkerCommand, WorkerInfo, call, read_tail
+from .base import (Handle, HandleContext, Launcher, WorkerCommand, WorkerInfo, call,
+                   check_line, check_name, check_no_nul, read_tail, valid_job_id)
 
 logger = logging.getLogger(__name__)
 
-ENDED_STATES = ("BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
-                "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT", "REVOKED")
+ENDED_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+                          "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT", "REVOKED", "REQUEUED"})
+
+#: squeue pending reasons that waiting will not clear, with what to do about them
+PENDING_FOREVER: dict[str, str] = {
+    "PartitionTimeLimit": "the job's time limit is above the partition's MaxTime: pass a shorter time= "
+                          "or another partition= (see `sinfo -o '%P %l'`)",
+    "PartitionNodeLimit": "the job asks for more nodes than the partition allows: pick another partition=",
+    "PartitionConfig": "no node of the partition has what one job asks for (cpus_per_worker, mem, gpus): "
+                       "ask for less or pick another partition=",
+    "InvalidAccount": "the account does not exist or you are not in it: pass a valid account= "
+                      "(see `sacctmgr show assoc user=$USER`)",
+    "InvalidQOS": "the QOS does not exist or is not allowed for your account: pass a valid qos=",
+    "AccountNotAllowed": "the partition does not accept this account: pass another account= or partition=",
+    "QOSNotAllowed": "the partition does not accept this QOS: pass another qos= or partition=",
+    "BadConstraints": "the job's constraints cannot be met by any node: change the constraint",
+    "DependencyNeverSatisfied": "the job depends on a job that failed: cancel it",
+    "JobHeldAdmin": "an administrator holds the job: ask them, or cancel it",
+    "JobHeldUser": "the job is held: `scontrol release <job id>`, or cancel it",
+}
+#: QOS limits that apply to one job (not to the user's other jobs): they never clear either
+_QOS_PER_JOB = re.compile(r"^QOS(Max\w*PerJob\w*|Min\w+|MaxWallDurationPerJobLimit)$")
+
+
+def pending_fix(reason: str) -> str | None:
+    """What to do about a pending reason that will not clear by waiting, or None if it may clear."""
+    if reason in PENDING_FOREVER:
+        return PENDING_FOREVER[reason]
+    if _QOS_PER_JOB.match(reason):
+        return "a per-job limit of the QOS is exceeded: ask for less (time, cpus, mem) or pass another qos="
+    return None
 
 
 def time_to_minutes(value: str | int | None) -> int | None:
@@ -42,60 +77,165 @@ def time_to_minutes(value: str | int | None) -> int | None:
     return max(1, int(days or 0) * 1440 + hours * 60 + minutes + (1 if seconds else 0))
 
 
-class SlurmJobs(Launcher):
-    """The scheduler's view of workers that run as SLURM jobs (``job_id`` in their info)."""
+JOB_ID_OR_STEP = re.compile(r"^\d+(_\d+)?$")
+#: submitit additional_parameters names (submitit turns ``_`` into ``-``)
+SUBMITIT_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 
-    name = "slurm"
-    always_force_kill = True  # scancel frees the allocation even when the worker already exited
 
-    def __init__(self) -> None:
-        self._cache: tuple[float, dict[str, str]] = (0.0, {})
+# -- sacct / squeue / scancel (through the one subprocess seam, ``call``) ----------------------
+def parse_sacct(output: str) -> dict[str, str]:
+    """``sacct -D -X -n -P -o JobID,State`` output -> ``{job_id: state}``.
 
-    def start(self, worker_ids: Sequence[str], command: WorkerCommand) -> dict[str, dict[str, str]]:
-        raise NotImplementedError("use SubmititLauncher or SbatchLauncher")
+    With ``-D`` a requeued job has several records (oldest first): the first record that ended is
+    what happened to the worker that ran (NODE_FAIL, PREEMPTED...), whatever the requeued job
+    does later; a job that has not ended yet keeps its latest state.
+    """
+    states: dict[str, str] = {}
+    ended: dict[str, str] = {}
+    for line in output.splitlines():
+        job_id, sep, state = line.partition("|")
+        job_id = job_id.strip()
+        if not sep or not JOB_ID_OR_STEP.fullmatch(job_id):
+            continue
+        word = state.split()[0] if state.strip() else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
+        states[job_id] = word
+        if word in ENDED_STATES and job_id not in ended:
+            ended[job_id] = word
+    return {**states, **ended}
 
-    def job_states(self, job_ids: Sequence[str], max_age: float = 1.0) -> dict[str, str]:
-        """``{job_id: STATE}`` from sacct (array tasks as ``123_4``); cached for ``max_age`` s."""
-        stamp, cached = self._cache
-        if time.monotonic() - stamp < max_age and all(j in cached for j in job_ids):
-            return cached
-        arrays = sorted({j.split("_")[0] for j in job_ids})
+
+def sacct_states(job_ids: Sequence[str]) -> dict[str, str]:
+    """``{job_id: final or current state}`` for these jobs, from ONE sacct call (``{}`` if it fails)."""
+    ids = sorted({valid_job_id(j) for j in job_ids})
+    if not ids:
+        return {}
+    try:
+        output = call(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
+                      timeout=30)
+    except CommandError as error:
+        logger.warning("sacct failed, SLURM job states unknown: %s", error)
+        return {}
+    return parse_sacct(output)
+
+
+def parse_squeue(output: str) -> dict[str, tuple[str, str]]:
+    """``squeue -h -r -o '%i|%T|%r'`` output -> ``{job_id: (state, reason)}``."""
+    jobs: dict[str, tuple[str, str]] = {}
+    for line in output.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3 and JOB_ID_OR_STEP.fullmatch(parts[0]):
+            jobs[parts[0]] = (parts[1], parts[2])
+    return jobs
+
+
+def squeue_jobs(job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """``{job_id: (state, reason)}`` of these jobs (array elements one by one), ONE squeue call."""
+    arrays = sorted({valid_job_id(j).split("_")[0] for j in job_ids})
+    if not arrays:
+        return {}
+    try:
+        output = call(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(arrays)], timeout=30)
+    except CommandError as error:
+        logger.debug("squeue failed: %s", error)
+        return {}
+    return parse_squeue(output)
+
+
+def scancel(job_ids: Sequence[str]) -> None:
+    """Cancel these jobs; validated ids after ``--``, so none can pass for an option."""
+    ids = sorted({valid_job_id(j) for j in job_ids})
+    if ids:
         try:
-            output = call(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(arrays)], timeout=30)
+            call(["scancel", "--", *ids], timeout=30)
         except CommandError as error:
-            logger.warning("sacct failed, SLURM job states unknown: %s", error)
-            return {}
-        states: dict[str, str] = {}
-        for line in output.splitlines():
-            job_id, _, state = line.partition("|")
-            states[job_id.strip()] = state.split()[0] if state.strip() else "UNKNOWN"
-        self._cache = (time.monotonic(), states)
-        return states
+            logger.warning("scancel failed: %s", error)
 
-    def gone(self, infos: Mapping[str, WorkerInfo]) -> dict[str, str]:
-        jobs = {w: i["job_id"] for w, i in infos.items() if i.get("job_id")}
-        if not jobs:
-            return {}
-        states = self.job_states(list(jobs.values()))
+
+class SlurmHandle(Handle):
+    """A worker that runs as one SLURM job (array element ``123_4``). Trusted handles also hold
+    the job's output paths; handles from Redis hold only a validated job id."""
+
+    launcher = "slurm"
+    always_force_kill = True  # scancel frees the allocation even when the worker already exited
+    kill_when_lost = True  # a lost worker's job may still run, or be requeued and start again later
+    kill_record = "cancelled_at"
+    reports_final_state = True
+
+    def __init__(self, worker_id: str, job_id: str, *, stdout: str | None = None, stderr: str | None = None,
+                 job_script: str | None = None, trusted: bool = True) -> None:
+        super().__init__(worker_id, trusted=trusted)
+        self.job_id = valid_job_id(job_id)
+        self.stdout, self.stderr, self.job_script = stdout, stderr, job_script
+
+    def to_info(self) -> dict[str, str]:
+        info = {"launcher": self.launcher, "job_id": self.job_id}
+        for name in ("stdout", "stderr", "job_script"):
+            if getattr(self, name):
+                info[name] = getattr(self, name)
+        return info
+
+    @classmethod
+    def from_info(cls, worker_id: str, info: WorkerInfo, context: HandleContext) -> SlurmHandle:
+        return cls(worker_id, valid_job_id(info.get("job_id")), trusted=False)
+
+    @classmethod
+    def check(cls, handles: Sequence[Handle]) -> dict[str, str]:
+        jobs = {h.worker_id: h.job_id for h in handles if isinstance(h, SlurmHandle)}
+        states = sacct_states(list(jobs.values()))
         return {w: f"SLURM job {job} ended {states[job]}" for w, job in jobs.items()
                 if states.get(job) in ENDED_STATES}
 
-    def kill(self, infos: Mapping[str, WorkerInfo]) -> None:
-        jobs = sorted({i["job_id"] for i in infos.values() if i.get("job_id")})
-        if jobs:
-            try:
-                call(["scancel", *jobs], timeout=30)
-            except CommandError as error:
-                logger.warning("scancel failed: %s", error)
+    @classmethod
+    def final_states(cls, handles: Sequence[Handle]) -> dict[str, str]:
+        """``{worker_id: final SLURM state}`` of the handles whose job has ended (one sacct call)."""
+        jobs = {h.worker_id: h.job_id for h in handles if isinstance(h, SlurmHandle)}
+        states = sacct_states(list(jobs.values()))
+        return {w: states[j] for w, j in jobs.items() if states.get(j) in ENDED_STATES}
 
-    def output_tail(self, info: WorkerInfo, lines: int = 20) -> str:
-        return read_tail(info.get("stderr"), lines) or read_tail(info.get("stdout"), lines)
+    @classmethod
+    def start_problems(cls, handles: Sequence[Handle]) -> dict[str, str]:
+        """Pending jobs that will not start by waiting: ``{worker_id: reason with the fix}``."""
+        jobs = {h.worker_id: h.job_id for h in handles if isinstance(h, SlurmHandle)}
+        queue = squeue_jobs(list(jobs.values()))
+        problems = {}
+        for worker_id, job_id in jobs.items():
+            state, reason = queue.get(job_id) or queue.get(job_id.split("_")[0]) or ("", "")
+            fix = pending_fix(reason) if state == "PENDING" else None
+            if fix:
+                problems[worker_id] = f"SLURM job {job_id} is pending for reason {reason}, which will not " \
+                                      f"clear by waiting: {fix}"
+        return problems
+
+    def kill(self) -> None:
+        scancel([self.job_id])
+
+    @classmethod
+    def kill_all(cls, handles: Sequence[Handle]) -> None:
+        scancel([h.job_id for h in handles if isinstance(h, SlurmHandle)])
+
+    def output_tail(self, lines: int = defaults.OUTPUT_TAIL_LINES) -> str:
+        if not self.trusted:
+            return ""
+        return read_tail(self.stderr, lines) or read_tail(self.stdout, lines)
 
 
-def run_submitit_worker(network: str, worker_id: str, credentials: str) -> int:
-    """What each submitit array task runs (in submitit's process, on the node)."""
-    os.environ["RUSH_HPC_LAUNCHER"] = "slurm"
-    os.environ["RUSH_HPC_CREDENTIALS"] = credentials
+class SbatchHandle(SlurmHandle):
+    """A worker started from a job script template (same scheduler view as ``SlurmHandle``)."""
+
+    launcher = "sbatch"
+
+
+def run_submitit_worker(network: str, worker_id: str, environment: Mapping[str, str] | str) -> int:
+    """What each submitit array task runs (in submitit's process, on the node): the worker
+    command's environment (credentials file, launcher name), then the worker itself.
+
+    In-process on purpose, not ``python -m rush_hpc worker`` as a child (submitit's
+    ``CommandFunction``): submitit's handler for the time-limit signal (USR2) would requeue the
+    job or raise, while ``run_worker`` installs the same graceful handlers every worker has."""
+    if isinstance(environment, str):  # jobs pickled by an older controller passed the credentials path
+        environment = {"RUSH_HPC_CREDENTIALS": environment, "RUSH_HPC_LAUNCHER": "slurm"}
+    os.environ.update(environment)
+    credentials = os.environ["RUSH_HPC_CREDENTIALS"]
     import logging as _logging
 
     from ..bootstrap import run_worker
@@ -106,45 +246,76 @@ def run_submitit_worker(network: str, worker_id: str, credentials: str) -> int:
     return run_worker(network, worker_id, config, secret)
 
 
-class SubmititLauncher(SlurmJobs):
+def check_slurm_values(options: Mapping[str, Any], names: Sequence[str]) -> None:
+    """CR/LF/NUL in any of these options would inject lines into the job script."""
+    for name in names:
+        value = options.get(name)
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                check_line(name, item)
+        else:
+            check_line(name, value)
+
+
+class SubmititLauncher(Launcher):
     """One submitit job array for all workers; submitit's own parameter names are accepted too."""
 
     name = "slurm"
 
     def __init__(self, log_dir: str | os.PathLike[str], *, partition: str | None = None,
-                 time: str | int | None = "01:00:00", cpus_per_worker: int = 1, mem: str | None = None,
+                 time: str | int | None = defaults.SLURM_TIME, cpus_per_worker: int = 1, mem: str | None = None,
                  account: str | None = None, qos: str | None = None, gpus: int | None = None,
                  max_parallel: int | None = None, setup: Sequence[str] = (),
                  additional_parameters: Mapping[str, Any] | None = None, python: str | None = None,
-                 signal_delay_s: int = 90, **submitit_parameters: Any) -> None:
+                 signal_delay_s: int = defaults.SIGNAL_DELAY_S, job_name: str = defaults.SLURM_JOB_NAME,
+                 **submitit_parameters: Any) -> None:
         super().__init__()
+        check_line("log_dir", str(log_dir))
         self.log_dir = Path(log_dir)
-        self.python = python or sys.executable
+        self.python = check_line("python", python or sys.executable)
+        check_slurm_values({"partition": partition, "time": time, "mem": mem, "account": account, "qos": qos,
+                            "gpus": gpus, "job_name": job_name}, ["partition", "time", "mem", "account",
+                                                                  "qos", "gpus", "job_name"])
+        for line in setup:
+            check_no_nul("setup", line)
+        extra = dict(additional_parameters or {})
+        for key, value in extra.items():
+            check_name("additional_parameters", key, SUBMITIT_NAME)
+            check_line(f"additional_parameters[{key!r}]", value)
+        for key, value in submitit_parameters.items():
+            check_line(key, value)
         parameters: dict[str, Any] = {
             "partition": partition, "time": time_to_minutes(time), "cpus_per_task": cpus_per_worker,
             "mem": mem, "account": account, "qos": qos, "gpus_per_node": gpus,
-            "setup": list(setup), "additional_parameters": dict(additional_parameters or {}),
-            "signal_delay_s": signal_delay_s, "job_name": "rush-worker", **submitit_parameters}
+            # set -e: a failing setup line fails the job instead of starting a broken worker
+            "setup": ["set -e", *setup], "additional_parameters": extra,
+            "signal_delay_s": signal_delay_s, "job_name": job_name, **submitit_parameters}
         self.max_parallel = max_parallel
         self.parameters = {k: v for k, v in parameters.items() if v is not None}
 
-    def executor(self, n_workers: int):
+    def executor(self, n_workers: int) -> Any:
         import submitit
 
-        executor = submitit.SlurmExecutor(folder=self.log_dir / "submitit" / "%j", python=self.python)
+        # submitit pastes ``python`` into the script verbatim: quote it (paths with spaces)
+        executor = submitit.SlurmExecutor(folder=self.log_dir / "submitit" / "%j", python=shlex.quote(self.python))
         try:
             executor.update_parameters(array_parallelism=self.max_parallel or n_workers, **self.parameters)
         except (ValueError, TypeError) as error:
             raise ConfigError(f"invalid SLURM parameter: {error}") from None
         return executor
 
-    def start(self, worker_ids: Sequence[str], command: WorkerCommand) -> dict[str, dict[str, str]]:
+    def start(self, worker_ids: Sequence[str], command: WorkerCommand) -> list[Handle]:
         executor = self.executor(len(worker_ids))
-        credentials = command.env["RUSH_HPC_CREDENTIALS"]
+        environment = command.environment()
         try:
             jobs = executor.map_array(run_submitit_worker, [command.network] * len(worker_ids),
-                                      list(worker_ids), [credentials] * len(worker_ids))
+                                      list(worker_ids), [environment] * len(worker_ids))
         except Exception as error:  # noqa: BLE001 - submitit wraps sbatch failures in several ways
             raise LaunchError(f"submitting the SLURM job array failed: {error}") from None
-        return {w: {"launcher": self.name, "job_id": job.job_id, "stdout": str(job.paths.stdout),
-                    "stderr": str(job.paths.stderr)} for w, job in zip(worker_ids, jobs)}
+        handles: list[Handle] = []
+        for worker_id, job in zip(worker_ids, jobs):
+            handle = SlurmHandle(worker_id, job.job_id, stdout=str(job.paths.stdout), stderr=str(job.paths.stderr))
+            self.handles[worker_id] = handle
+            handles.append(handle)
+        return handles
+

@@ -16,8 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from ..defaults import OUTPUT_TAIL_LINES, SSH_CHECK_INTERVAL, SSH_CONNECT_TIMEOUT, SSH_LOG_DIR
 from ..exceptions import ConfigError, LaunchError, tail
-from .base import Launcher, WorkerCommand, WorkerInfo
+from .base import (ENV_NAME, Handle, HandleContext, InvalidInfo, Launcher, WorkerCommand, WorkerInfo,
+                   check_line, check_name, check_no_nul, valid_pid)
 from .ssh_connection import check_host_key_policy, open_connection
 
 logger = logging.getLogger(__name__)
@@ -62,9 +64,23 @@ def parse_host(spec: Any, defaults: Mapping[str, Any]) -> HostSpec:
         values["port"] = int(port)
     values["host"] = host
     parsed = HostSpec(**values)
+    check_host(parsed)
     if not parsed.python.startswith("/") and parsed.python not in ("python", "python3"):
         raise ConfigError(f"python for host {parsed.label} must be an absolute path, got {parsed.python!r}")
     return parsed
+
+
+def check_host(host: HostSpec) -> None:
+    """No value of a host may break the remote script: names, python and env are checked here."""
+    if not host.host or any(c.isspace() for c in host.host):
+        raise ConfigError(f"ssh host may not be empty or contain whitespace, got {host.host!r}")
+    for option, value in (("host", host.host), ("user", host.user), ("python", host.python)):
+        check_line(option, value)
+    for line in host.setup:
+        check_no_nul("setup", line)
+    for name, value in host.env.items():
+        check_name("env", name, ENV_NAME)
+        check_no_nul(f"env[{name!r}]", value)
 
 
 class SSHLauncher(Launcher):
@@ -72,21 +88,23 @@ class SSHLauncher(Launcher):
 
     def __init__(self, hosts: Sequence[Any], *, n_workers: int = 1, network: str, credentials: bytes,
                  python: str | None = None, setup: Sequence[str] = (), env: Mapping[str, str] | None = None,
-                 log_dir: str = "~/.rush-hpc/logs", connect_kwargs: Mapping[str, Any] | None = None,
+                 log_dir: str = SSH_LOG_DIR, connect_kwargs: Mapping[str, Any] | None = None,
                  gateway: str | None = None, ssh_config: str | None = None,
-                 connect_timeout: float = 10.0, host_key_policy: str | None = None) -> None:
+                 connect_timeout: float = SSH_CONNECT_TIMEOUT, host_key_policy: str | None = None) -> None:
+        super().__init__()
         if not hosts:
             raise ConfigError("start_ssh_workers needs at least one host")
         defaults = {"n_workers": n_workers, "python": python or sys.executable, "setup": list(setup),
                     "env": dict(env or {})}
         self.hosts = [parse_host(h, defaults) for h in hosts]
         self.network, self.credentials = network, credentials
-        self.log_dir = log_dir
+        self.log_dir = check_line("log_dir", log_dir)
+        check_line("gateway", gateway)
         self.connect_kwargs = dict(connect_kwargs or {})
         self.gateway, self.ssh_config, self.connect_timeout = gateway, ssh_config, connect_timeout
         self.host_key_policy = check_host_key_policy(host_key_policy)  # see ssh_connection.py
         self._checked: dict[str, float] = {}
-        self.check_interval = 3.0  # seconds between SSH checks of workers that did not register yet
+        self.check_interval = SSH_CHECK_INTERVAL  # seconds between SSH checks of unregistered workers
 
     @property
     def total_workers(self) -> int:
@@ -125,20 +143,25 @@ class SSHLauncher(Launcher):
         return out
 
     # -- starting ------------------------------------------------------------------------------
-    def start(self, worker_ids: Sequence[str], command: WorkerCommand) -> dict[str, dict[str, str]]:
+    def host_by_label(self, label: str | None) -> HostSpec | None:
+        """One of this launcher's own hosts (never a host named only in Redis)."""
+        return next((h for h in self.hosts if h.label == label), None)
+
+    def start(self, worker_ids: Sequence[str], command: WorkerCommand) -> list[Handle]:
         self._checked["gone"] = time.monotonic()  # give the workers time before asking the hosts
         assignments: list[tuple[HostSpec, list[str]]] = []
         ids = list(worker_ids)
         for host in self.hosts:
             assignments.append((host, ids[:host.n_workers]))
             ids = ids[host.n_workers:]
-        infos: dict[str, dict[str, str]] = {}
+        started: list[Handle] = []
         failures: dict[str, str] = {}
         with ThreadPoolExecutor(max_workers=min(32, len(assignments))) as pool:
-            futures = {pool.submit(self._start_on_host, host, ids_): (host, ids_) for host, ids_ in assignments}
+            futures = {pool.submit(self._start_on_host, host, ids_, command): (host, ids_)
+                       for host, ids_ in assignments}
             for future, (host, _) in futures.items():
                 try:
-                    infos.update(future.result())
+                    started.extend(future.result())
                 except Exception as error:  # noqa: BLE001 - reported per host
                     reason = str(error) or type(error).__name__
                     failures[host.label] = reason
@@ -146,13 +169,14 @@ class SSHLauncher(Launcher):
         if failures:
             details = "\n".join(f"- {host}: {reason}" for host, reason in failures.items())
             raise LaunchError(f"could not start workers on {len(failures)} of {len(self.hosts)} "
-                              f"host(s) ({len(infos)} workers started elsewhere):\n{details}",
-                              started=list(infos), failures=failures, infos=infos)
-        return infos
+                              f"host(s) ({len(started)} workers started elsewhere):\n{details}",
+                              started=[h.worker_id for h in started], failures=failures,
+                              infos={h.worker_id: h.to_info() for h in started})
+        return started
 
-    def _start_on_host(self, host: HostSpec, worker_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    def _start_on_host(self, host: HostSpec, worker_ids: Sequence[str], command: WorkerCommand) -> list[Handle]:
         if not worker_ids:
-            return {}
+            return []
         try:
             connection = self.connect(host)
             connection.open()
@@ -162,7 +186,7 @@ class SSHLauncher(Launcher):
             # one round trip: create the log directory, receive the credentials on stdin into a
             # 0600 file (never on a command line), run the setup lines, start the workers
             credentials = shlex.quote(f"{self.network}.credentials.json")
-            command = WorkerCommand(self.network, host.python, {**host.env, "RUSH_HPC_LAUNCHER": self.name})
+            command = WorkerCommand(self.network, host.python, {**host.env, **command.env}, command.launcher)
             lines = ["set -e", f"(umask 077 && mkdir -p {_remote_path(self.log_dir)})",
                      f"cd {_remote_path(self.log_dir)}", f"(umask 077 && cat > {credentials})",
                      'RUSH_LOG_DIR="$PWD"', 'echo "log_dir $RUSH_LOG_DIR"',
@@ -177,75 +201,113 @@ class SSHLauncher(Launcher):
             connection.close()
         log_dir = next(line[8:] for line in output.splitlines() if line.startswith("log_dir "))
         pids = dict(line.split()[1:3] for line in output.splitlines() if line.startswith("pid "))
-        return {w: {"launcher": self.name, "host": host.label, "pid": pids.get(w, ""),
-                    "stdout": f"{log_dir}/{w}.log", "ssh_host": host.host,
-                    "ssh_user": host.user or "", "ssh_port": str(host.port or "")} for w in worker_ids}
+        handles: list[Handle] = []
+        for worker_id in worker_ids:
+            handle = SshHandle(worker_id, self, host, valid_pid(pids.get(worker_id)), log=f"{log_dir}/{worker_id}.log")
+            self.handles[worker_id] = handle
+            handles.append(handle)
+        return handles
 
-    # -- observing and killing -----------------------------------------------------------------
-    def _host_of(self, info: WorkerInfo) -> HostSpec:
-        for host in self.hosts:
-            if host.label == info.get("host"):
-                return host
-        return parse_host(info.get("host", ""), {})
 
-    def _by_host(self, infos: Mapping[str, WorkerInfo]) -> dict[str, tuple[HostSpec, dict[str, WorkerInfo]]]:
-        groups: dict[str, tuple[HostSpec, dict[str, WorkerInfo]]] = {}
-        for worker_id, info in infos.items():
-            host = self._host_of(info)
-            groups.setdefault(host.label, (host, {}))[1][worker_id] = info
-        return groups
+class SshHandle(Handle):
+    """A worker on a remote host: the host comes from the controller's own host list (the
+    launcher that holds it), the pid is checked against the worker's command line on the host
+    before it is signalled. From Redis without a matching host of this controller: no handle."""
 
-    def gone(self, infos: Mapping[str, WorkerInfo]) -> dict[str, str]:
-        """Only for workers that never registered (a running worker is watched by its heartbeat);
-        asks each host at most every 2 s which worker processes have exited."""
-        waiting = {w: i for w, i in infos.items() if not i.get("started_at") and i.get("pid")}
+    launcher = "ssh"
+    checks_running_workers = False  # their heartbeat watches them; a round trip per host is costly
+
+    def __init__(self, worker_id: str, ssh: SSHLauncher, host: HostSpec, pid: int, *, log: str | None = None,
+                 trusted: bool = True) -> None:
+        super().__init__(worker_id, trusted=trusted)
+        self.ssh, self.host, self.pid, self.log = ssh, host, pid, log
+
+    def to_info(self) -> dict[str, str]:
+        info = {"launcher": self.launcher, "host": self.host.label, "pid": str(self.pid),
+                "ssh_host": self.host.host, "ssh_user": self.host.user or "", "ssh_port": str(self.host.port or "")}
+        if self.log:
+            info["stdout"] = self.log
+        return info
+
+    @classmethod
+    def from_info(cls, worker_id: str, info: WorkerInfo, context: HandleContext) -> SshHandle:
+        for launcher in context.ssh:
+            host = launcher.host_by_label(info.get("host"))
+            if host is not None:
+                return cls(worker_id, launcher, host, valid_pid(info.get("pid")), trusted=False)
+        raise InvalidInfo(f"host {info.get('host')!r} is not one of this controller's ssh hosts")
+
+    def _match(self) -> str:
+        """Shell test: is ``pid`` still this worker (not a zombie, not a reused pid)?"""
+        needle = shlex.quote(f"--worker-id {self.worker_id}")
+        return f"ps -o args= -p {int(self.pid)} 2>/dev/null | grep -qF -- {needle}"
+
+    @classmethod
+    def _by_host(cls, handles: Sequence[Handle]) -> list[tuple[SSHLauncher, HostSpec, list[SshHandle]]]:
+        groups: dict[tuple[int, str], tuple[SSHLauncher, HostSpec, list[SshHandle]]] = {}
+        for handle in handles:
+            if isinstance(handle, SshHandle):
+                key = (id(handle.ssh), handle.host.label)
+                groups.setdefault(key, (handle.ssh, handle.host, []))[2].append(handle)
+        return list(groups.values())
+
+    @classmethod
+    def check(cls, handles: Sequence[Handle]) -> dict[str, str]:
+        """Asks each host (in parallel, at most every ``check_interval`` s per launcher) which
+        worker processes have exited."""
+        groups = []
         now = time.monotonic()
-        if not waiting or now - self._checked.get("gone", 0.0) < self.check_interval:
+        for launcher in {id(g[0]): g[0] for g in cls._by_host(handles)}.values():
+            if now - launcher._checked.get("gone", 0.0) >= launcher.check_interval:
+                launcher._checked["gone"] = now
+                groups += [g for g in cls._by_host(handles) if g[0] is launcher]
+        if not groups:
             return {}
-        self._checked["gone"] = now
 
-        def check(host: HostSpec, group: dict[str, WorkerInfo]) -> dict[str, str]:
-            checks = " ; ".join(f"ps -o stat= -p {int(i['pid'])} | grep -qv Z || echo {w}"
-                                for w, i in group.items())
+        def check(group: tuple[SSHLauncher, HostSpec, list[SshHandle]]) -> dict[str, str]:
+            launcher, host, members = group
+            script = " ; ".join(f"{h._match()} || echo {shlex.quote(h.worker_id)}" for h in members)
             try:
-                connection = self.connect(host)
-                output = self._exec(connection, checks, timeout=30)[1]
+                connection = launcher.connect(host)
+                output = launcher._exec(connection, script, timeout=30)[1]
                 connection.close()
             except Exception as error:  # noqa: BLE001
                 logger.warning("ssh host %s: cannot check workers: %s", host.label, error)
                 return {}
-            return {w: f"process {group[w]['pid']} on {host.label} exited" for w in output.split() if w in group}
+            ended = set(output.split())
+            return {h.worker_id: f"process {h.pid} on {host.label} exited" for h in members if h.worker_id in ended}
 
-        groups = list(self._by_host(waiting).values())
         reasons: dict[str, str] = {}
         with ThreadPoolExecutor(max_workers=min(32, len(groups))) as pool:
-            for found in pool.map(lambda g: check(*g), groups):
+            for found in pool.map(check, groups):
                 reasons.update(found)
         return reasons
 
-    def kill(self, infos: Mapping[str, WorkerInfo]) -> None:
-        for host, group in self._by_host(infos).values():
-            pids = [int(i["pid"]) for i in group.values() if i.get("pid")]
-            if not pids:
-                continue
+    def kill(self) -> None:
+        type(self).kill_all([self])
+
+    @classmethod
+    def kill_all(cls, handles: Sequence[Handle]) -> None:
+        for launcher, host, members in cls._by_host(handles):
+            script = " ; ".join(f"if {h._match()}; then kill -KILL -- -{int(h.pid)} 2>/dev/null; fi"
+                                for h in members) + " ; true"
             try:
-                connection = self.connect(host)
-                self._exec(connection, " ; ".join(f"kill -KILL -- -{p} 2>/dev/null" for p in pids) + " ; true",
-                           timeout=30)
+                connection = launcher.connect(host)
+                launcher._exec(connection, script, timeout=30)
                 connection.close()
             except Exception as error:  # noqa: BLE001
-                logger.warning("ssh host %s: could not kill %s: %s", host.label, pids, error)
+                logger.warning("ssh host %s: could not kill %s: %s", host.label, [h.pid for h in members], error)
 
-    def output_tail(self, info: WorkerInfo, lines: int = 20) -> str:
-        if not info.get("stdout"):
+    def output_tail(self, lines: int = OUTPUT_TAIL_LINES) -> str:
+        if not self.trusted or not self.log:
             return ""
         try:
-            connection = self.connect(self._host_of(info))
-            output = self._exec(connection, f"tail -n {int(lines)} {shlex.quote(info['stdout'])}", timeout=30)[1]
+            connection = self.ssh.connect(self.host)
+            output = self.ssh._exec(connection, f"tail -n {int(lines)} {shlex.quote(self.log)}", timeout=30)[1]
             connection.close()
             return output
         except Exception as error:  # noqa: BLE001
-            return f"(could not read {info['stdout']} on {info.get('host')}: {error})"
+            return f"(could not read {self.log} on {self.host.label}: {error})"
 
 
 def _remote_path(path: str) -> str:
