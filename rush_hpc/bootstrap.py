@@ -21,7 +21,7 @@ from .exceptions import ConfigError, RushError, WorkerNotRunningError
 from .heartbeat import Heartbeat, HeartbeatProcess, first_beat, make_heartbeat
 from .logs import RedisLogHandler
 from .payload import load_meta, load_payload
-from .walltime import DEFAULT_WALLTIME_MARGIN, job_end_time
+from .walltime import job_end_time, walltime_margin
 from .worker import RushWorker
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,
         if period:
             first_beat(rush, expire)  # the key exists before the worker counts as running
         rush.job_end = job_end_time()
-        rush.walltime_margin = float(settings.get("walltime_margin") or DEFAULT_WALLTIME_MARGIN)
+        rush.walltime_margin = walltime_margin(settings.get("walltime_margin"), rush.job_end)
         rush.register(**_launch_context(), heartbeat_period=period, heartbeat_expire=expire,
                       job_end=f"{rush.job_end:.0f}" if rush.job_end else None)
     except WorkerNotRunningError as error:  # killed (or reset) before it could register

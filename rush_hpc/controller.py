@@ -103,13 +103,20 @@ class Rush(RushNetwork):
                           modules: Sequence[str] = (), *, heartbeat_period: float | None = defaults.HEARTBEAT_PERIOD,
                           heartbeat_expire: float | None = defaults.HEARTBEAT_EXPIRE,
                           log_level: str = defaults.LOG_LEVEL, payload_dir: str | None = None,
+                          redis_outage_timeout: float | None = None, walltime_margin: float | None = None,
                           _frame_depth: int = 2) -> None:
-        """Serialize, sign and store the worker loop that every worker of this network runs."""
+        """Serialize, sign and store the worker loop that every worker of this network runs.
+
+        ``redis_outage_timeout``: how long the workers ride through a Redis outage (default: the
+        controller's, see ``rsh``); ``walltime_margin``: seconds before the end of their allocation at
+        which they stop taking tasks (default 60 s, at most a quarter of the allocation).
+        """
         self._check_open()
         heartbeat_settings.validate(heartbeat_period, heartbeat_expire)
         store_payload(self, worker_loop, resolve_globals(globals, _frame_depth + 1), modules,
                       {"heartbeat_period": heartbeat_period, "heartbeat_expire": heartbeat_expire,
-                       "log_level": log_level}, spill_dir=payload_dir)
+                       "log_level": log_level, "redis_outage_timeout": redis_outage_timeout,
+                       "walltime_margin": walltime_margin}, spill_dir=payload_dir)
 
     def _start_in_directory(self, make_launcher: Callable[[Path], Launcher], n_workers: int,
                             log_dir: str | None) -> list[str]:
@@ -203,7 +210,9 @@ class Rush(RushNetwork):
                             heartbeat_period: float | None = defaults.HEARTBEAT_PERIOD,
                             heartbeat_expire: float | None = defaults.HEARTBEAT_EXPIRE,
                             log_level: str = defaults.LOG_LEVEL, log_dir: str | None = None,
-                            payload_dir: str | None = None, python: str | None = None) -> list[str]:
+                            payload_dir: str | None = None, python: str | None = None,
+                            redis_outage_timeout: float | None = None,
+                            walltime_margin: float | None = None) -> list[str]:
         """Start ``n_workers`` worker processes on this machine; returns their ids.
 
         They get this process's import path (``PYTHONPATH``) and working directory. Their
@@ -213,7 +222,8 @@ class Rush(RushNetwork):
         positive_count(n_workers)
         self.store_worker_loop(worker_loop, globals, modules, heartbeat_period=heartbeat_period,
                                heartbeat_expire=heartbeat_expire, log_level=log_level,
-                               payload_dir=payload_dir, _frame_depth=2)
+                               payload_dir=payload_dir, redis_outage_timeout=redis_outage_timeout,
+                               walltime_margin=walltime_margin, _frame_depth=2)
         return self._start_in_directory(lambda d: LocalLauncher(d, python), n_workers, log_dir)
 
     def start_ssh_workers(self, worker_loop: Callable[..., Any], hosts: Sequence[Any],
@@ -221,6 +231,7 @@ class Rush(RushNetwork):
                           *, heartbeat_period: float | None = defaults.HEARTBEAT_PERIOD,
                           heartbeat_expire: float | None = defaults.HEARTBEAT_EXPIRE,
                           log_level: str = defaults.LOG_LEVEL, payload_dir: str | None = None,
+                          redis_outage_timeout: float | None = None, walltime_margin: float | None = None,
                           **ssh_options: Any) -> list[str]:
         """Start workers on remote hosts over SSH (see ``rush_hpc.launchers.ssh.SSHLauncher``)."""
         from .launchers.ssh import SSHLauncher
@@ -228,7 +239,8 @@ class Rush(RushNetwork):
         positive_count(n_workers)
         self.store_worker_loop(worker_loop, globals, modules, heartbeat_period=heartbeat_period,
                                heartbeat_expire=heartbeat_expire, log_level=log_level,
-                               payload_dir=payload_dir, _frame_depth=2)
+                               payload_dir=payload_dir, redis_outage_timeout=redis_outage_timeout,
+                               walltime_margin=walltime_margin, _frame_depth=2)
         launcher = SSHLauncher(hosts, n_workers=positive_count(n_workers), network=self.network,
                                credentials=self._credentials_blob(), **ssh_options)
         self._supervisor.context.ssh.append(launcher)  # its hosts: the only ones we ever contact
@@ -239,14 +251,16 @@ class Rush(RushNetwork):
                             heartbeat_period: float | None = defaults.HEARTBEAT_PERIOD,
                             heartbeat_expire: float | None = defaults.SLURM_HEARTBEAT_EXPIRE,
                             log_level: str = defaults.LOG_LEVEL, payload_dir: str | None = None,
-                            log_dir: str | None = None, **slurm_options: Any) -> list[str]:
+                            log_dir: str | None = None, redis_outage_timeout: float | None = None,
+                            walltime_margin: float | None = None, **slurm_options: Any) -> list[str]:
         """Start workers as ONE SLURM job array through submitit."""
         from .launchers.slurm import SubmititLauncher
 
         positive_count(n_workers)
         self.store_worker_loop(worker_loop, globals, modules, heartbeat_period=heartbeat_period,
                                heartbeat_expire=heartbeat_expire, log_level=log_level,
-                               payload_dir=payload_dir, _frame_depth=2)
+                               payload_dir=payload_dir, redis_outage_timeout=redis_outage_timeout,
+                               walltime_margin=walltime_margin, _frame_depth=2)
         return self._start_in_directory(lambda d: SubmititLauncher(d, **slurm_options), n_workers, log_dir)
 
     def start_sbatch_workers(self, worker_loop: Callable[..., Any], n_workers: int = 1,
@@ -254,7 +268,8 @@ class Rush(RushNetwork):
                              heartbeat_period: float | None = defaults.HEARTBEAT_PERIOD,
                              heartbeat_expire: float | None = defaults.SLURM_HEARTBEAT_EXPIRE,
                              log_level: str = defaults.LOG_LEVEL, payload_dir: str | None = None,
-                             log_dir: str | None = None, **sbatch_options: Any) -> list[str]:
+                             log_dir: str | None = None, redis_outage_timeout: float | None = None,
+                             walltime_margin: float | None = None, **sbatch_options: Any) -> list[str]:
         """Start workers as ONE job array from a job script template (``rush_hpc/templates/sbatch.sh``,
         or your own file: ``template="/path/to/job.sh"``)."""
         from .launchers.sbatch import SbatchLauncher
@@ -262,7 +277,8 @@ class Rush(RushNetwork):
         positive_count(n_workers)
         self.store_worker_loop(worker_loop, globals, modules, heartbeat_period=heartbeat_period,
                                heartbeat_expire=heartbeat_expire, log_level=log_level,
-                               payload_dir=payload_dir, _frame_depth=2)
+                               payload_dir=payload_dir, redis_outage_timeout=redis_outage_timeout,
+                               walltime_margin=walltime_margin, _frame_depth=2)
         return self._start_in_directory(lambda d: SbatchLauncher(d, **sbatch_options), n_workers, log_dir)
 
     def sbatch_script(self, n_workers: int = 1, log_dir: str | None = None, **sbatch_options: Any) -> str:

@@ -55,5 +55,14 @@ def parse_slurm_time(text: str) -> float | None:
         return None
 
 
+def walltime_margin(configured: float | str | None, end: float | None) -> float:
+    """The configured margin; by default 60 s, but at most a quarter of what is left at start-up (a
+    5-minute job stops taking tasks 60 s before its end, a 1-minute job 15 s before)."""
+    if configured:
+        return float(configured)
+    left = seconds_left(end)
+    return DEFAULT_WALLTIME_MARGIN if left is None else max(0.0, min(DEFAULT_WALLTIME_MARGIN, left / 4))
+
+
 def seconds_left(end: float | None) -> float | None:
     return None if end is None else end - time.time()

@@ -281,3 +281,34 @@ def test_rush_hpc_stop_kill_from_another_process_cancels_the_job(slurm_rush, log
     assert worker["state"] == "killed" and worker.get("cancelled_at")
     wait_until(lambda: subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True
                                       ).stdout.strip() == "", 30, poll=0.5, what="the job to go")
+
+
+def wl_fast_queue(rush):
+    """A fast queue loop that ignores walltime itself: only pop_task stands between it and overrunning."""
+    while True:
+        task = rush.pop_task(timeout=0.5)
+        if task is None:
+            if rush.terminated:
+                return
+            continue
+        time.sleep(0.1)
+        rush.push_results(task.key, [{"y": 1}])
+
+
+def test_a_fast_loop_overrunning_a_one_minute_walltime_loses_nothing(slurm_rush, log_dir):
+    """Issue 10: SLURM walltime overrun (--time=1) with a fast loop: the worker stops taking tasks
+    near its end (15 s before a 1-minute limit) and ends terminated with reason walltime; no task is
+    left running or finished twice, the rest stays queued."""
+    keys = slurm_rush.push_tasks([{"x": i} for i in range(2000)], max_retries=1)
+    [worker_id] = slurm_rush.start_sbatch_workers(wl_fast_queue, n_workers=1, log_dir=log_dir,
+                                                  **{**SLURM, "time": 1})
+    slurm_rush.wait_for_workers(worker_ids=[worker_id], timeout=60)
+    wait_until(lambda: worker_id not in slurm_rush.worker_ids(state="running"), 90, poll=1.0,
+               what="the worker to end")
+    info = slurm_rush.worker_info.set_index("worker_id").loc[worker_id]
+    assert info["state"] == "terminated" and info["reason"] == "walltime", dict(info)
+    states = slurm_rush.task_states(keys)
+    assert "running" not in states.values()
+    finished = slurm_rush.fetch_finished_tasks()["keys"]
+    assert finished.is_unique and 0 < len(finished) < 2000
+    assert list(states.values()).count("queued") == 2000 - len(finished)

@@ -211,3 +211,32 @@ def test_a_second_controller_never_sshes_to_hosts_from_redis(srush, ssh_env, bri
     monkeypatch.undo()
     srush.stop_workers(type="kill", kill_grace=0.5)  # the first controller's handle holds the real host
     assert srush.worker_ids(state="killed") == ids
+
+
+def test_a_worker_cut_off_killed_and_reset_is_gone_soon_after_its_link_comes_back(srush, ssh_env):
+    """Issue 10: link down, then kill and reset while the worker cannot hear it, then link up: the
+    worker must exit within about two heartbeat periods and create nothing in the reset network."""
+    if LOOPBACK:
+        pytest.skip("needs network namespaces: the loopback fallback cannot take one host's link down")
+    period = 1.0
+    host = ssh_env["hosts"][1]
+    srush.push_tasks([{"sleep": 0.05}] * 10000)
+    [worker_id] = start(srush, ssh_env, loop=wl_queue, hosts=[host], n_workers=1, connect_timeout=3,
+                        heartbeat_period=period, heartbeat_expire=3.0)
+    srush.wait_for_workers(worker_ids=[worker_id], timeout=30)
+    pid = int(srush.worker_info.set_index("worker_id").loc[worker_id, "pid"])
+    subprocess.run(["ip", "-n", host, "link", "set", "eth0", "down"], check=True)
+    try:
+        wait_until(lambda: worker_id in srush.detect_lost_workers(), 10, what="the cut-off worker lost")
+        srush.stop_workers(type="kill", worker_ids=[worker_id])  # cannot reach it: its host is cut off
+        srush.reset()
+    finally:
+        subprocess.run(["ip", "-n", host, "link", "set", "eth0", "up"], check=True)
+    up = time.monotonic()
+    wait_until(lambda: "Z" in (ssh(ssh_env, host, f"ps -o stat= -p {pid}") or "Z"), 15, poll=0.05,
+               what="the worker to exit after link up")
+    took = time.monotonic() - up
+    print(f"cut-off worker gone {took:.2f} s after its link came back")
+    assert took <= 2 * period + 1.0, f"gone {took:.1f} s after the link came back (2 periods: {2 * period} s)"
+    time.sleep(2 * period)
+    assert list(srush.redis.scan_iter(match=srush.keys.pattern)) == []  # it created nothing after the reset

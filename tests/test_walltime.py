@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from rush_hpc.walltime import job_end_time, parse_slurm_time
+from rush_hpc.walltime import job_end_time, parse_slurm_time, walltime_margin
 
 from conftest import wait_until
 
@@ -19,6 +19,13 @@ def test_the_end_comes_from_the_environment_or_squeue_text():
     assert parse_slurm_time("N/A") is None
     assert parse_slurm_time("2026-11-26T09:30:00") == pytest.approx(
         time.mktime(time.strptime("2026-11-26T09:30:00", "%Y-%m-%dT%H:%M:%S")))
+
+
+def test_the_default_margin_is_60_s_or_a_quarter_of_a_short_allocation():
+    now = time.time()
+    assert walltime_margin(None, None) == 60 and walltime_margin("5", now + 10) == 5
+    assert walltime_margin(None, now + 3600) == 60
+    assert walltime_margin(None, now + 60) == pytest.approx(15, abs=0.1)
 
 
 def test_a_worker_near_its_walltime_takes_no_task(rush, worker):
@@ -40,7 +47,7 @@ def wl_pop_slowly(rush):
 
 def test_a_launched_worker_ends_before_its_walltime_and_loses_nothing(rush, monkeypatch):
     keys = rush.push_tasks([{"x": i} for i in range(40)], max_retries=1)
-    monkeypatch.setenv("RUSH_HPC_JOB_END", f"{time.time() + 60 + 4:.3f}")  # the default margin is 60 s
+    monkeypatch.setenv("RUSH_HPC_JOB_END", f"{time.time() + 8:.3f}")  # the default margin: a quarter, 2 s
     [worker_id] = rush.start_local_workers(worker_loop=wl_pop_slowly, n_workers=1, heartbeat_period=0.2,
                                            heartbeat_expire=1.0)
     rush.wait_for_workers(worker_ids=[worker_id])
