@@ -16,10 +16,12 @@ _EXPORTS = {
     "rsh": "controller",
     "RushWorker": "worker",
     "Task": "worker",
+    "short_ids": "frames",
     **{name: "exceptions" for name in (
         "CommandError", "ConfigError", "EmbeddedRedisError", "EnvironmentMismatchError", "LaunchError",
-        "PayloadError", "RedisAuthError", "RedisUnavailableError", "RushError", "RushTimeoutError",
-        "SignatureError", "TaskError", "UnknownTaskError", "WorkerError", "WorkerStartError")},
+        "NoWorkersError", "PayloadError", "RedisAuthError", "RedisUnavailableError", "RushError",
+        "RushTimeoutError", "SignatureError", "TaskError", "UnknownTaskError", "WorkerError",
+        "WorkerNotRunningError", "WorkerStartError")},
 }
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "EmbeddedRedisError",
     "EnvironmentMismatchError",
     "LaunchError",
+    "NoWorkersError",
     "PayloadError",
     "RedisAuthError",
     "RedisConfig",
@@ -41,9 +44,11 @@ __all__ = [
     "TaskError",
     "UnknownTaskError",
     "WorkerError",
+    "WorkerNotRunningError",
     "WorkerStartError",
     "__version__",
     "rsh",
+    "short_ids",
 ]
 
 
@@ -64,7 +69,8 @@ if TYPE_CHECKING:
     from .config import RedisConfig
     from .controller import Rush, rsh
     from .exceptions import (CommandError, ConfigError, EmbeddedRedisError, EnvironmentMismatchError,
-                             LaunchError, PayloadError, RedisAuthError, RedisUnavailableError, RushError,
-                             RushTimeoutError, SignatureError, TaskError, UnknownTaskError, WorkerError,
-                             WorkerStartError)
+                             LaunchError, NoWorkersError, PayloadError, RedisAuthError, RedisUnavailableError,
+                             RushError, RushTimeoutError, SignatureError, TaskError, UnknownTaskError,
+                             WorkerError, WorkerNotRunningError, WorkerStartError)
+    from .frames import short_ids
     from .worker import RushWorker, Task

@@ -28,6 +28,7 @@ from .exceptions import ConfigError, LaunchError, RushError
 from .launchers.base import Handle, Launcher, WorkerCommand
 from .launchers.local import LocalLauncher
 from .logs import read_log
+from .frames import format_local
 from .network import RushNetwork, text
 from .payload import GlobalsArg, resolve_globals, store_payload
 from .server import EmbeddedRedis
@@ -360,15 +361,22 @@ class Rush(RushNetwork):
 
     # -- supervising (see supervisor.py) ----------------------------------------------------
     def wait_for_workers(self, n: int | None = None, worker_ids: Sequence[str] | None = None,
-                         timeout: float | None = defaults.WAIT_TIMEOUT, poll: float = defaults.WAIT_POLL) -> None:
+                         timeout: float | None = defaults.WAIT_TIMEOUT, poll: float = defaults.WAIT_POLL,
+                         progress: bool | None = None) -> None:
         """Block until ``n`` workers (or all of ``worker_ids``) have registered.
 
         Raises ``WorkerStartError`` as soon as a worker fails or exits before registering (with the
         tail of its output when this controller started it) or a SLURM job pends for a reason that
         will not clear (with the job id and the fix), and ``RushTimeoutError`` (listing who is
-        missing) after ``timeout``.
+        missing) after ``timeout``. ``progress``: a progress bar on stderr; None (default) shows it
+        on a terminal only.
         """
-        self._supervisor.wait_for_workers(n, worker_ids, timeout, poll)
+        from . import progress as progress_display
+
+        total = len(worker_ids) if worker_ids is not None else n
+        with progress_display.tracker(total=total, description="workers", unit="registered",
+                                      progress=progress) as bar:
+            self._supervisor.wait_for_workers(n, worker_ids, timeout, poll, on_poll=bar.update)
         self._remove_spent_credentials()
 
     def detect_lost_workers(self) -> list[str]:
@@ -480,7 +488,8 @@ class Rush(RushNetwork):
 
     def print_log(self, worker_ids: Sequence[str] | None = None, n: int | None = None) -> None:
         for record in self.read_log(worker_ids, n).itertuples():
-            print(f"{record.time:%H:%M:%S} {record.worker_id[:8]} {record.level:<7} {record.message}")
+            when = format_local(record.time.timestamp(), with_date=False, with_offset=False)
+            print(f"{when} {record.worker_id[:8]} {record.level:<7} {record.message}")
 
     # -- housekeeping -----------------------------------------------------------------------
     def reset(self, type: str = "kill") -> None:

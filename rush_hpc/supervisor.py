@@ -142,7 +142,8 @@ class Supervisor:
 
     # -- waiting -----------------------------------------------------------------------------
     def wait_for_workers(self, n: int | None = None, worker_ids: Sequence[str] | None = None,
-                         timeout: float | None = defaults.WAIT_TIMEOUT, poll: float = defaults.WAIT_POLL) -> None:
+                         timeout: float | None = defaults.WAIT_TIMEOUT, poll: float = defaults.WAIT_POLL,
+                         on_poll: Callable[..., None] | None = None) -> None:
         if n is None and worker_ids is None:
             raise ConfigError("wait_for_workers needs n= or worker_ids=")
         target = len(worker_ids) if worker_ids is not None else (n or 0)
@@ -152,6 +153,8 @@ class Supervisor:
             registered = [w for w, h in hashes.items() if h.get("started_at")]
             waiting = {w: h for w, h in hashes.items() if not h.get("started_at")}
             failures = self.start_failures(waiting)
+            if on_poll is not None:
+                on_poll(done=len(registered), extra=f"{len(waiting)} starting" if waiting else "")
             if failures:
                 details = "\n".join(f"worker {w}: {r}" for w, r in failures.items())
                 raise WorkerStartError(f"{len(failures)} worker(s) failed before registering:\n{details}",

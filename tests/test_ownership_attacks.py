@@ -113,8 +113,7 @@ def test_stop_workers_kill_with_a_lost_reply_still_kills(redis_config, network, 
         assert rush.worker_info.set_index("worker_id").loc[worker_id, "state"] == "killed"
         wait_until(lambda: process_gone(pid), timeout=5, what=f"killed worker process {pid} to exit")
     finally:
-        for launcher in list(rush._launchers.values()):
-            launcher.kill({w: {} for w in list(getattr(launcher, "processes", {}))})
+        rush._supervisor.kill(list(rush._supervisor.handles), grace=0.0)  # by the handles it holds
         rush.reset()
         rush.close()
         proxy.close()
