@@ -73,8 +73,12 @@ def _end(rush: RushWorker, state: str, allowed: tuple[str, ...], message: str, *
 
 
 def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,
-               secret: bytes | None = None, *, in_process: bool = False) -> int:
-    """Run one worker to its end; returns the process exit code (0 terminated, 1 failed, 3 refused)."""
+               secret: bytes | None = None, *, in_process: bool = False, reraise: bool = False) -> int:
+    """Run one worker to its end; returns the process exit code (0 terminated, 1 failed, 3 refused).
+
+    ``reraise``: an exception of the loop is recorded (the worker fails, its tasks are released) and
+    then raised again, with its traceback (the in-process launcher, for debugging).
+    """
     if config is None:
         config, secret = _credentials()
     rush = RushWorker(network, config=config, worker_id=worker_id, secret=secret)
@@ -105,7 +109,9 @@ def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,
             first_beat(rush, expire)  # the key exists before the worker counts as running
         rush.job_end = job_end_time()
         rush.walltime_margin = walltime_margin(settings.get("walltime_margin"), rush.job_end)
-        rush.register(**_launch_context(), heartbeat_period=period, heartbeat_expire=expire,
+        # in-process, the environment describes the controller's process (maybe a SLURM job of its own)
+        context = {"launcher": "inline"} if in_process else _launch_context()
+        rush.register(**context, heartbeat_period=period, heartbeat_expire=expire,
                       job_end=f"{rush.job_end:.0f}" if rush.job_end else None)
     except WorkerNotRunningError as error:  # killed (or reset) before it could register
         print(f"rush-hpc worker {worker_id}: {error}", file=sys.stderr, flush=True)
@@ -132,6 +138,8 @@ def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,
     except BaseException as error:  # noqa: BLE001
         _record_failure(rush, "worker loop raised", error)
         code = 1
+        if reraise:
+            raise
     finally:
         if heartbeat:
             heartbeat.stop()

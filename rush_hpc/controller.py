@@ -213,8 +213,11 @@ class Rush(RushNetwork):
                             log_level: str = defaults.LOG_LEVEL, log_dir: str | None = None,
                             payload_dir: str | None = None, python: str | None = None,
                             redis_outage_timeout: float | None = None,
-                            walltime_margin: float | None = None) -> list[str]:
+                            walltime_margin: float | None = None, in_process: bool = False) -> list[str]:
         """Start ``n_workers`` worker processes on this machine; returns their ids.
+
+        ``in_process=True`` (debugging, as submitit's DebugExecutor): no process; the workers run the
+        loop here, one after the other, and the call returns when their loops returned.
 
         They get this process's import path (``PYTHONPATH``) and working directory. Their
         stdout/stderr go to ``log_dir`` (a private temporary directory by default, removed by
@@ -225,7 +228,23 @@ class Rush(RushNetwork):
                                heartbeat_expire=heartbeat_expire, log_level=log_level,
                                payload_dir=payload_dir, redis_outage_timeout=redis_outage_timeout,
                                walltime_margin=walltime_margin, _frame_depth=2)
+        if in_process:
+            return self._run_in_process(positive_count(n_workers))
         return self._start_in_directory(lambda d: LocalLauncher(d, python), n_workers, log_dir)
+
+    def _run_in_process(self, n_workers: int) -> list[str]:
+        """The in-process launcher, for debugging: each worker runs the stored loop right here, one
+        after the other, in this thread (breakpoints work; an exception propagates with its
+        traceback after the worker was recorded as failed). Same task API, same states."""
+        from .bootstrap import run_worker
+
+        worker_ids = [uuid.uuid4().hex for _ in range(n_workers)]
+        for worker_id in worker_ids:
+            set_worker_state(self, worker_id, WorkerState.LAUNCHED, worker_id=worker_id, launcher="inline",
+                             launched_at=f"{time.time():.3f}")
+        for worker_id in worker_ids:
+            run_worker(self.network, worker_id, self.config, self.codec.secret, in_process=True, reraise=True)
+        return worker_ids
 
     def start_ssh_workers(self, worker_loop: Callable[..., Any], hosts: Sequence[Any],
                           n_workers: int = 1, globals: GlobalsArg = None, modules: Sequence[str] = (),
