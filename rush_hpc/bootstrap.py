@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 # Signals that mean "stop soon": SLURM's --signal before the time limit, scancel, a polite kill.
 GRACEFUL_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+#: what the job script templates ask SLURM to send before the time limit (--signal=B:USR2@delay)
+WALLTIME_SIGNAL = signal.SIGUSR2
 
 
 def _launch_context() -> dict[str, Any]:
@@ -128,7 +130,7 @@ def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,
     code = 0
     try:
         loop(rush)
-        walltime = rush.job_end is not None and rush.near_walltime
+        walltime = rush.walltime_signalled or (rush.job_end is not None and rush.near_walltime)
         _end(rush, "terminated", ("running",), f"worker {worker_id} terminated while the task was running",
              **({"reason": "walltime"} if walltime else {}))
         logger.info("worker %s terminated", worker_id)
@@ -160,6 +162,8 @@ def _bootstrap_cleanup(rush: RushWorker, heartbeat: Heartbeat | HeartbeatProcess
 def _on_signal(rush: RushWorker, signum: int) -> None:
     logger.warning("worker %s got %s: terminating after the current task", rush.worker_id,
                    signal.Signals(signum).name)
+    if signum == WALLTIME_SIGNAL:
+        rush.walltime_signalled = True
     rush.terminate()
 
 

@@ -60,6 +60,8 @@ class RushWorker(RushNetwork):
         self.job_end: float | None = None
         #: stop taking tasks this many seconds before ``job_end``
         self.walltime_margin = DEFAULT_WALLTIME_MARGIN
+        #: the scheduler's time-limit signal arrived (the job script's --signal)
+        self.walltime_signalled = False
 
     # -- lifecycle -----------------------------------------------------------------------------
     def register(self, **info: Any) -> None:

@@ -312,3 +312,51 @@ def test_a_fast_loop_overrunning_a_one_minute_walltime_loses_nothing(slurm_rush,
     finished = slurm_rush.fetch_finished_tasks()["keys"]
     assert finished.is_unique and 0 < len(finished) < 2000
     assert list(states.values()).count("queued") == 2000 - len(finished)
+
+
+def wl_slurm_queue(rush):
+    while not rush.terminated:
+        task = rush.pop_task(timeout=0.5)
+        if task is not None:
+            time.sleep(task.xs["sleep"])
+            rush.push_results(task.key, [{"y": task.xs["x"]}])
+
+
+def test_adapt_on_slurm_rises_drains_and_shrinks(slurm_rush, log_dir):
+    """Issue 16: a queue of 200 tasks with adapt(0, 6) on SLURM: jobs pending in the scheduler count
+    as alive (never more than 6), the queue drains, idle workers end."""
+    keys = slurm_rush.push_tasks([{"x": i, "sleep": 0.1} for i in range(200)])
+    slurm_rush.adapt(0, 6, launcher="sbatch", worker_loop=wl_slurm_queue, interval=0.5, idle_timeout=3,
+                     log_dir=log_dir, **SLURM)
+    peak = 0
+    deadline = time.monotonic() + 120
+    while slurm_rush.n_finished_tasks < 200 and time.monotonic() < deadline:
+        alive = len(slurm_rush.worker_ids(state=["running", "launched"]))
+        peak = max(peak, alive)
+        assert alive <= 6
+        time.sleep(0.2)
+    slurm_rush.wait_for_tasks(keys, timeout=60)
+    assert peak >= 2
+    wait_until(lambda: not slurm_rush.worker_ids(state=["running", "launched"]), 60, poll=0.5,
+               what="idle SLURM workers to end")
+    assert int(slurm_rush.adapt_status()["started"]) <= 8
+    slurm_rush.adapt(None)
+
+
+def test_adapt_replaces_walltime_ending_jobs_before_they_end(slurm_rush, log_dir):
+    """Issue 16: 1-minute jobs under adapt(2, 2) and a longer search: a replacement job starts before
+    the old one ends (lifetime_stagger), nothing is lost or left running."""
+    keys = slurm_rush.push_tasks([{"x": i, "sleep": 0.25} for i in range(560)], max_retries=1)
+    slurm_rush.adapt(2, 2, launcher="sbatch", worker_loop=wl_slurm_queue, interval=1.0, idle_timeout=60,
+                     lifetime_stagger=30, log_dir=log_dir, **{**SLURM, "time": 1, "signal_delay_s": 10})
+    slurm_rush.wait_for_tasks(keys, timeout=300)
+    slurm_rush.adapt(None)
+    info = slurm_rush.worker_info
+    assert len(info) >= 4  # the first two jobs were replaced
+    first = info.sort_values("started_at").iloc[:2]
+    later = info.sort_values("started_at").iloc[2:]
+    assert set(first["reason"]) == {"walltime"} and set(first["state"]) == {"terminated"}
+    first_end = first["ended_at"].min()
+    assert later["started_at"].min() < first_end  # a replacement was running before the first ended
+    assert slurm_rush.n_running_tasks == 0 and slurm_rush.n_failed_tasks == 0
+    assert slurm_rush.fetch_finished_tasks()["keys"].is_unique
