@@ -378,6 +378,41 @@ def bench_slurm(config: RedisConfig) -> None:
         del info
 
 
+# -- 5b. elastic workers -----------------------------------------------------------------------------
+def wl_adapt_queue(rush) -> None:
+    while not rush.terminated:
+        task = rush.pop_task(timeout=0.5)
+        if task is not None:
+            time.sleep(task.xs["sleep"])
+            rush.push_results(task.key, [{"y": 1}])
+
+
+def bench_adapt(config: RedisConfig, slurm: bool) -> None:
+    """Time from 100 queued tasks to workers running them under adapt; jobs for a burst of 1,000."""
+    launchers = [("local", {})]
+    if slurm:
+        cluster_env()
+        launchers.append(("sbatch", {"partition": "debug", "time": 5, "log_dir": "/tmp/rush-bench-adapt"}))
+    for launcher, options in launchers:
+        rush = rush_hpc.rsh(network=f"bench-{uuid.uuid4().hex[:8]}", config=config, secret=SECRET)
+        rush.push_tasks([{"sleep": 0.05}] * 100)
+        started = time.perf_counter()
+        rush.adapt(0, 8, launcher=launcher, worker_loop=wl_adapt_queue, interval=0.2, idle_timeout=2, **options)
+        while rush.n_running_tasks == 0 and rush.n_finished_tasks == 0:
+            time.sleep(0.005)
+        first = time.perf_counter() - started
+        rush.wait_for_tasks(rush.fetch_tasks()["keys"].tolist(), timeout=300)
+        drained = time.perf_counter() - started
+        rush.push_tasks([{"sleep": 0.01}] * 1000)  # a burst: must not start more than maximum
+        rush.wait_for_tasks(rush.fetch_tasks()["keys"].tolist(), timeout=300)
+        started_total = int(rush.adapt_status()["started"])
+        rush.adapt(None)
+        rush.reset()
+        rush.close()
+        row(f"adapt(0, 8), {launcher}: 100 queued tasks", f"first task running after {first:.2f} s, all done after "
+            f"{drained:.1f} s; workers started for these and a burst of 1,000 more: {started_total}", "<= 8 workers")
+
+
 # -- 6. Bayesian optimization vs random search ----------------------------------------------------
 def bench_bo(config: RedisConfig, seeds: int, budget: int, n_workers: int) -> None:
     """The examples as a user runs them (local worker processes), at the same budget: the best y among
@@ -454,6 +489,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (no 100k fetch)")
     parser.add_argument("--ssh", action="store_true", help="also time SSH worker start (needs test-cluster)")
     parser.add_argument("--slurm", action="store_true", help="also time SLURM worker start (needs test-cluster)")
+    parser.add_argument("--adapt", action="store_true", help="also time elastic workers (--slurm: on SLURM too)")
     parser.add_argument("--bo", action="store_true", help="also compare Bayesian optimization with random search")
     parser.add_argument("--bo-only", action="store_true", help="only the Bayesian optimization comparison")
     parser.add_argument("--bo-seeds", type=int, default=20, help="--bo: repetitions (default 20)")
@@ -479,6 +515,8 @@ def main() -> None:
             bench_ssh()
         if args.slurm:
             bench_slurm(config)
+        if args.adapt:
+            bench_adapt(config, args.slurm)
         if args.bo or args.bo_only:
             bench_bo(config, args.bo_seeds, args.bo_budget, args.bo_workers)
     finally:
