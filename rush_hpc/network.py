@@ -36,6 +36,14 @@ FETCH_CHUNK = 2000
 FINISHED_CHUNK = 20000
 
 
+def _ended(result: Any) -> tuple[str, list[str], list[str]] | None:
+    """END_WORKER's reply: (previous state, failed ids, requeued ids), None when it was refused."""
+    if not result:
+        return None
+    previous, failed, requeued = result
+    return text(previous), [text(i) for i in failed], [text(i) for i in requeued]
+
+
 def new_task_id() -> str:
     """A task id: 16 URL-safe characters, 96 random bits (half the memory of a uuid4 hex in every list
     and row; collisions stay negligible even at billions of tasks)."""
@@ -528,19 +536,31 @@ class RushNetwork:
         queue moves to the shared queue. Returns (previous state, failed ids, requeued ids), or None
         when its current state is not in ``allowed`` (e.g. it already ended: a re-sent call).
         """
+        keys, args = self._end_worker_call(worker_id, state, allowed, message, fields)
+        return _ended(self._script("END_WORKER", keys, args, client))
+
+    def end_workers(self, ends: Sequence[tuple[str, str, Iterable[str], str, Mapping[str, Any]]]
+                    ) -> dict[str, tuple[str, list[str], list[str]] | None]:
+        """``end_worker`` for many workers in one pipelined pass (thousands lost at once: one round
+        trip, not one per worker). ``ends``: (worker id, state, allowed, message, fields)."""
+        if not ends:
+            return {}
+        self.redis.script_load(lua.END_WORKER)  # EVALSHA in a pipeline cannot load it on the way
+        pipe = self.redis.pipeline(transaction=False)
+        for worker_id, state, allowed, message, fields in ends:
+            keys, args = self._end_worker_call(worker_id, state, allowed, message, fields)
+            pipe.execute_command("EVALSHA", self._shas["END_WORKER"], len(keys), *keys, *args)
+        return {end[0]: _ended(result) for end, result in zip(ends, pipe.execute())}
+
+    def _end_worker_call(self, worker_id: str, state: str, allowed: Iterable[str], message: str,
+                         fields: Mapping[str, Any]) -> tuple[list[str], list[Any]]:
         args: list[Any] = [state, self.keys.worker_set_prefix, worker_id, ",".join(allowed),
                            self.keys.task_prefix, self.codec.encode({"message": message})]
         for name, value in fields.items():
             args += [name, "" if value is None else str(value)]
         keys = self.keys
-        result = self._script(
-            "END_WORKER", [keys.worker(worker_id), keys.workers, keys.running, keys.queued, keys.failed,
-                  keys.priority(worker_id), keys.priority_workers, keys.held_tasks(worker_id), keys.wake],
-            args, client)
-        if not result:
-            return None
-        previous, failed, requeued = result
-        return text(previous), [text(i) for i in failed], [text(i) for i in requeued]
+        return [keys.worker(worker_id), keys.workers, keys.running, keys.queued, keys.failed,
+                keys.priority(worker_id), keys.priority_workers, keys.held_tasks(worker_id), keys.wake], args
 
     def sweep_orphaned_tasks(self, batch: int = 1000) -> tuple[list[str], list[str]]:
         """Release running tasks whose holder is not running (in any state, or without a record).

@@ -223,15 +223,17 @@ class Supervisor:
                 break  # Redis was down for everyone: give the workers time to beat again
             if worker_id not in reasons and info.get("heartbeat_expire") and not beating[worker_id]:
                 reasons[worker_id] = f"heartbeat expired (no beat for {info['heartbeat_expire']} s)"
-        lost = []
-        for worker_id, reason in reasons.items():
-            ended = network.end_worker(worker_id, WorkerState.LOST.value,
-                                       allowed_previous(WorkerState.LOST, (WorkerState.RUNNING.value,)),
-                                       f"worker {worker_id} lost: {reason}", reason=reason, ended_at=_now())
-            if ended is not None:
-                logger.warning("worker %s lost (%s); %d task(s) failed, %d requeued", worker_id, reason,
-                               len(ended[1]), len(ended[2]))
-                lost.append(worker_id)
+        allowed = allowed_previous(WorkerState.LOST, (WorkerState.RUNNING.value,))
+        ended_at = _now()
+        results = network.end_workers([(w, WorkerState.LOST.value, allowed, f"worker {w} lost: {reason}",
+                                        {"reason": reason, "ended_at": ended_at}) for w, reason in reasons.items()])
+        lost = [w for w, ended in results.items() if ended is not None]
+        for worker_id in lost[:20]:
+            previous_state, failed_ids, requeued_ids = results[worker_id] or ("", [], [])
+            logger.warning("worker %s lost (%s); %d task(s) failed, %d requeued", worker_id, reasons[worker_id],
+                           len(failed_ids), len(requeued_ids))
+        if len(lost) > 20:
+            logger.warning("... and %d more workers lost", len(lost) - 20)
         self._kill_lost({w: hashes[w] for w in lost})
         self.start_failures(self.worker_hashes(self.worker_ids(WorkerState.LAUNCHED)))
         failed, requeued = network.sweep_orphaned_tasks()
