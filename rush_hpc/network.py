@@ -31,9 +31,9 @@ _ROW_FIELDS = ("xs", "ys", "xs_extra", "ys_extra", "condition")
 _SCRIPTS = ("CREATE_TASKS", "CREATE_RUNNING_TASKS", "FINISH_TASKS", "FAIL_TASKS", "POP_TASK", "FINISH_AND_POP", "END_WORKER",
             "SWEEP_ORPHANED_TASKS", "SET_WORKER_STATE", "FETCH_ROWS")
 #: task ids per FETCH_ROWS call: a few ms of Redis time each, so other clients are never held up
-FETCH_CHUNK = 2000
+FETCH_CHUNK = 1000
 #: finished rows per LRANGE of the (ready-made JSON) finished list
-FINISHED_CHUNK = 20000
+FINISHED_CHUNK = 5000
 
 
 def _ended(result: Any) -> tuple[str, list[str], list[str]] | None:
