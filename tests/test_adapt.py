@@ -12,16 +12,9 @@ import pytest
 from rush_hpc.exceptions import NoWorkersError
 
 from conftest import wait_until
+from loops import wl_queue_slow as wl_queue
 
 FAST = {"heartbeat_period": 0.2, "heartbeat_expire": 1.0}
-
-
-def wl_queue(rush):
-    while not rush.terminated:
-        task = rush.pop_task(timeout=0.5)
-        if task is not None:
-            time.sleep(task.xs.get("sleep", 0.02))
-            rush.push_results(task.key, [{"y": task.xs["x"]}])
 
 
 def test_adapt_rises_with_the_queue_drains_and_shrinks(rush):
@@ -60,7 +53,7 @@ def test_failing_starts_stop_adapt_with_an_error(rush, tmp_path):
     broken = tmp_path / "python"
     broken.write_text("#!/bin/sh\necho 'no such environment' >&2\nexit 3\n")
     broken.chmod(0o755)
-    rush.push_tasks([{"x": 1}])
+    rush.push_tasks([{"x": 1, "sleep": 0.01}])
     rush.adapt(0, 4, worker_loop=wl_queue, interval=0.2, idle_timeout=60, max_start_failures=3,
                python=str(broken), **FAST)
     wait_until(lambda: rush.adapt_status().get("status") == "error", timeout=60, what="adapt to give up")

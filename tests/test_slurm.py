@@ -19,7 +19,7 @@ from rush_hpc.config import RedisConfig
 from rush_hpc.examples.random_search import wl_random_search
 from rush_hpc import WorkerStartError
 
-from loops import wl_hold
+from loops import wl_hold, wl_queue_slow
 from conftest import SECRET, require_cluster, start_redis_server, stop, wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -314,19 +314,11 @@ def test_a_fast_loop_overrunning_a_one_minute_walltime_loses_nothing(slurm_rush,
     assert list(states.values()).count("queued") == 2000 - len(finished)
 
 
-def wl_slurm_queue(rush):
-    while not rush.terminated:
-        task = rush.pop_task(timeout=0.5)
-        if task is not None:
-            time.sleep(task.xs["sleep"])
-            rush.push_results(task.key, [{"y": task.xs["x"]}])
-
-
 def test_adapt_on_slurm_rises_drains_and_shrinks(slurm_rush, log_dir):
     """Issue 16: a queue of 200 tasks with adapt(0, 6) on SLURM: jobs pending in the scheduler count
     as alive (never more than 6), the queue drains, idle workers end."""
     keys = slurm_rush.push_tasks([{"x": i, "sleep": 0.1} for i in range(200)])
-    slurm_rush.adapt(0, 6, launcher="sbatch", worker_loop=wl_slurm_queue, interval=0.5, idle_timeout=3,
+    slurm_rush.adapt(0, 6, launcher="sbatch", worker_loop=wl_queue_slow, interval=0.5, idle_timeout=3,
                      log_dir=log_dir, **SLURM)
     peak = 0
     deadline = time.monotonic() + 120
@@ -347,7 +339,7 @@ def test_adapt_replaces_walltime_ending_jobs_before_they_end(slurm_rush, log_dir
     """Issue 16: 1-minute jobs under adapt(2, 2) and a longer search: a replacement job starts before
     the old one ends (lifetime_stagger), nothing is lost or left running."""
     keys = slurm_rush.push_tasks([{"x": i, "sleep": 0.25} for i in range(560)], max_retries=1)
-    slurm_rush.adapt(2, 2, launcher="sbatch", worker_loop=wl_slurm_queue, interval=1.0, idle_timeout=60,
+    slurm_rush.adapt(2, 2, launcher="sbatch", worker_loop=wl_queue_slow, interval=1.0, idle_timeout=60,
                      lifetime_stagger=30, log_dir=log_dir, **{**SLURM, "time": 1, "signal_delay_s": 10})
     slurm_rush.wait_for_tasks(keys, timeout=300)
     slurm_rush.adapt(None)
