@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         config = RedisConfig(port=port)
         print("| measurement | result | target |\n|---|---|---|")
         try:
+            time.sleep(3)  # Redis up longer than the simulated heartbeat window (else: restart grace)
             if args.scale:
                 scale(config, [int(n) for n in args.scale.split(",")])
             if args.rows:
