@@ -22,7 +22,7 @@ import redis
 from . import defaults
 from . import heartbeat as heartbeat_settings
 from .config import RedisConfig, resolve_config
-from .credentials import (CREDENTIALS_ENV, CredentialsFile, create_credentials_file, credentials_blob,
+from .credentials import (CREDENTIALS_ENV, Removable, create_credentials_file, credentials_blob,
                           resolve_secret, write_credentials)
 from .exceptions import ConfigError, LaunchError, RushError
 from .launchers.base import Handle, Launcher, WorkerCommand
@@ -82,7 +82,7 @@ class Rush(RushNetwork):
         self._log_dir_users: set[str] = set()  # ids of the workers started with it
         self._closed = False
         self._adapt: Any = None
-        self._credential_files: list[tuple[CredentialsFile, list[str]]] = []
+        self._credential_files: list[tuple[Removable, list[str]]] = []
         self._credentials_lock = threading.Lock()  # the monitor thread removes them too
 
     # -- starting workers -------------------------------------------------------------------
@@ -264,7 +264,11 @@ class Rush(RushNetwork):
         launcher = SSHLauncher(hosts, n_workers=positive_count(n_workers), network=self.network,
                                credentials=self._credentials_blob(), **ssh_options)
         self._supervisor.context.ssh.append(launcher)  # its hosts: the only ones we ever contact
-        return self.start_workers(launcher, launcher.total_workers, launcher.command())
+        try:
+            return self.start_workers(launcher, launcher.total_workers, launcher.command())
+        finally:  # removed over SSH once their workers registered (and at close() at the latest)
+            with self._credentials_lock:
+                self._credential_files.extend(launcher.credential_files)
 
     def start_slurm_workers(self, worker_loop: Callable[..., Any], n_workers: int = 1,
                             globals: GlobalsArg = None, modules: Sequence[str] = (), *,

@@ -23,7 +23,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 from .config import RedisConfig
 from .exceptions import ConfigError
@@ -137,6 +137,12 @@ def credentials_blob(config: RedisConfig, secret: bytes | None) -> bytes:
     data: dict[str, Any] = {"redis": config.to_dict(),
                             "secret": secret.decode() if secret is not None else None}
     return json.dumps(data).encode()
+
+
+class Removable(Protocol):
+    """A credentials file, local or on a remote host, that the controller deletes when it is spent."""
+
+    def remove(self) -> None: ...
 
 
 class CredentialsFile:

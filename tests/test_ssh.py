@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import cloudpickle
@@ -127,15 +128,14 @@ def test_nasty_values_stay_values(srush, ssh_env):
 
 
 def test_secrets_are_not_on_the_remote_command_line(srush, ssh_env):
-    ids = start(srush, ssh_env, loop=wl_queue, hosts=ssh_env["hosts"][:1])
+    log_dir = f"/tmp/rush-secrets-{uuid.uuid4().hex[:8]}"
+    ids = start(srush, ssh_env, loop=wl_queue, hosts=ssh_env["hosts"][:1], log_dir=log_dir)
     srush.wait_for_workers(worker_ids=ids, timeout=30)
     processes = ssh(ssh_env, ssh_env["hosts"][0], "ps -eo args")
     assert ids[0] in processes
     assert PASSWORD not in processes and SECRET.decode() not in processes
-    credentials = srush.worker_info["host"][0]  # noqa: F841 - host label
-    mode = ssh(ssh_env, ssh_env["hosts"][0],
-               f"stat -c %a ~/.rush-hpc/logs/{srush.network}.credentials.json").strip()
-    assert mode == "600"
+    # the credentials file (mktemp: 0600, O_EXCL, random name) is gone once the workers registered
+    assert ssh(ssh_env, ssh_env["hosts"][0], f"ls {log_dir} | grep -c credentials || true").strip() == "0"
 
 
 def test_kill_through_redis_and_by_ssh_when_the_worker_does_not_answer(srush, ssh_env):
@@ -240,3 +240,17 @@ def test_a_worker_cut_off_killed_and_reset_is_gone_soon_after_its_link_comes_bac
     assert took <= 2 * period + 1.0, f"gone {took:.1f} s after the link came back (2 periods: {2 * period} s)"
     time.sleep(2 * period)
     assert list(srush.redis.scan_iter(match=srush.keys.pattern)) == []  # it created nothing after the reset
+
+
+def test_remote_credentials_have_a_random_name_and_are_deleted_once_the_workers_registered(srush, ssh_env):
+    host = ssh_env["hosts"][0]
+    log_dir = f"/tmp/rush-cred-{uuid.uuid4().hex[:8]}"
+    ids = start(srush, ssh_env, loop=wl_queue, hosts=[host], n_workers=2, log_dir=log_dir)
+    srush.wait_for_workers(worker_ids=ids, timeout=30)
+    assert ssh(ssh_env, host, f"ls {log_dir} | grep -c credentials || true").strip() == "0"
+    # a log directory others may write to is refused (they could swap the file before it is read)
+    shared = f"/tmp/rush-shared-{uuid.uuid4().hex[:8]}"
+    ssh(ssh_env, host, f"mkdir -p {shared} && chmod 777 {shared}")
+    with pytest.raises(LaunchError, match="not writable by group/others"):
+        start(srush, ssh_env, loop=wl_queue, hosts=[host], n_workers=1, log_dir=shared)
+    assert ssh(ssh_env, host, f"ls {shared} | grep -c credentials || true").strip() == "0"

@@ -105,6 +105,8 @@ class SSHLauncher(Launcher):
         self.host_key_policy = check_host_key_policy(host_key_policy)  # see ssh_connection.py
         self._checked: dict[str, float] = {}
         self.check_interval = SSH_CHECK_INTERVAL  # seconds between SSH checks of unregistered workers
+        #: the credentials files written on the hosts, with the workers that read them
+        self.credential_files: list[tuple[RemoteCredentials, list[str]]] = []
 
     @property
     def total_workers(self) -> int:
@@ -185,12 +187,13 @@ class SSHLauncher(Launcher):
         try:
             # one round trip: create the log directory, receive the credentials on stdin into a
             # 0600 file (never on a command line), run the setup lines, start the workers
-            credentials = shlex.quote(f"{self.network}.credentials.json")
             command = WorkerCommand(self.network, host.python, {**host.env, **command.env}, command.launcher)
             lines = ["set -e", f"(umask 077 && mkdir -p {_remote_path(self.log_dir)})",
-                     f"cd {_remote_path(self.log_dir)}", f"(umask 077 && cat > {credentials})",
-                     'RUSH_LOG_DIR="$PWD"', 'echo "log_dir $RUSH_LOG_DIR"',
-                     f'export RUSH_HPC_CREDENTIALS="$RUSH_LOG_DIR"/{credentials}',
+                     f"cd {_remote_path(self.log_dir)}", 'RUSH_LOG_DIR="$PWD"', *_PRIVATE_DIRECTORY_CHECK,
+                     # a fresh random name, created 0600 with O_EXCL (never through a planted symlink)
+                     'RUSH_CREDENTIALS=$(umask 077 && mktemp "$RUSH_LOG_DIR/credentials-XXXXXXXXXXXX.json")',
+                     'cat > "$RUSH_CREDENTIALS"', 'echo "log_dir $RUSH_LOG_DIR"', 'echo "credentials $RUSH_CREDENTIALS"',
+                     'export RUSH_HPC_CREDENTIALS="$RUSH_CREDENTIALS"',
                      *host.setup, *command.export_lines()]
             for worker_id in worker_ids:
                 lines.append(f"nohup setsid {command.shell(worker_id, with_env=False)} "
@@ -200,6 +203,8 @@ class SSHLauncher(Launcher):
         finally:
             connection.close()
         log_dir = next(line[8:] for line in output.splitlines() if line.startswith("log_dir "))
+        credentials_path = next(line[12:] for line in output.splitlines() if line.startswith("credentials "))
+        self.credential_files.append((RemoteCredentials(self, host, credentials_path), list(worker_ids)))
         pids = dict(line.split()[1:3] for line in output.splitlines() if line.startswith("pid "))
         handles: list[Handle] = []
         for worker_id in worker_ids:
@@ -207,6 +212,38 @@ class SSHLauncher(Launcher):
             self.handles[worker_id] = handle
             handles.append(handle)
         return handles
+
+
+# The remote log directory must be the user's and not writable by group/others (else another user
+# could swap the credentials file between our writing and the workers' reading it).
+_PRIVATE_DIRECTORY_CHECK = [
+    'if [ ! -O "$RUSH_LOG_DIR" ] || [ -n "$(find "$RUSH_LOG_DIR" -maxdepth 0 -perm /022)" ]; then',
+    '  echo "log_dir $RUSH_LOG_DIR must be owned by $(id -un) and not writable by group/others;'
+    ' run: chmod go-w $RUSH_LOG_DIR" >&2; exit 3',
+    'fi']
+
+
+class RemoteCredentials:
+    """A credentials file on a remote host; ``remove()`` deletes it over SSH (once the workers
+    registered, and at close() at the latest). The path is the one the start script printed, held
+    in memory; never one read from Redis."""
+
+    def __init__(self, ssh: SSHLauncher, host: HostSpec, path: str) -> None:
+        self.ssh, self.host, self.path = ssh, host, path
+
+    def remove(self) -> None:
+        try:
+            connection = self.ssh.connect(self.host)
+            try:
+                self.ssh._exec(connection, f"rm -f -- {shlex.quote(self.path)}", timeout=30)
+            finally:
+                connection.close()
+        except Exception as error:  # noqa: BLE001 - best effort; said in the log
+            logger.warning("ssh host %s: could not delete the credentials file %s: %s", self.host.label,
+                           self.path, error)
+
+    def __repr__(self) -> str:
+        return f"RemoteCredentials({self.host.label}:{self.path})"
 
 
 class SshHandle(Handle):
