@@ -357,6 +357,7 @@ class Rush(RushNetwork):
 
     @property
     def running_worker_ids(self) -> list[str]:
+        """Ids of the workers that are running (registered, not ended, not found lost)."""
         return self._supervisor.worker_ids(WorkerState.RUNNING)
 
     @property
@@ -510,6 +511,8 @@ class Rush(RushNetwork):
         return read_log(self.redis, self.keys.log, worker_ids, n)
 
     def print_log(self, worker_ids: Sequence[str] | None = None, n: int | None = None) -> None:
+        """Print the workers' log records (local time, short worker id, level, message); ``worker_ids``
+        and ``n`` (the last n records) as for ``read_log``."""
         for record in self.read_log(worker_ids, n).itertuples():
             when = format_local(record.time.timestamp(), with_date=False, with_offset=False)
             print(f"{when} {record.worker_id[:8]} {record.level:<7} {record.message}")
@@ -623,10 +626,16 @@ def _float_or_none(value: Any) -> float | None:
 
 def rsh(network: str | None = None, url: str | None = None, *, config: RedisConfig | None = None,
         secret: str | bytes | None = None, redis_outage_timeout: float | None = None) -> Rush:
-    """Connect to (or create) network ``network`` and return its controller.
+    """Connect to (or create) network ``network`` and return its controller (``with rsh(...) as rush:``
+    closes it).
 
-    Redis: ``config``, else ``url``, else ``RUSH_HPC_URL``/``REDIS_URL``, else an embedded
-    redis-server started for this controller on 127.0.0.1 with a generated password.
+    ``network``: the name workers and controllers share (default: a new random one).
+    Redis: ``config`` (a ``RedisConfig``), else ``url`` (``redis://[user:password@]host:port/db``,
+    ``rediss://`` for TLS, ``redis+cluster://`` for a Redis Cluster), else ``RUSH_HPC_URL`` /
+    ``REDIS_URL``, else an embedded redis-server started for this controller on 127.0.0.1 with a
+    generated password (stopped by ``close()``).
+    ``secret``: the key that signs pickled values (default: ``RUSH_HPC_SECRET``, ``RUSH_HPC_SECRET_FILE``
+    or ``~/.config/rush-hpc/secret``, created when missing).
 
     ``redis_outage_timeout``: how long the controller and its workers retry through a Redis outage
     (a restart, a network blip) before giving up; default 60 s (5 s with the embedded Redis, which

@@ -278,14 +278,17 @@ class RushNetwork:
     # -- counts --------------------------------------------------------------------------------
     @property
     def n_tasks(self) -> int:
+        """Every task the network ever had (queued, running, finished, failed)."""
         return int(self.redis.llen(self.keys.all_tasks))
 
     @property
     def n_queued_tasks(self) -> int:
+        """Tasks waiting in the shared queue (priority queues not included)."""
         return int(self.redis.llen(self.keys.queued))
 
     @property
     def n_queued_priority_tasks(self) -> int:
+        """Tasks waiting in the workers' priority queues."""
         workers = self.redis.smembers(self.keys.priority_workers)
         if not workers:
             return 0
@@ -296,18 +299,22 @@ class RushNetwork:
 
     @property
     def n_running_tasks(self) -> int:
+        """Tasks a worker holds right now."""
         return int(self.redis.scard(self.keys.running))
 
     @property
     def n_finished_tasks(self) -> int:
+        """Tasks finished so far (the length of the append-only finished list)."""
         return int(self.redis.llen(self.keys.finished))
 
     @property
     def n_failed_tasks(self) -> int:
+        """Tasks that failed (a worker's push_failed, or a lost worker's task without retries left)."""
         return int(self.redis.llen(self.keys.failed))
 
     @property
     def n_running_workers(self) -> int:
+        """Workers registered and not ended (found lost ones are not counted)."""
         return int(self.redis.scard(self.keys.worker_state_set("running")))
 
     def counts(self) -> dict[str, int]:
@@ -419,12 +426,15 @@ class RushNetwork:
         return new
 
     def fetch_running_tasks(self) -> pd.DataFrame:
+        """Tasks a worker holds right now (read from the running set only, in chunks)."""
         return rows_to_frame(self._fetch_rows(self.keys.running, "set"))
 
     def fetch_queued_tasks(self) -> pd.DataFrame:
+        """Tasks waiting in the shared queue, in the order they will be popped."""
         return rows_to_frame(self._fetch_rows(self.keys.queued, "list"))
 
     def fetch_priority_tasks(self) -> pd.DataFrame:
+        """Tasks waiting in the workers' priority queues."""
         rows: list[dict[str, Any]] = []
         for worker_id in sorted(self.redis.smembers(self.keys.priority_workers)):
             rows += self._fetch_rows(self.keys.priority(text(worker_id)), "list")
@@ -587,4 +597,5 @@ class RushNetwork:
         return failed, requeued
 
     def close(self) -> None:
+        """Close this client's connection(s) to Redis."""
         self.redis.close()
