@@ -20,7 +20,7 @@ from .credentials import CREDENTIALS_ENV, read_credentials, resolve_secret
 from .exceptions import ConfigError, RushError, WorkerNotRunningError
 from .heartbeat import Heartbeat, HeartbeatProcess, first_beat, make_heartbeat
 from .logs import RedisLogHandler
-from .payload import load_meta, load_payload
+from .payload import BATCH_ENV, load_meta, load_payload
 from .walltime import job_end_time, walltime_margin
 from .worker import RushWorker
 
@@ -75,7 +75,8 @@ def _end(rush: RushWorker, state: str, allowed: tuple[str, ...], message: str, *
 
 
 def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,
-               secret: bytes | None = None, *, in_process: bool = False, reraise: bool = False) -> int:
+               secret: bytes | None = None, *, in_process: bool = False, reraise: bool = False,
+               batch: str | None = None) -> int:
     """Run one worker to its end; returns the process exit code (0 terminated, 1 failed, 3 refused).
 
     ``reraise``: an exception of the loop is recorded (the worker fails, its tasks are released) and
@@ -88,7 +89,7 @@ def run_worker(network: str, worker_id: str, config: RedisConfig | None = None,
     handler: RedisLogHandler | None = None
     heartbeat: Heartbeat | HeartbeatProcess | None = None
     try:
-        meta = load_meta(rush)
+        meta = load_meta(rush, batch or os.environ.get(BATCH_ENV) or None)  # this start call's loop
         settings = meta.get("settings", {})
         level = logging.getLevelName(str(settings.get("log_level", "INFO")).upper())
         handler = RedisLogHandler(rush.redis, rush.keys.log, worker_id, level=level)

@@ -30,7 +30,7 @@ from .launchers.local import LocalLauncher
 from .logs import read_log
 from .frames import format_local
 from .network import RushNetwork, text
-from .payload import GlobalsArg, resolve_globals, store_payload
+from .payload import BATCH_ENV, GlobalsArg, resolve_globals, store_payload
 from .server import EmbeddedRedis
 from .states import ACTIVE, WorkerState, set_worker_state
 from .supervisor import Supervisor
@@ -82,6 +82,7 @@ class Rush(RushNetwork):
         self._log_dir_users: set[str] = set()  # ids of the workers started with it
         self._closed = False
         self._adapt: Any = None
+        self._batch: str | None = None  # the batch (payload) of the last stored worker loop
         self._credential_files: list[tuple[Removable, list[str]]] = []
         self._credentials_lock = threading.Lock()  # the monitor thread removes them too
 
@@ -114,10 +115,11 @@ class Rush(RushNetwork):
         """
         self._check_open()
         heartbeat_settings.validate(heartbeat_period, heartbeat_expire)
-        store_payload(self, worker_loop, resolve_globals(globals, _frame_depth + 1), modules,
-                      {"heartbeat_period": heartbeat_period, "heartbeat_expire": heartbeat_expire,
-                       "log_level": log_level, "redis_outage_timeout": redis_outage_timeout,
-                       "walltime_margin": walltime_margin}, spill_dir=payload_dir)
+        meta = store_payload(self, worker_loop, resolve_globals(globals, _frame_depth + 1), modules,
+                             {"heartbeat_period": heartbeat_period, "heartbeat_expire": heartbeat_expire,
+                              "log_level": log_level, "redis_outage_timeout": redis_outage_timeout,
+                              "walltime_margin": walltime_margin}, spill_dir=payload_dir)
+        self._batch = meta["batch"]  # the workers started next load this loop, whatever others store
 
     def _start_in_directory(self, make_launcher: Callable[[Path], Launcher], n_workers: int,
                             log_dir: str | None) -> list[str]:
@@ -164,7 +166,8 @@ class Rush(RushNetwork):
         """
         self._check_open()
         count = positive_count(n_workers)
-        command = dataclasses.replace(command, launcher=launcher.name)
+        command = dataclasses.replace(command, launcher=launcher.name,
+                                      env={**command.env, **({BATCH_ENV: self._batch} if self._batch else {})})
         worker_ids = [uuid.uuid4().hex for _ in range(count)]
         now = f"{time.time():.3f}"
         for worker_id in worker_ids:
@@ -243,7 +246,8 @@ class Rush(RushNetwork):
             set_worker_state(self, worker_id, WorkerState.LAUNCHED, worker_id=worker_id, launcher="inline",
                              launched_at=f"{time.time():.3f}")
         for worker_id in worker_ids:
-            run_worker(self.network, worker_id, self.config, self.codec.secret, in_process=True, reraise=True)
+            run_worker(self.network, worker_id, self.config, self.codec.secret, in_process=True, reraise=True,
+                       batch=self._batch)
         return worker_ids
 
     def start_ssh_workers(self, worker_loop: Callable[..., Any], hosts: Sequence[Any],
@@ -336,6 +340,8 @@ class Rush(RushNetwork):
         else:
             secret = self.codec.secret.decode() if self.codec.secret and show_secrets else "***"
             env = {"RUSH_HPC_URL": self.config.to_url(show_secrets=show_secrets), "RUSH_HPC_SECRET": secret}
+        if worker_loop is not None and self._batch:
+            env[BATCH_ENV] = self._batch  # this line's workers run this loop, whatever is stored later
         return WorkerCommand(self.network, python, env).shell(None)
 
     # -- answering questions ----------------------------------------------------------------
@@ -551,8 +557,11 @@ class Rush(RushNetwork):
         pipe.lrange(k.all_tasks, 0, -1)
         pipe.smembers(k.workers)
         pipe.smembers(k.priority_workers)
-        task_ids, worker_ids, priority_ids = pipe.execute()
+        pipe.smembers(k.payload_batches)
+        task_ids, worker_ids, priority_ids, batches = pipe.execute()
         yield from (k.task(text(t)) for t in task_ids)
+        for batch in batches:
+            yield from (k.batch_payload(text(batch)), k.batch_payload_meta(text(batch)))
         for worker_id in {text(w) for w in worker_ids} | {text(w) for w in priority_ids}:
             yield from k.worker_keys(worker_id)
         yield from k.fixed_keys()

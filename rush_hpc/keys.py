@@ -28,8 +28,11 @@ rush:{N}:worker:<id>:wake           list    wake-up tokens for its priority task
 rush:{N}:adapt                      hash    the elastic-workers policy: bounds, launcher, status, error
 rush:{N}:log                        list    worker log records (JSON), capped
 rush:{N}:log:seq                    string  how many log records were ever written (logs --follow)
-rush:{N}:payload                    string  the signed, pickled worker loop + globals
-rush:{N}:payload:meta               string  JSON: environment fingerprint, size, spill path
+rush:{N}:payload                    string  the signed, pickled worker loop + globals of the latest start
+rush:{N}:payload:meta               string  its signed JSON meta: environment fingerprint, size, spill path
+rush:{N}:payload:batch:<b>          string  the payload of one start call (batch b, content-addressed)
+rush:{N}:payload:batch:<b>:meta     string  its signed meta; a worker loads its own batch (RUSH_HPC_BATCH)
+rush:{N}:payload:batches            set     the batch ids, for a reset without SCAN
 ==================================  ======  ================================================
 """
 
@@ -67,6 +70,7 @@ class NetworkKeys:
         self.log = self.prefix + "log"
         self.payload = self.prefix + "payload"
         self.payload_meta = self.prefix + "payload:meta"
+        self.payload_batches = self.prefix + "payload:batches"
         self.log_seq = self.log + ":seq"
         self.adapt = self.prefix + "adapt"
         self.pattern = self.prefix + "*"
@@ -99,10 +103,18 @@ class NetworkKeys:
     def worker_wake(self, worker_id: str) -> str:
         return self.worker_prefix + worker_id + ":wake"
 
+    def batch_payload(self, batch: str | None) -> str:
+        """The payload key of one start call; ``None``: the latest one."""
+        return self.payload if batch is None else self.prefix + "payload:batch:" + batch
+
+    def batch_payload_meta(self, batch: str | None) -> str:
+        return self.payload_meta if batch is None else self.prefix + "payload:batch:" + batch + ":meta"
+
     def fixed_keys(self) -> list[str]:
         """Every key of the network whose name does not depend on a task or worker id."""
         return [self.all_tasks, self.queued, self.priority_workers, self.wake, self.running, self.finished,
                 self.failed, self.workers, self.log, self.log_seq, self.payload, self.payload_meta, self.adapt,
+                self.payload_batches,
                 *(self.worker_state_set(state) for state in WORKER_STATES)]
 
     def worker_keys(self, worker_id: str) -> list[str]:

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024
 GlobalsArg = Mapping[str, Any] | Sequence[str] | None
 PAYLOAD_PURPOSE = "payload"
+#: names the worker's start call (its payload batch); without it a worker loads the latest loop
+BATCH_ENV = "RUSH_HPC_BATCH"
 META_PURPOSE = "payload-meta"
 
 
@@ -154,21 +156,29 @@ def store_payload(network: RushNetwork, loop: Callable[..., Any], globals_: Mapp
         create_private_file(path, blob)  # 0600, O_EXCL|O_NOFOLLOW: the globals may be private too
         meta["spill_path"] = str(path)
         blob = b""
+    # the batch: content-addressed, so starting the same loop again (adapt) stores nothing new, and
+    # two start calls with different loops on one network keep both (each worker loads its own)
+    meta["batch"] = hashlib.sha256(blob + json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     meta_text = json.dumps(meta, sort_keys=True)
-    envelope = {"meta": meta_text, "mac": codec.sign(meta_text.encode(), purpose=META_PURPOSE).hex()}
+    envelope = json.dumps({"meta": meta_text, "mac": codec.sign(meta_text.encode(), purpose=META_PURPOSE).hex()})
+    keys = network.keys
     pipe = network.redis.pipeline(transaction=True)
-    pipe.set(network.keys.payload, blob)
-    pipe.set(network.keys.payload_meta, json.dumps(envelope))
+    for batch in (meta["batch"], None):  # its own keys, and "the latest" for workers that name no batch
+        pipe.set(keys.batch_payload(batch), blob)
+        pipe.set(keys.batch_payload_meta(batch), envelope)
+    pipe.sadd(keys.payload_batches, meta["batch"])
     pipe.execute()
     return meta
 
 
-def load_meta(network: RushNetwork) -> VerifiedMeta:
-    """The payload metadata, after checking its signature (nothing in it is used before that)."""
-    raw = network.redis.get(network.keys.payload_meta)
+def load_meta(network: RushNetwork, batch: str | None = None) -> VerifiedMeta:
+    """The payload metadata of start call ``batch`` (None: the latest), after checking its signature
+    (nothing in it is used before that)."""
+    raw = network.redis.get(network.keys.batch_payload_meta(batch))
     if raw is None:
-        raise PayloadError(f"network {network.network!r} has no worker loop in Redis; the controller "
-                           "stores it in start_*_workers() (or was the network reset?)")
+        raise PayloadError(f"network {network.network!r} has no worker loop in Redis"
+                           + (f" for batch {batch!r}" if batch else "") + "; the controller stores it in "
+                           "start_*_workers() (or was the network reset?)")
     what = "the worker loop's metadata"
     try:
         envelope = json.loads(raw)
@@ -182,6 +192,9 @@ def load_meta(network: RushNetwork) -> VerifiedMeta:
     meta = json.loads(meta_text)
     if not isinstance(meta, dict):
         raise PayloadError(f"{what} is not a JSON object")
+    if batch is not None and meta.get("batch") != batch:  # signed metadata of another start call
+        raise SignatureError(f"{what} in Redis belongs to batch {meta.get('batch')!r}, not {batch!r}; "
+                             "refusing to use it")
     return VerifiedMeta(meta)
 
 
@@ -208,7 +221,7 @@ def load_payload(network: RushNetwork, meta: Mapping[str, Any]) -> tuple[Callabl
             raise PayloadError(f"worker cannot read the spilled payload {meta['spill_path']}: {error}; "
                                "payload_dir must be visible to every worker") from None
     else:
-        blob = cast(bytes, network.redis.get(network.keys.payload) or b"")
+        blob = cast(bytes, network.redis.get(network.keys.batch_payload(meta.get("batch"))) or b"")
     codec = payload_codec(network)
     what = "the worker loop payload"
     if blob[:1] == b"p" and len(blob) > 33:

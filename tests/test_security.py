@@ -190,7 +190,8 @@ def _unsigned_pickle() -> bytes:
 def test_tampered_payload_is_refused_and_the_worker_reports_it(rush, tmp_path):
     line = rush.worker_script(wl_until_terminated, python=sys.executable,
                               credentials_file=str(tmp_path / "credentials.json"))
-    rush.redis.set(rush.keys.payload, _unsigned_pickle())
+    for key in (rush.keys.payload, rush.keys.batch_payload(rush._batch)):  # the latest, and this call's
+        rush.redis.set(key, _unsigned_pickle())
     result = subprocess.run(line, shell=True, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "wrong signature" in result.stderr
     assert not EXPLOIT_MARK.exists()
@@ -466,7 +467,7 @@ def test_older_signed_payload_of_the_same_network_does_not_match_the_meta(rush, 
     rush.store_worker_loop(wl_touch_marker)
     old_blob = rush.redis.get(rush.keys.payload)
     rush.store_worker_loop(wl_until_terminated)
-    rush.redis.set(rush.keys.payload, old_blob)
+    rush.redis.set(rush.keys.batch_payload(rush._batch), old_blob)  # the blob this meta names
     marker = tmp_path / "old-loop-ran"
     result = _run_worker(rush.network, _credentials_for(rush.config, tmp_path), marker)
     assert result.returncode == 1 and "does not match the SHA-256" in result.stderr
