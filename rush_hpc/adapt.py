@@ -35,6 +35,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LAUNCHERS = ("local", "ssh", "slurm", "sbatch")
+#: a worker that ran this long counts as a good start; one that failed sooner, as a failed start
+HEALTHY_AFTER = 30.0
+
+
+def _seconds(value: str | None) -> float:
+    try:
+        return float(value or 0)
+    except ValueError:
+        return 0.0
 
 
 class AdaptPolicy(threading.Thread):
@@ -58,6 +67,7 @@ class AdaptPolicy(threading.Thread):
         self._idle_since: dict[str, float] = {}
         self._failures_in_a_row = 0
         self._counted_failures: set[str] = set()
+        self._replaced: set[str] = set()  # leaving-soon workers whose replacement was started
         self._next_start = 0.0
         self.n_started = 0
 
@@ -69,7 +79,11 @@ class AdaptPolicy(threading.Thread):
         waiting = counts["queued"] + counts["queued_priority"]
         hashes = rush._worker_hashes(rush._ids_in_state("running", "launched"))
         now = time.time()
-        alive = [w for w, h in hashes.items() if not self._leaving_soon(h, now)]
+        # a worker whose allocation ends soon gets ONE replacement (then it counts as alive again),
+        # and never more than 2 x maximum workers exist: a job shorter than the stagger cannot
+        # make the policy submit without end
+        leaving = [w for w, h in hashes.items() if self._leaving_soon(h, now) and w not in self._replaced]
+        alive = [w for w in hashes if w not in leaving]
         pipe = rush.redis.pipeline(transaction=False)
         for worker_id in alive:
             pipe.scard(rush.keys.held_tasks(worker_id))
@@ -79,9 +93,10 @@ class AdaptPolicy(threading.Thread):
         self._count_start_failures()
         if self.error:
             return
-        missing = wanted - len(alive)
+        missing = min(wanted - len(alive), 2 * self.maximum - len(hashes))
         if missing > 0 and time.monotonic() >= self._next_start:
             self._start(missing)
+            self._replaced.update(leaving[:missing])
         elif missing < 0:
             self._retire_idle(holding, -missing)
         else:
@@ -116,15 +131,22 @@ class AdaptPolicy(threading.Thread):
         if not self.started_ids:
             return
         hashes = self.rush._worker_hashes(self.started_ids)
+        now = time.time()
         for worker_id, info in hashes.items():
             if worker_id in self._counted_failures:
                 continue
-            if info.get("started_at"):
+            started = _seconds(info.get("started_at"))
+            if info.get("state") == "failed":  # before registering, or soon after (a loop that raises)
+                ended = _seconds(info.get("ended_at")) or now
+                if not started or ended - started < HEALTHY_AFTER:
+                    self._counted_failures.add(worker_id)
+                    self._failed_start(f"worker {worker_id} failed "
+                                       f"{'before registering' if not started else 'right after it started'}: "
+                                       f"{info.get('reason', '?')}")
+                    continue
+            if started and (now - started >= HEALTHY_AFTER or info.get("state") == "terminated"):
                 self._counted_failures.add(worker_id)
                 self._failures_in_a_row = 0
-            elif info.get("state") == "failed":
-                self._counted_failures.add(worker_id)
-                self._failed_start(f"worker {worker_id} failed before registering: {info.get('reason', '?')}")
 
     def _failed_start(self, reason: str) -> None:
         self._failures_in_a_row += 1

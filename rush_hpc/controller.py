@@ -82,7 +82,7 @@ class Rush(RushNetwork):
         self._log_dir_users: set[str] = set()  # ids of the workers started with it
         self._closed = False
         self._adapt: Any = None
-        self._batch: str | None = None  # the batch (payload) of the last stored worker loop
+        self._batches = threading.local()  # per thread: adapt's thread stores and starts its own
         self._credential_files: list[tuple[Removable, list[str]]] = []
         self._credentials_lock = threading.Lock()  # the monitor thread removes them too
 
@@ -119,7 +119,7 @@ class Rush(RushNetwork):
                              {"heartbeat_period": heartbeat_period, "heartbeat_expire": heartbeat_expire,
                               "log_level": log_level, "redis_outage_timeout": redis_outage_timeout,
                               "walltime_margin": walltime_margin}, spill_dir=payload_dir)
-        self._batch = meta["batch"]  # the workers started next load this loop, whatever others store
+        self._batches.current = meta["batch"]  # the workers this thread starts next load this loop
 
     def _start_in_directory(self, make_launcher: Callable[[Path], Launcher], n_workers: int,
                             log_dir: str | None) -> list[str]:
@@ -166,8 +166,9 @@ class Rush(RushNetwork):
         """
         self._check_open()
         count = positive_count(n_workers)
+        batch = self._batch
         command = dataclasses.replace(command, launcher=launcher.name,
-                                      env={**command.env, **({BATCH_ENV: self._batch} if self._batch else {})})
+                                      env={**command.env, **({BATCH_ENV: batch} if batch else {})})
         worker_ids = [uuid.uuid4().hex for _ in range(count)]
         now = f"{time.time():.3f}"
         for worker_id in worker_ids:
@@ -235,6 +236,11 @@ class Rush(RushNetwork):
             return self._run_in_process(positive_count(n_workers))
         return self._start_in_directory(lambda d: LocalLauncher(d, python), n_workers, log_dir)
 
+    @property
+    def _batch(self) -> str | None:
+        """The batch (payload) of the worker loop this thread stored last."""
+        return getattr(self._batches, "current", None)
+
     def _run_in_process(self, n_workers: int) -> list[str]:
         """The in-process launcher, for debugging: each worker runs the stored loop right here, one
         after the other, in this thread (breakpoints work; an exception propagates with its
@@ -245,9 +251,16 @@ class Rush(RushNetwork):
         for worker_id in worker_ids:
             set_worker_state(self, worker_id, WorkerState.LAUNCHED, worker_id=worker_id, launcher="inline",
                              launched_at=f"{time.time():.3f}")
-        for worker_id in worker_ids:
-            run_worker(self.network, worker_id, self.config, self.codec.secret, in_process=True, reraise=True,
-                       batch=self._batch)
+        for position, worker_id in enumerate(worker_ids):
+            try:
+                run_worker(self.network, worker_id, self.config, self.codec.secret, in_process=True,
+                           reraise=True, batch=self._batch)
+            except BaseException:
+                for never_ran in worker_ids[position + 1:]:  # never left "launched" otherwise
+                    set_worker_state(self, never_ran, WorkerState.FAILED, (WorkerState.LAUNCHED.value,),
+                                     reason="not run: an earlier in-process worker raised",
+                                     ended_at=f"{time.time():.3f}")
+                raise
         return worker_ids
 
     def start_ssh_workers(self, worker_loop: Callable[..., Any], hosts: Sequence[Any],
@@ -495,6 +508,8 @@ class Rush(RushNetwork):
             raise ConfigError("adapt needs worker_loop=... (the loop the workers it starts run)")
         if lifetime_stagger is None:
             lifetime_stagger = 120.0 if launcher in ("slurm", "sbatch") else 0.0
+        if "globals" in launcher_options:  # names are looked up here, not in the policy's thread
+            launcher_options["globals"] = resolve_globals(launcher_options["globals"], 2)
         policy = AdaptPolicy(self, int(minimum), int(maximum), launcher, worker_loop, interval, idle_timeout,
                              lifetime_stagger, max_start_failures, dict(launcher_options))
         self._adapt = policy

@@ -41,6 +41,7 @@ end
 # `condition`. The caller already removed it from the running set and from its holder's set.
 _RELEASE_TASK = _WAKE + """
 local function release_task(key, id, queued, failed, condition, requeued_ids, failed_ids, wake_list)
+  if redis.call('TYPE', key).ok ~= 'hash' then return end  -- not a task (written by someone else): drop it
   -- counters are read defensively (a Redis writer may have put anything there) and written with
   -- HSET: a script must not fail halfway, since Lua does not roll back what it already wrote
   local max_retries = tonumber(redis.call('HGET', key, 'max_retries') or '0') or 0
@@ -340,8 +341,12 @@ local scan = redis.call('SSCAN', KEYS[1], ARGV[3], 'COUNT', tonumber(ARGV[4]))
 local failed, requeued = {}, {}
 for _, id in ipairs(scan[2]) do
   local key = ARGV[1] .. id
-  local owner = redis.call('HGET', key, 'worker_id')
-  local state = owner and redis.call('HGET', ARGV[2] .. owner, 'state')
+  local owner = false
+  if redis.call('TYPE', key).ok == 'hash' then owner = redis.call('HGET', key, 'worker_id') end
+  local state = false
+  if owner and redis.call('TYPE', ARGV[2] .. owner).ok == 'hash' then
+    state = redis.call('HGET', ARGV[2] .. owner, 'state')
+  end
   if state ~= 'running' then
     redis.call('SREM', KEYS[1], id)
     if owner then redis.call('SREM', ARGV[2] .. owner .. ':tasks', id) end
@@ -353,9 +358,11 @@ for _, id in ipairs(scan[2]) do
 end
 if ARGV[3] == '0' then  -- once per sweep: priority lists of workers that are not running
   for _, owner in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-    if redis.call('HGET', ARGV[2] .. owner, 'state') ~= 'running' then
+    local owner_key = ARGV[2] .. owner
+    if redis.call('TYPE', owner_key).ok ~= 'hash' or redis.call('HGET', owner_key, 'state') ~= 'running' then
       local list = ARGV[5] .. owner
-      local waiting = redis.call('LRANGE', list, 0, -1)
+      local waiting = {}
+      if redis.call('TYPE', list).ok == 'list' then waiting = redis.call('LRANGE', list, 0, -1) end
       for _, id in ipairs(waiting) do
         redis.call('RPUSH', KEYS[2], id)
         requeued[#requeued + 1] = id
@@ -385,8 +392,9 @@ return state
 # never travel. Each row is one JSON string; the client joins them into one document to parse (fast),
 # and parses them one by one only when that fails (a malformed value written by someone else).
 # KEYS[1] list or set of ids
-# ARGV[1] 'list' or 'set', ARGV[2] start index (list) or cursor (set), ARGV[3] chunk size,
-# ARGV[4] task key prefix, ARGV[5] comma-separated states to keep ('' keeps all)
+# ARGV[1] 'list', 'set' or 'ids', ARGV[2] start index (list) or cursor (set), ARGV[3] chunk size,
+# ARGV[4] task key prefix, ARGV[5] comma-separated states to keep ('' keeps all), ARGV[6...] the ids
+# ('ids': the client read them before, e.g. a snapshot of a queue that workers pop from meanwhile)
 # returns {rows, refs, next}: rows are '[id, xs, ys, xs_extra, ys_extra, condition, worker_id, state]'
 # with JSON-tagged values inlined (tag stripped) and null for missing ones; signed pickles are not
 # inlined (null) and listed in refs as flat pairs (0-based row, 1-based value index) for the client
@@ -398,6 +406,9 @@ if ARGV[1] == 'list' then
   local start = tonumber(ARGV[2])
   ids = redis.call('LRANGE', KEYS[1], start, start + count - 1)
   next_position = (#ids < count) and '0' or tostring(start + count)
+elseif ARGV[1] == 'ids' then
+  ids = {unpack(ARGV, 6)}
+  next_position = '0'
 else
   local scan = redis.call('SSCAN', KEYS[1], ARGV[2], 'COUNT', count)
   next_position, ids = scan[1], scan[2]

@@ -62,7 +62,18 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def parse_rows(raw: Sequence[bytes], width: int, what: str) -> list[list[Any] | None]:
+def _well_formed(record: Any, width: int, with_refs: bool) -> bool:
+    """A row of ``width`` fields whose id is a string; finished rows (``with_refs``) may carry a
+    ``width + 1``-th field: the positions (1..4) of their signed pickles."""
+    if type(record) is not list or not record or type(record[0]) is not str:
+        return False
+    if len(record) == width:
+        return True
+    return (with_refs and len(record) == width + 1 and type(record[-1]) is list
+            and all(type(p) is int and 1 <= p <= 4 for p in record[-1]))
+
+
+def parse_rows(raw: Sequence[bytes], width: int, what: str, *, with_refs: bool = False) -> list[list[Any] | None]:
     """JSON rows as lists of ``width`` fields (one more: the positions of signed pickles): one
     ``json.loads`` for all (fast); one by one when that fails, so that a malformed row (non-UTF-8,
     bad JSON, too deep, wrong length) is reported and left out (None)."""
@@ -70,7 +81,7 @@ def parse_rows(raw: Sequence[bytes], width: int, what: str) -> list[list[Any] | 
         return []
     try:
         records = json.loads(b"[" + b",".join(raw) + b"]")
-        if all(type(r) is list and (len(r) == width or len(r) == width + 1) for r in records):
+        if all(_well_formed(r, width, with_refs) for r in records):
             return records
     except (ValueError, RecursionError):
         pass
@@ -78,8 +89,8 @@ def parse_rows(raw: Sequence[bytes], width: int, what: str) -> list[list[Any] | 
     for item in raw:
         try:
             record = json.loads(item.decode("utf-8", "replace"))
-            if type(record) is not list or len(record) not in (width, width + 1):
-                raise ValueError(f"expected {width} fields")
+            if not _well_formed(record, width, with_refs):
+                raise ValueError(f"expected {width} fields" + (" (and pickle positions)" if with_refs else ""))
             if not isinstance(record[0], str):
                 raise ValueError("the task id is not a string")
         except (ValueError, RecursionError) as error:
@@ -349,6 +360,20 @@ class RushNetwork:
             if position in (b"0", "0", 0):
                 return rows
 
+    def _fetch_snapshot(self, collection: str, kind: str, states: Sequence[str] | None = None
+                        ) -> list[dict[str, Any]]:
+        """Rows of a list or set that changes while it is read (a queue workers pop from, the running
+        set): its ids in one read (a consistent snapshot: no task missed or repeated), then the rows
+        by id in chunks. A task that moved on meanwhile is shown in its new state, or left out."""
+        ids = self.redis.lrange(collection, 0, -1) if kind == "list" else sorted(self.redis.smembers(collection))
+        rows: list[dict[str, Any]] = []
+        state_filter = ",".join(states) if states is not None else ""
+        for first in range(0, len(ids), FETCH_CHUNK):
+            raw, refs, _ = self._script("FETCH_ROWS", [collection], ["ids", 0, FETCH_CHUNK, self.keys.task_prefix,
+                                                                     state_filter, *ids[first:first + FETCH_CHUNK]])
+            rows += self._rows(raw, refs, with_state=states is not None)
+        return rows
+
     def _rows(self, raw: list[bytes], refs: list[Any] | None, *, with_state: bool) -> list[dict[str, Any]]:
         """FETCH_ROWS rows as dicts: the values' columns, worker_id, (state,) keys.
 
@@ -356,7 +381,7 @@ class RushNetwork:
         and verified before they are unpickled.
         """
         with gc_paused():  # decoding makes many small objects and no cycles: the collector only slows it
-            records = parse_rows(raw, 8, "tasks")
+            records = parse_rows(raw, 8, "tasks", with_refs=refs is None)
         if refs is None:  # finished rows: each lists its own signed pickles as a 9th element
             refs = [n for i, record in enumerate(records) if record is not None and len(record) == 9
                     for position in record.pop() for n in (i, int(position))]
@@ -408,8 +433,9 @@ class RushNetwork:
                                                       self._finished_position + FINISHED_CHUNK - 1))
             if not raw:
                 break
+            rows = self._rows(raw, None, with_state=False)  # raises (Redis away): read these again next time
+            self._finished.append(rows)
             self._finished_position += len(raw)
-            self._finished.append(self._rows(raw, None, with_state=False))
             if len(raw) < FINISHED_CHUNK:
                 break
         return self._finished.frame()
@@ -426,18 +452,18 @@ class RushNetwork:
         return new
 
     def fetch_running_tasks(self) -> pd.DataFrame:
-        """Tasks a worker holds right now (read from the running set only, in chunks)."""
-        return rows_to_frame(self._fetch_rows(self.keys.running, "set"))
+        """Tasks a worker holds right now (read from the running set only)."""
+        return rows_to_frame(self._fetch_snapshot(self.keys.running, "set"))
 
     def fetch_queued_tasks(self) -> pd.DataFrame:
         """Tasks waiting in the shared queue, in the order they will be popped."""
-        return rows_to_frame(self._fetch_rows(self.keys.queued, "list"))
+        return rows_to_frame(self._fetch_snapshot(self.keys.queued, "list"))
 
     def fetch_priority_tasks(self) -> pd.DataFrame:
         """Tasks waiting in the workers' priority queues."""
         rows: list[dict[str, Any]] = []
         for worker_id in sorted(self.redis.smembers(self.keys.priority_workers)):
-            rows += self._fetch_rows(self.keys.priority(text(worker_id)), "list")
+            rows += self._fetch_snapshot(self.keys.priority(text(worker_id)), "list")
         return rows_to_frame(rows)
 
     def fetch_failed_tasks(self) -> pd.DataFrame:
@@ -457,13 +483,13 @@ class RushNetwork:
         if unknown:
             raise TaskError(f"unknown task state(s) {sorted(unknown)}; valid: {list(TASK_STATES)}")
         if states == ["running"]:
-            return rows_to_frame(self._fetch_rows(self.keys.running, "set", states=states))
+            return rows_to_frame(self._fetch_snapshot(self.keys.running, "set", states=states))
         if states == ["failed"]:
             return rows_to_frame(self._fetch_rows(self.keys.failed, "list", states=states))
         if states == ["queued"]:
-            rows = self._fetch_rows(self.keys.queued, "list", states=states)
+            rows = self._fetch_snapshot(self.keys.queued, "list", states=states)
             for worker_id in sorted(self.redis.smembers(self.keys.priority_workers)):
-                rows += self._fetch_rows(self.keys.priority(text(worker_id)), "list", states=states)
+                rows += self._fetch_snapshot(self.keys.priority(text(worker_id)), "list", states=states)
             return rows_to_frame(rows)
         return rows_to_frame(self._fetch_rows(self.keys.all_tasks, "list", states=states))
 
@@ -560,7 +586,12 @@ class RushNetwork:
         for worker_id, state, allowed, message, fields in ends:
             keys, args = self._end_worker_call(worker_id, state, allowed, message, fields)
             pipe.execute_command("EVALSHA", self._shas["END_WORKER"], len(keys), *keys, *args)
-        return {end[0]: _ended(result) for end, result in zip(ends, pipe.execute())}
+        results = pipe.execute(raise_on_error=False)  # one bad call must not hide the others' results
+        for (worker_id, *_), result in zip(ends, results):
+            if isinstance(result, Exception):
+                logger.warning("could not end worker %s: %s", worker_id, result)
+        return {end[0]: None if isinstance(result, Exception) else _ended(result)
+                for end, result in zip(ends, results)}
 
     def _end_worker_call(self, worker_id: str, state: str, allowed: Iterable[str], message: str,
                          fields: Mapping[str, Any]) -> tuple[list[str], list[Any]]:

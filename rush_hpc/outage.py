@@ -3,7 +3,8 @@
 A Redis restart (or a network blip) must not kill every worker: each client retries a failed command
 with exponential backoff (capped at 1 s) for up to ``outage_timeout`` seconds, then gives up with the
 last error. Only errors that end by themselves are retried: lost connections, timeouts, and the
-replies ``BUSY`` / ``LOADING`` / ``TRYAGAIN`` of a server that is busy or still loading its data. A
+replies of a server that is busy, still loading, failing over, out of memory or unable to persist
+(``BUSY``, ``LOADING``, ``TRYAGAIN``, ``READONLY``, ``OOM``, ``MISCONF``, ...). A
 wrong type, a refused script or a bad argument fails at once.
 
 Re-sending is safe because every state-changing script of rush-hpc recognises a repeat (see lua.py).
@@ -27,7 +28,7 @@ from redis.retry import Retry
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTAGE_TIMEOUT = 60.0
-_TRANSIENT_REPLIES = ("BUSY", "LOADING", "TRYAGAIN", "CLUSTERDOWN")
+_TRANSIENT_REPLIES = ("BUSY", "LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "READONLY", "OOM", "MISCONF")
 
 
 def is_transient(error: BaseException) -> bool:

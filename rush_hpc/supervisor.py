@@ -228,6 +228,10 @@ class Supervisor:
         results = network.end_workers([(w, WorkerState.LOST.value, allowed, f"worker {w} lost: {reason}",
                                         {"reason": reason, "ended_at": ended_at}) for w, reason in reasons.items()])
         lost = [w for w, ended in results.items() if ended is not None]
+        refused = [w for w, ended in results.items() if ended is None]
+        if refused:  # a re-sent pipeline finds them ended already: ours if they carry our time stamp
+            lost += [w for w, h in self.worker_hashes(refused).items()
+                     if h.get("state") == WorkerState.LOST.value and h.get("ended_at") == ended_at]
         for worker_id in lost[:20]:
             previous_state, failed_ids, requeued_ids = results[worker_id] or ("", [], [])
             logger.warning("worker %s lost (%s); %d task(s) failed, %d requeued", worker_id, reasons[worker_id],
@@ -267,7 +271,7 @@ class Supervisor:
         """Join the scheduler's final state (NODE_FAIL, TIMEOUT, CANCELLED...) to ended workers of
         this controller, once each (field ``job_state``): also when the worker ended cleanly."""
         active = set(self.worker_ids(*ACTIVE))
-        ended = [w for w, h in self.handles.items() if h.reports_final_state and w not in active]
+        ended = [w for w, h in list(self.handles.items()) if h.reports_final_state and w not in active]
         if not ended:
             return
         hashes = self.worker_hashes(ended)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import rush_hpc
 
-from conftest import SECRET
+from conftest import SECRET, wait_until
 from loops import FAST
 
 
@@ -25,7 +25,7 @@ def test_two_controllers_on_one_network_each_run_their_own_loop(rush, redis_conf
         a = rush.start_local_workers(wl_tag_a, n_workers=2, **FAST)
         b = other.start_local_workers(wl_tag_b, n_workers=2, **FAST)  # stored while a's workers start
         rush.wait_for_workers(worker_ids=a + b, timeout=60)
-        rush.wait_for_tasks(rush.fetch_tasks()["keys"].tolist(), timeout=60)
+        wait_until(lambda: set(rush.worker_ids(state="terminated")) >= set(a + b), 60, what="the loops to end")
         frame = rush.fetch_finished_tasks()
         by_worker = frame.groupby("worker_id")["loop"].agg(set).to_dict()
         assert {w: by_worker[w] for w in a} == {w: {"a"} for w in a}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import wait_until
 from loops import FAST, wl_raises, wl_random_search
 
 
@@ -20,7 +21,7 @@ def test_inline_workers_give_the_frames_local_workers_give(rush, redis_config, n
     try:
         local_ids = other.start_local_workers(wl_random_search, n_workers=2, **FAST)
         other.wait_for_workers(worker_ids=local_ids, timeout=60)
-        other.wait_for_tasks(other.fetch_tasks()["keys"].tolist(), timeout=60)
+        wait_until(lambda: set(other.worker_ids(state="terminated")) == set(local_ids), 60, what="the loops to end")
         local = other.fetch_finished_tasks()
         assert list(local.columns) == list(inline.columns)
         assert dict(local.dtypes) == dict(inline.dtypes)

@@ -51,3 +51,16 @@ def test_fetches_are_chunked(rush, raw):
     assert frame["i"].tolist() == list(range(n))
     calls = raw.info("commandstats")["cmdstat_evalsha"]["calls"]
     assert calls >= 3  # one bounded script call per chunk, never one call for everything
+
+
+def test_a_task_key_that_is_not_a_hash_does_not_break_lost_worker_detection(rush, worker, raw):
+    keys = rush.push_tasks([{"x": 1}, {"x": 2}], max_retries=1)
+    held = [worker.pop_task(), worker.pop_task()]
+    raw.delete(rush.keys.task(held[0].key))
+    raw.set(rush.keys.task(held[0].key), "not a hash")  # a Redis writer
+    rush.end_worker(worker.worker_id, "lost", ("running",), "test")  # releases the good task, drops the bad id
+    assert rush.n_running_tasks == 0 and rush.task_states([keys[1]]) == {keys[1]: "queued"}
+    raw.sadd(rush.keys.running, "forged-id")
+    raw.set(rush.keys.task("forged-id"), "x")
+    rush.detect_lost_workers()  # the sweep drops it instead of failing on every call
+    assert rush.n_running_tasks == 0
