@@ -387,18 +387,18 @@ if state == 'running' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) en
 return state
 """
 
-# Read task rows, a bounded chunk per call so that Redis is never blocked for long: a range of a
-# list (by index) or one SSCAN step over a set. The state filter runs here, so rows of other states
-# never travel. Each row is one JSON string; the client joins them into one document to parse (fast),
-# and parses them one by one only when that fails (a malformed value written by someone else).
-# KEYS[1] list or set of ids
-# ARGV[1] 'list', 'set' or 'ids', ARGV[2] start index (list) or cursor (set), ARGV[3] chunk size,
-# ARGV[4] task key prefix, ARGV[5] comma-separated states to keep ('' keeps all), ARGV[6...] the ids
-# ('ids': the client read them before, e.g. a snapshot of a queue that workers pop from meanwhile)
+# Read task rows, a bounded chunk per call so that Redis is never blocked for long: a range of an
+# append-only list (by index), or the ids the client gives (a snapshot it read of a queue that
+# workers pop from meanwhile, or of the running set). The state filter runs here, so rows of other
+# states never travel. Each row is one JSON string; the client joins them into one document to parse
+# (fast), and parses them one by one only when that fails (a malformed value written by someone else).
+# KEYS[1] the list the ids come from
+# ARGV[1] 'list' or 'ids', ARGV[2] start index ('list'), ARGV[3] chunk size, ARGV[4] task key prefix,
+# ARGV[5] comma-separated states to keep ('' keeps all), ARGV[6...] the ids ('ids')
 # returns {rows, refs, next}: rows are '[id, xs, ys, xs_extra, ys_extra, condition, worker_id, state]'
 # with JSON-tagged values inlined (tag stripped) and null for missing ones; signed pickles are not
 # inlined (null) and listed in refs as flat pairs (0-based row, 1-based value index) for the client
-# to read and verify itself; next is the next start index / cursor, '0' when done.
+# to read and verify itself; next is the next start index, '0' when done.
 FETCH_ROWS = """
 local ids, next_position
 local count = tonumber(ARGV[3])
@@ -406,12 +406,9 @@ if ARGV[1] == 'list' then
   local start = tonumber(ARGV[2])
   ids = redis.call('LRANGE', KEYS[1], start, start + count - 1)
   next_position = (#ids < count) and '0' or tostring(start + count)
-elseif ARGV[1] == 'ids' then
+else
   ids = {unpack(ARGV, 6)}
   next_position = '0'
-else
-  local scan = redis.call('SSCAN', KEYS[1], ARGV[2], 'COUNT', count)
-  next_position, ids = scan[1], scan[2]
 end
 local keep = nil
 if ARGV[5] ~= '' then

@@ -345,7 +345,8 @@ class RushNetwork:
     # -- fetching ------------------------------------------------------------------------------
     def _fetch_rows(self, collection: str, kind: str, states: Sequence[str] | None = None
                     ) -> list[dict[str, Any]]:
-        """Rows (one dict per task) of a list or a set, read in chunks of ``FETCH_CHUNK`` ids.
+        """Rows (one dict per task) of an append-only list (all tasks, failed), read in chunks of
+        ``FETCH_CHUNK`` ids by index (stable: the list only grows).
 
         Each chunk is one FETCH_ROWS call, so Redis is never blocked for long; the state filter runs
         in Redis. A row that cannot be decoded is reported (with its key) and skipped.
