@@ -1,9 +1,12 @@
-"""Fault injection for tests: a TCP proxy in front of Redis that can drop one reply.
+"""Fault injection for tests: a TCP proxy in front of Redis that drops replies or the whole link.
 
-``DroppingProxy`` forwards a client's connections to Redis on loopback. ``drop_next_reply()`` arms it:
-the next reply Redis sends is swallowed and the client's connection is closed, as when a network
-drops a reply after the server executed the command. redis-py then reconnects and re-sends the
-command (its retry), which is exactly what rush-hpc's scripts must survive.
+``DroppingProxy`` forwards a client's connections to Redis on loopback.
+* ``drop_next_reply()`` arms it: the next reply Redis sends is swallowed and the client's connection
+  is closed, as when a network drops a reply after the server executed the command. redis-py then
+  reconnects and re-sends the command (its retry), which is what rush-hpc's scripts must survive.
+* ``pattern = b"..."``: the same, for the reply to the next request that contains ``pattern``.
+* ``down = True``: a dead link: bytes in both directions are swallowed, connections stay open.
+* ``accepted`` counts the connections, so a test can act right after one opens.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ class DroppingProxy:
         self.port = self.listener.getsockname()[1]
         self._armed = threading.Event()
         self.dropped = 0
+        self.pattern: bytes | None = None
+        self.down = False
+        self.accepted = 0
         self._closed = False
         self._sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -32,6 +38,7 @@ class DroppingProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            self.accepted += 1
             server = socket.create_connection(self.target)
             self._sockets += [client, server]
             threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
@@ -43,6 +50,11 @@ class DroppingProxy:
                 data = source.recv(65536)
                 if not data:
                     break
+                if not replies and self.pattern is not None and self.pattern in data:
+                    self.pattern = None
+                    self._armed.set()
+                if self.down:
+                    continue  # a dead link: nothing arrives, nothing is closed
                 if replies and self._armed.is_set():
                     self._armed.clear()
                     self.dropped += 1

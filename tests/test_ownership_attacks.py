@@ -39,34 +39,6 @@ def where(raw, rush, key: str) -> list[str]:
     return found
 
 
-class PatternDroppingProxy(DroppingProxy):
-    """Drops the reply to the next request that contains ``pattern`` (e.g. a script's sha)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.pattern: bytes | None = None
-        super().__init__(target_port)
-
-    def _pump(self, source, sink, replies):  # type: ignore[no-untyped-def]
-        if replies:
-            return super()._pump(source, sink, replies)
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                if self.pattern is not None and self.pattern in data:
-                    self.pattern = None
-                    self._armed.set()
-                sink.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, sink):
-            try:
-                sock.close()
-            except OSError:
-                pass
-
-
 # -- 1. a priority task pushed while its worker ends is stranded forever ---------------------------
 def test_a_priority_task_pushed_while_its_worker_ends_is_not_stranded(rush, worker, raw):
     """The worker ends just before push_priority_tasks: the choice "its priority list or the shared
@@ -97,7 +69,7 @@ def test_stop_workers_kill_with_a_lost_reply_still_kills(redis_config, network, 
     refused (state is already 'killed') -> _kill skips the worker: no 'kill' message, no
     launcher.kill. Without a heartbeat the process keeps computing (on SLURM: the job keeps its
     allocation) until its next task call."""
-    proxy = PatternDroppingProxy(redis_config.port)
+    proxy = DroppingProxy(redis_config.port)
     rush = rush_hpc.rsh(network=network, config=RedisConfig(port=proxy.port), secret=SECRET)
     try:
         [worker_id] = rush.start_local_workers(worker_loop=wl_pop_then_compute_long, n_workers=1,
@@ -311,53 +283,12 @@ def test_kill_reaches_a_worker_that_was_declared_lost(rush):
 
 
 # -- 11. link down + kill + reset + link up: the worker must be gone within 2 periods --------------
-class BlackholeProxy(DroppingProxy):
-    """While ``down``, bytes in both directions are swallowed and connections stay open (packets
-    lost on a dead link); ``accepted`` counts connections, so a test can act right after one opens."""
-
-    def __init__(self, target_port: int) -> None:
-        self.down = False
-        self.accepted = 0
-        super().__init__(target_port)
-
-    def _accept(self) -> None:
-        import socket as socket_module
-        import threading
-
-        while not self._closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            server = socket_module.create_connection(self.target)
-            self._sockets += [client, server]
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, sink, False), daemon=True).start()
-
-    def _pump(self, source, sink, replies):  # type: ignore[no-untyped-def]
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                if not self.down:
-                    sink.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, sink):
-            try:
-                sock.close()
-            except OSError:
-                pass
-
-
 def test_a_worker_cut_off_then_reset_is_gone_within_two_periods_of_link_up(redis_config, network):
     """Issue 10: 'link down + kill + reset + link up (the worker must be gone within 2 periods)'.
     A beat sent into the dead link must be given up within about a period (short socket timeouts
     on the heartbeat's own connection), so the child learns of the reset soon after the link is back."""
     settings = {"heartbeat_period": 0.2, "heartbeat_expire": 1.0}
-    proxy = BlackholeProxy(redis_config.port)
+    proxy = DroppingProxy(redis_config.port)
     launching = rush_hpc.rsh(network=network, config=RedisConfig(port=proxy.port), secret=SECRET)
     rush = rush_hpc.rsh(network=network, config=redis_config, secret=SECRET)
     [worker_id] = launching.start_local_workers(worker_loop=wl_pop_then_compute_long, n_workers=1, **settings)
