@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import defaults
-from ..exceptions import ConfigError
-from .base import DIRECTIVE_NAME, Handle, Launcher, WorkerCommand, call, check_line, check_name, check_no_nul
+from ..exceptions import CommandError, ConfigError, LaunchError
+from .base import DIRECTIVE_NAME, JOB_ID, Handle, Launcher, WorkerCommand, call, check_line, check_name, check_no_nul
+from .login import LoginNode
 from .slurm import SbatchHandle, time_to_minutes
 
 DEFAULTS: dict[str, Any] = {
@@ -61,14 +62,19 @@ def validate_options(options: dict[str, Any], log_dir: Path) -> None:
 
 
 class SbatchLauncher(Launcher):
+    """With ``login`` (a ``LoginNode``) the job script is written and submitted on that login node
+    over SSH, and ``log_dir`` is a directory there (absolute, or relative to the remote home)."""
+
     name = "sbatch"
 
-    def __init__(self, log_dir: str | os.PathLike[str], **options: Any) -> None:
+    def __init__(self, log_dir: str | os.PathLike[str], login: LoginNode | None = None, **options: Any) -> None:
         super().__init__()
-        self.log_dir = Path(log_dir)
+        self.login = login
+        self.log_dir = Path(login.absolute(str(log_dir))) if login is not None else Path(log_dir)
         validate_options(options, self.log_dir)
         self.options = {**DEFAULTS, **options}
-        self.python = self.options["python"] or sys.executable
+        # on a login node: the cluster's python3 (after the setup lines, e.g. a venv's activate)
+        self.python = self.options["python"] or ("python3" if login is not None else sys.executable)
         template = self.options["template"]
         try:
             self.template = Path(template).read_text() if template else default_template()
@@ -113,14 +119,30 @@ class SbatchLauncher(Launcher):
 
     def start(self, worker_ids: Sequence[str], command: WorkerCommand) -> list[Handle]:
         batch_id = uuid.uuid4().hex[:12]
-        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        script = self.log_dir / f"rush-{batch_id}.sh"
-        script.write_text(self.render(len(worker_ids), command, batch_id, worker_ids))
-        output = call([self.options["sbatch"], "--parsable", "--", str(script)], timeout=60)
+        text = self.render(len(worker_ids), command, batch_id, worker_ids)
+        submit = [self.options["sbatch"], "--parsable", "--"]
+        if self.login is not None:
+            script = self.login.write_private_file(str(self.log_dir), f"rush-{batch_id}-", text.encode())
+        else:
+            self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            script = str(self.log_dir / f"rush-{batch_id}.sh")
+            Path(script).write_text(text)
+        try:
+            output = (self.login.call if self.login is not None else call)([*submit, script], timeout=60)
+        except CommandError as error:
+            if error.returncode != -1:
+                raise
+            # timed out or cut off after sbatch was sent: never re-sent (it would submit twice); the
+            # records are marked failed, so workers of a job that was submitted after all refuse to run
+            raise LaunchError(f"sbatch may or may not have submitted {script} ({error.stderr.strip()[:300]}); "
+                              "if it did, its workers refuse to start (their records are marked failed): "
+                              "check `squeue --me` and scancel the job", maybe_started=True) from None
         job_id = output.strip().split(";")[0]
+        if not JOB_ID.fullmatch(job_id):
+            raise LaunchError(f"sbatch did not print a job id (got {output.strip()[:200]!r}); script {script}")
         handles: list[Handle] = []
         for i, worker_id in enumerate(worker_ids):
-            handle = SbatchHandle(worker_id, f"{job_id}_{i}", job_script=str(script),
+            handle = SbatchHandle(worker_id, f"{job_id}_{i}", job_script=script, login=self.login,
                                   stdout=str(self.log_dir / f"rush-{batch_id}-{i}.out"),
                                   stderr=str(self.log_dir / f"rush-{batch_id}-{i}.err"))
             self.handles[worker_id] = handle

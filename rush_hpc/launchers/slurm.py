@@ -18,14 +18,20 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .. import defaults
 from ..exceptions import CommandError, ConfigError, LaunchError
-from .base import (Handle, HandleContext, Launcher, WorkerCommand, WorkerInfo, call,
+from .base import (Handle, HandleContext, InvalidInfo, Launcher, WorkerCommand, WorkerInfo, call,
                    check_line, check_name, check_no_nul, read_tail, valid_job_id)
 
+if TYPE_CHECKING:
+    from .login import LoginNode
+
 logger = logging.getLogger(__name__)
+
+#: how SLURM's client commands are run: ``base.call`` here, ``LoginNode.call`` on a login node
+Run = Callable[..., str]
 
 ENDED_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
                           "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT", "REVOKED", "REQUEUED"})
@@ -104,13 +110,13 @@ def parse_sacct(output: str) -> dict[str, str]:
     return {**states, **ended}
 
 
-def sacct_states(job_ids: Sequence[str]) -> dict[str, str]:
+def sacct_states(job_ids: Sequence[str], run: Run | None = None) -> dict[str, str]:
     """``{job_id: final or current state}`` for these jobs, from ONE sacct call (``{}`` if it fails)."""
     ids = sorted({valid_job_id(j) for j in job_ids})
     if not ids:
         return {}
     try:
-        output = call(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
+        output = (run or call)(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
                       timeout=30)
     except CommandError as error:
         logger.warning("sacct failed, SLURM job states unknown: %s", error)
@@ -128,32 +134,34 @@ def parse_squeue(output: str) -> dict[str, tuple[str, str]]:
     return jobs
 
 
-def squeue_jobs(job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+def squeue_jobs(job_ids: Sequence[str], run: Run | None = None) -> dict[str, tuple[str, str]]:
     """``{job_id: (state, reason)}`` of these jobs (array elements one by one), ONE squeue call."""
     arrays = sorted({valid_job_id(j).split("_")[0] for j in job_ids})
     if not arrays:
         return {}
     try:
-        output = call(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(arrays)], timeout=30)
+        output = (run or call)(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(arrays)], timeout=30)
     except CommandError as error:
         logger.debug("squeue failed: %s", error)
         return {}
     return parse_squeue(output)
 
 
-def scancel(job_ids: Sequence[str]) -> None:
+def scancel(job_ids: Sequence[str], run: Run | None = None) -> None:
     """Cancel these jobs; validated ids after ``--``, so none can pass for an option."""
     ids = sorted({valid_job_id(j) for j in job_ids})
     if ids:
         try:
-            call(["scancel", "--", *ids], timeout=30)
+            (run or call)(["scancel", "--", *ids], timeout=30)
         except CommandError as error:
             logger.warning("scancel failed: %s", error)
 
 
 class SlurmHandle(Handle):
     """A worker that runs as one SLURM job (array element ``123_4``). Trusted handles also hold
-    the job's output paths; handles from Redis hold only a validated job id."""
+    the job's output paths; handles from Redis hold only a validated job id. Jobs submitted on a
+    login node (``login``) are asked about and cancelled there, over the controller's own SSH
+    connection; a handle from Redis naming a login node this controller does not hold is not built."""
 
     launcher = "slurm"
     always_force_kill = True  # scancel frees the allocation even when the worker already exited
@@ -162,13 +170,20 @@ class SlurmHandle(Handle):
     reports_final_state = True
 
     def __init__(self, worker_id: str, job_id: str, *, stdout: str | None = None, stderr: str | None = None,
-                 job_script: str | None = None, trusted: bool = True) -> None:
+                 job_script: str | None = None, login: LoginNode | None = None, trusted: bool = True) -> None:
         super().__init__(worker_id, trusted=trusted)
         self.job_id = valid_job_id(job_id)
         self.stdout, self.stderr, self.job_script = stdout, stderr, job_script
+        self.login = login
+
+    @property
+    def run(self) -> Run:
+        return self.login.call if self.login is not None else call
 
     def to_info(self) -> dict[str, str]:
         info = {"launcher": self.launcher, "job_id": self.job_id}
+        if self.login is not None:
+            info["login"] = self.login.label
         for name in ("stdout", "stderr", "job_script"):
             if getattr(self, name):
                 info[name] = getattr(self, name)
@@ -176,46 +191,64 @@ class SlurmHandle(Handle):
 
     @classmethod
     def from_info(cls, worker_id: str, info: WorkerInfo, context: HandleContext) -> SlurmHandle:
-        return cls(worker_id, valid_job_id(info.get("job_id")), trusted=False)
+        login = None
+        if info.get("login"):
+            login = next((node for node in context.logins if node.label == info.get("login")), None)
+            if login is None:
+                raise InvalidInfo(f"login node {info.get('login')!r} is not one of this controller's")
+        return cls(worker_id, valid_job_id(info.get("job_id")), login=login, trusted=False)
+
+    @classmethod
+    def _by_login(cls, handles: Sequence[Handle]) -> list[tuple[Run, dict[str, str]]]:
+        """The handles' ``{worker_id: job_id}`` per place their jobs live (here, or a login node),
+        so that each place is asked once per batch."""
+        groups: dict[int, tuple[Run, dict[str, str]]] = {}
+        for handle in handles:
+            if isinstance(handle, SlurmHandle):
+                groups.setdefault(id(handle.login), (handle.run, {}))[1][handle.worker_id] = handle.job_id
+        return list(groups.values())
+
+    @classmethod
+    def final_states(cls, handles: Sequence[Handle]) -> dict[str, str]:
+        """``{worker_id: final SLURM state}`` of the handles whose job has ended (one sacct call per place)."""
+        ended: dict[str, str] = {}
+        for run, jobs in cls._by_login(handles):
+            states = sacct_states(list(jobs.values()), run)
+            ended.update({w: states[j] for w, j in jobs.items() if states.get(j) in ENDED_STATES})
+        return ended
 
     @classmethod
     def check(cls, handles: Sequence[Handle]) -> dict[str, str]:
         jobs = {h.worker_id: h.job_id for h in handles if isinstance(h, SlurmHandle)}
-        states = sacct_states(list(jobs.values()))
-        return {w: f"SLURM job {job} ended {states[job]}" for w, job in jobs.items()
-                if states.get(job) in ENDED_STATES}
-
-    @classmethod
-    def final_states(cls, handles: Sequence[Handle]) -> dict[str, str]:
-        """``{worker_id: final SLURM state}`` of the handles whose job has ended (one sacct call)."""
-        jobs = {h.worker_id: h.job_id for h in handles if isinstance(h, SlurmHandle)}
-        states = sacct_states(list(jobs.values()))
-        return {w: states[j] for w, j in jobs.items() if states.get(j) in ENDED_STATES}
+        return {w: f"SLURM job {jobs[w]} ended {state}" for w, state in cls.final_states(handles).items()}
 
     @classmethod
     def start_problems(cls, handles: Sequence[Handle]) -> dict[str, str]:
         """Pending jobs that will not start by waiting: ``{worker_id: reason with the fix}``."""
-        jobs = {h.worker_id: h.job_id for h in handles if isinstance(h, SlurmHandle)}
-        queue = squeue_jobs(list(jobs.values()))
         problems = {}
-        for worker_id, job_id in jobs.items():
-            state, reason = queue.get(job_id) or queue.get(job_id.split("_")[0]) or ("", "")
-            fix = pending_fix(reason) if state == "PENDING" else None
-            if fix:
-                problems[worker_id] = f"SLURM job {job_id} is pending for reason {reason}, which will not " \
-                                      f"clear by waiting: {fix}"
+        for run, jobs in cls._by_login(handles):
+            queue = squeue_jobs(list(jobs.values()), run)
+            for worker_id, job_id in jobs.items():
+                state, reason = queue.get(job_id) or queue.get(job_id.split("_")[0]) or ("", "")
+                fix = pending_fix(reason) if state == "PENDING" else None
+                if fix:
+                    problems[worker_id] = f"SLURM job {job_id} is pending for reason {reason}, which will not " \
+                                          f"clear by waiting: {fix}"
         return problems
 
     def kill(self) -> None:
-        scancel([self.job_id])
+        scancel([self.job_id], self.run)
 
     @classmethod
     def kill_all(cls, handles: Sequence[Handle]) -> None:
-        scancel([h.job_id for h in handles if isinstance(h, SlurmHandle)])
+        for run, jobs in cls._by_login(handles):
+            scancel(list(jobs.values()), run)
 
     def output_tail(self, lines: int = defaults.OUTPUT_TAIL_LINES) -> str:
         if not self.trusted:
             return ""
+        if self.login is not None:
+            return self.login.read_tail(self.stderr, lines) or self.login.read_tail(self.stdout, lines)
         return read_tail(self.stderr, lines) or read_tail(self.stdout, lines)
 
 
