@@ -182,6 +182,17 @@ class Rush(RushNetwork):
         command = dataclasses.replace(command, launcher=launcher.name,
                                       env={**command.env, **({BATCH_ENV: batch} if batch else {})})
         worker_ids = [uuid.uuid4().hex for _ in range(count)]
+        self._supervisor.starting.update(worker_ids)  # no handle yet: the monitor leaves them alone
+        try:
+            handles = self._launch(launcher, worker_ids, command, pre_info)
+        finally:
+            self._supervisor.starting.difference_update(worker_ids)
+        logger.info("started %d %s worker(s) in network %s", len(handles), launcher.name, self.network)
+        return worker_ids
+
+    def _launch(self, launcher: Launcher, worker_ids: list[str], command: WorkerCommand,
+                pre_info: Mapping[str, str] | None) -> list[Handle]:
+        """Record the ids as launched, start them, record their handles (see ``start_workers``)."""
         now = f"{time.time():.3f}"
         for worker_id in worker_ids:
             set_worker_state(self, worker_id, WorkerState.LAUNCHED, worker_id=worker_id,
@@ -203,8 +214,7 @@ class Rush(RushNetwork):
             self._forget_records(worker_ids)
             raise
         self._record(handles)
-        logger.info("started %d %s worker(s) in network %s", len(handles), launcher.name, self.network)
-        return worker_ids
+        return handles
 
     def _record(self, handles: Sequence[Handle]) -> None:
         self._supervisor.add(handles)
