@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +85,11 @@ def set_cmdline(argv: Sequence[str]) -> bool:
 
 # -- a forked worker -------------------------------------------------------------------------
 def run_child(python: str, network: str, worker_id: str, output: str | None = None,
-              errors: str | None = None) -> NoReturn:
+              errors: str | None = None, ready: int | None = None,
+              prepare: Callable[[], None] | None = None) -> NoReturn:
     """In a freshly forked child: own session, default signals, own command line and output
-    files, then the same code path as ``rush_hpc worker``; never returns."""
+    files (then it closes ``ready``: its pid passes the launchers' checks), then the same code
+    path as ``rush_hpc worker``; never returns."""
     code = 1
     try:
         os.setsid()
@@ -96,7 +98,11 @@ def run_child(python: str, network: str, worker_id: str, output: str | None = No
         signal.set_wakeup_fd(-1)
         if output is not None:
             _redirect(output, errors or output)
+        if prepare is not None:
+            prepare()
         set_cmdline(worker_argv(python, network, worker_id))
+        if ready is not None:
+            os.close(ready)
         sys.argv = [sys.argv[0], "worker", "--network", network, "--worker-id", worker_id]
         from .bootstrap import main
 
@@ -130,12 +136,22 @@ def _redirect(output: str, errors: str) -> None:
 
 
 def fork_worker(python: str, network: str, worker_id: str, output: str | None = None,
-                errors: str | None = None) -> int:
-    """Fork one worker; returns its pid in the parent."""
+                errors: str | None = None, ready: int | None = None) -> int:
+    """Fork one worker; returns its pid in the parent. The child closes its copy of ``ready``
+    once it shows its own command line (see ``wait_ready``)."""
     pid = os.fork()
     if pid == 0:
-        run_child(python, network, worker_id, output, errors)
+        run_child(python, network, worker_id, output, errors, ready)
     return pid
+
+
+def wait_ready(read: int, write: int) -> None:
+    """Close our write end and wait for EOF: every child closed its copy (or died). Until then a
+    child may still show its parent's command line, and a pid check would call it gone."""
+    os.close(write)
+    while os.read(read, 64):
+        pass
+    os.close(read)
 
 
 def exit_code(status: int) -> int:
@@ -172,11 +188,13 @@ def run_group(network: str, worker_ids: Sequence[str], *, log_dir: str | None = 
     children: dict[int, str] = {}
     for signum in FORWARDED:
         signal.signal(signum, lambda signum, frame: _forward(children, signum))
+    read, write = os.pipe()
     for worker_id in worker_ids:
         log = os.path.join(log_dir, f"{worker_id}.log") if log_dir else None
         sys.stdout.flush()
         sys.stderr.flush()
-        children[fork_worker(python, network, worker_id, log, log)] = worker_id
+        children[fork_worker(python, network, worker_id, log, log, write)] = worker_id
+    wait_ready(read, write)
     if pid_file:
         temporary = f"{pid_file}.tmp"
         with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
@@ -262,15 +280,19 @@ def _reap() -> None:
 
 def _fork_request(request: dict[str, Any], base_path: list[str]) -> dict[str, Any]:
     pids: dict[str, int] = {}
+    read, write = os.pipe()
     try:
         for worker_id, output, errors in request["workers"]:
             pid = os.fork()
             if pid == 0:
-                _enter(request, base_path)
-                run_child(request["python"], request["network"], worker_id, output, errors)
+                os.close(read)
+                run_child(request["python"], request["network"], worker_id, output, errors, write,
+                          lambda: _enter(request, base_path))
             pids[worker_id] = pid
     except Exception as error:  # noqa: BLE001 - reported to the controller with what did start
         return {"pids": pids, "error": f"{type(error).__name__}: {error}"}
+    finally:
+        wait_ready(read, write)
     return {"pids": pids}
 
 
@@ -427,6 +449,8 @@ def template(python: str, env: Mapping[str, str]) -> Template | None:
             return current
         if python in _TEMPLATES and current is None:
             return None  # failed before: do not pay for a broken interpreter again
+        if current is not None:
+            current.stop()  # it died (killed): reap it, start another
         try:
             current = Template(python, env)
         except OSError as error:
