@@ -177,8 +177,9 @@ def preload() -> None:
 # -- groups: one interpreter per SSH host / SLURM job ----------------------------------------
 def run_group(network: str, worker_ids: Sequence[str], *, log_dir: str | None = None,
               pid_file: str | None = None) -> int:
-    """Fork one worker per id, pass stop signals on, wait for all; the exit code is 0 when every
-    worker exited 0, else the last non-zero one (128 + n for a signal).
+    """Fork one worker per id, pass stop signals on, wait for all; returns 0 once all ended (each
+    worker records how it ended in Redis; one that died is reported on stderr, and a SLURM job
+    state must not blame its siblings), 1 if a worker could not be forked.
 
     ``log_dir``: each worker writes ``<log_dir>/<id>.log`` (else they share this process's output);
     ``pid_file``: written (atomically) with one ``<id> <pid>`` line per worker once all are forked.
@@ -189,18 +190,22 @@ def run_group(network: str, worker_ids: Sequence[str], *, log_dir: str | None = 
     for signum in FORWARDED:
         signal.signal(signum, lambda signum, frame: _forward(children, signum))
     read, write = os.pipe()
+    code = 0
     for worker_id in worker_ids:
         log = os.path.join(log_dir, f"{worker_id}.log") if log_dir else None
         sys.stdout.flush()
         sys.stderr.flush()
-        children[fork_worker(python, network, worker_id, log, log, write)] = worker_id
+        try:
+            children[fork_worker(python, network, worker_id, log, log, write)] = worker_id
+        except OSError as error:
+            print(f"rush-hpc: cannot fork worker {worker_id}: {error}", file=sys.stderr, flush=True)
+            code = 1
     wait_ready(read, write)
     if pid_file:
         temporary = f"{pid_file}.tmp"
         with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
             handle.write("".join(f"{w} {pid}\n" for pid, w in children.items()))
         os.replace(temporary, pid_file)
-    code = 0
     while children:
         try:
             pid, status = os.wait()
@@ -211,9 +216,21 @@ def run_group(network: str, worker_ids: Sequence[str], *, log_dir: str | None = 
         worker_id = children.pop(pid)
         returned = exit_code(status)
         if returned != 0:
-            code = returned if returned > 0 else 128 - returned
             print(f"rush-hpc: worker {worker_id} (pid {pid}) ended with {returned}", file=sys.stderr, flush=True)
     return code
+
+
+def split_ids(values: Sequence[str]) -> list[str]:
+    """``--worker-id`` values: each one id or a comma-separated list (``a,b``: what a job script
+    template with one id placeholder per array task passes for several workers per job)."""
+    return [i for value in values for i in value.split(",") if i]
+
+
+def job_groups(worker_ids: Sequence[str], per_job: int) -> list[list[str]]:
+    """Ids in groups of ``per_job`` (the last one may be smaller): one SLURM job per group."""
+    if per_job < 1:
+        raise ValueError(f"workers_per_job must be >= 1, got {per_job!r}")
+    return [list(worker_ids[i:i + per_job]) for i in range(0, len(worker_ids), per_job)]
 
 
 def _forward(children: Mapping[int, str], signum: int) -> None:
