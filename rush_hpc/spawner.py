@@ -366,6 +366,7 @@ class Template:
 
     def __init__(self, python: str, env: Mapping[str, str]) -> None:
         self.python = python
+        self.owner = os.getpid()  # a forked copy of the controller must not share this pipe
         self.process = subprocess.Popen([python, "-m", "rush_hpc", "worker", "--fork-server", _ROOM],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.DEVNULL, env=dict(env), start_new_session=True)
@@ -414,9 +415,10 @@ class Template:
                                              worker_argv(self.python, network, longest))) + 1 <= self.room
 
     def fork(self, network: str, workers: Sequence[tuple[str, str, str]], env: Mapping[str, str],
-             cwd: str, path: Sequence[str]) -> tuple[dict[str, ForkedProcess], str | None]:
+             cwd: str, path: Sequence[str]) -> tuple[dict[str, ForkedProcess] | None, str | None]:
         """Fork ``workers`` (id, stdout path, stderr path); returns their processes and an error
-        (the template died, or fork failed part way: the returned ones did start)."""
+        (fork failed part way: the returned ones did start). None instead of processes: no answer
+        came, so some workers may run."""
         request = {"python": self.python, "network": network, "workers": [list(w) for w in workers],
                    "env": dict(env), "cwd": cwd, "path": list(path)}
         with self._lock:
@@ -428,7 +430,7 @@ class Template:
                 return {}, f"the fork server is gone: {error}"
             reply = self._reply(timeout=60)
         if reply is None:
-            return {}, "the fork server did not answer"
+            return None, "the fork server did not answer within 60 s"
         processes = {w: ForkedProcess(self, int(pid)) for w, pid in reply.get("pids", {}).items()}
         return processes, reply.get("error")
 
@@ -462,6 +464,9 @@ def template(python: str, env: Mapping[str, str]) -> Template | None:
     import); None if it cannot run (then workers start as interpreters of their own)."""
     with _TEMPLATES_LOCK:
         current = _TEMPLATES.get(python)
+        if current is not None and current.owner != os.getpid():
+            current = None  # inherited through a fork of this process: its pipe is the parent's
+            _TEMPLATES.clear()
         if current is not None and current.alive:
             return current
         if python in _TEMPLATES and current is None:
@@ -485,7 +490,7 @@ def stop_templates() -> None:
     """Stop this process's fork servers (at exit; tests)."""
     with _TEMPLATES_LOCK:
         for current in _TEMPLATES.values():
-            if current is not None:
+            if current is not None and current.owner == os.getpid():
                 current.stop()
         _TEMPLATES.clear()
 

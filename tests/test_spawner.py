@@ -169,8 +169,8 @@ def test_a_group_member_killed_alone_leaves_its_sibling(rush, tmp_path):
         rush.wait_for_workers(worker_ids=ids, timeout=60)
         victim = int(rush.worker_info.set_index("worker_id").loc["solo-a", "pid"])
         os.killpg(victim, signal.SIGKILL)
-        wait_until(lambda: not psutil.pid_exists(victim) or psutil.Process(victim).status() == "zombie", 10,
-                   what="the killed worker to end")
+        wait_until(lambda: victim not in [c.pid for c in psutil.Process(parent.pid).children()], 10,
+                   what="the killed worker to be reaped by its group")
         time.sleep(3 * FAST["heartbeat_period"])
         assert parent.poll() is None and "solo-b" in rush.worker_ids(state="running")
         rush.stop_workers(type="terminate", worker_ids=["solo-b"])
@@ -181,3 +181,25 @@ def test_a_group_member_killed_alone_leaves_its_sibling(rush, tmp_path):
             parent.kill()
         parent.wait()
         parent.stdout.close()
+
+
+def test_a_sigkilled_controller_with_embedded_redis_leaves_no_worker_or_fork_server(tmp_path):
+    """The fork server exits when its controller's pipe closes; the workers lose the embedded Redis
+    with their controller and end after its outage timeout (5 s)."""
+    script = ("import os, sys; sys.path.insert(0, sys.argv[1]); import rush_hpc; from loops import FAST, "
+              "wl_until_terminated; r = rush_hpc.rsh(network='x'); "
+              "ids = r.start_local_workers(wl_until_terminated, n_workers=2, **FAST); r.wait_for_workers(2, timeout=30); "
+              "h = [r._supervisor.handles[w] for w in ids]; "
+              "print(*[x.pid for x in h], h[0].process.template.process.pid, flush=True); os.kill(os.getpid(), 9)")
+    out = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], capture_output=True,
+                         text=True, timeout=60)
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 3, out.stderr
+
+    def gone(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_until(lambda: all(gone(p) for p in pids), 15, poll=0.1, what="workers and fork server to exit")

@@ -217,6 +217,8 @@ class LocalLauncher(Launcher):
         path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         processes, error = template.fork(command.network, [(w, str(o), str(e)) for w, (o, e) in files.items()],
                                          env, os.getcwd(), path)
+        if processes is None:  # never start an id twice: these may run
+            raise LaunchError(f"starting local workers: {error}", maybe_started=True)
         handles: list[Handle] = []
         for worker_id, process in processes.items():
             stdout, stderr = files[worker_id]
