@@ -93,8 +93,8 @@ def run_child(python: str, network: str, worker_id: str, output: str | None = No
     code = 1
     try:
         os.setsid()
-        for signum in (*FORWARDED, signal.SIGCHLD, signal.SIGPIPE):
-            signal.signal(signum, signal.SIG_DFL)
+        for signum in (*FORWARDED, signal.SIGCHLD):  # as in a fresh interpreter (SIGPIPE stays ignored)
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         if output is not None:
             _redirect(output, errors or output)
@@ -129,8 +129,10 @@ def _redirect(output: str, errors: str) -> None:
     os.dup2(null, 0)
     os.close(null)
     for fd, path in ((1, output), (2, errors)):
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if path == output and fd == 2 else os.O_TRUNC)
-        target = os.open(path, flags, 0o600)
+        if fd == 2 and path == output:
+            os.dup2(1, 2)  # one file, one offset
+            continue
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(target, fd)
         os.close(target)
 
