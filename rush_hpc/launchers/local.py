@@ -119,7 +119,10 @@ class LocalHandle(Handle):
 
     def kill(self) -> None:
         if self.process is not None and not getattr(self.process, "orphaned", False):
-            if self.process.poll() is None:
+            # a forked worker is reaped by its fork server, which may not have reported it yet:
+            # check that the pid is still this worker (never signal a reused pid)
+            if self.process.poll() is None and (isinstance(self.process, subprocess.Popen)
+                                                or is_our_worker(self.pid, self.worker_id)):
                 _killpg(self.pid)  # the worker leads its own session (start_new_session / setsid)
             try:
                 self.process.wait(10)
