@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -174,6 +175,22 @@ def preload() -> None:
     import rush_hpc.bootstrap  # noqa: F401
 
     platform.python_version()  # parsed once, cached
+    _read_redis_version_once()
+    gc.freeze()  # what is imported now is never collected: the children's collections skip it (and copy less)
+
+
+def _read_redis_version_once() -> None:
+    """redis-py reads its own version from the package metadata for every new client (~2 ms of
+    parsing; a worker and its heartbeat child make several). It cannot change in a running
+    process: read it once here, in the parent of the forks, and let the children reuse it."""
+    try:
+        import redis.utils
+    except ImportError:
+        return
+    read = getattr(redis.utils, "get_lib_version", None)
+    if callable(read):
+        version = read()
+        redis.utils.get_lib_version = lambda: version
 
 
 # -- groups: one interpreter per SSH host / SLURM job ----------------------------------------
