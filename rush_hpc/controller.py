@@ -316,7 +316,11 @@ class Rush(RushNetwork):
                             log_level: str = defaults.LOG_LEVEL, payload_dir: str | None = None,
                             log_dir: str | None = None, redis_outage_timeout: float | None = None,
                             walltime_margin: float | None = None, **slurm_options: Any) -> list[str]:
-        """Start workers as ONE SLURM job array through submitit."""
+        """Start workers as ONE SLURM job array through submitit.
+
+        ``workers_per_job=k``: each array task runs k workers (forked by one interpreter: one import
+        per job) and asks for k x ``cpus_per_worker`` CPUs; fewer, larger jobs for the scheduler.
+        """
         from .launchers.slurm import SubmititLauncher
 
         positive_count(n_workers)
@@ -335,7 +339,8 @@ class Rush(RushNetwork):
                              walltime_margin: float | None = None, login: str | None = None,
                              **sbatch_options: Any) -> list[str]:
         """Start workers as ONE job array from a job script template (``rush_hpc/templates/sbatch.sh``,
-        or your own file: ``template="/path/to/job.sh"``).
+        or your own file: ``template="/path/to/job.sh"``). ``workers_per_job=k``: k workers per
+        array task, as for ``start_slurm_workers``.
 
         ``login="user@login-node"``: submit from this machine (a laptop) through a SLURM login node
         over SSH: the job script and the credentials file are written there (in ``log_dir``, a

@@ -19,15 +19,16 @@ from typing import Any, Sequence
 
 from .. import defaults
 from ..exceptions import CommandError, ConfigError, LaunchError
+from ..spawner import job_groups
 from .base import DIRECTIVE_NAME, JOB_ID, Handle, Launcher, WorkerCommand, call, check_line, check_name, check_no_nul
 from .login import LoginNode
-from .slurm import SbatchHandle, time_to_minutes
+from .slurm import JobShare, SbatchHandle, check_workers_per_job, time_to_minutes
 
 DEFAULTS: dict[str, Any] = {
     "template": None, "job_name": defaults.SLURM_JOB_NAME, "partition": None, "time": defaults.SLURM_TIME,
     "cpus_per_worker": 1, "mem": None, "account": None, "qos": None, "gpus": None,
     "max_parallel": None, "setup": (), "extra_directives": {}, "python": None,
-    "signal_delay_s": defaults.SIGNAL_DELAY_S, "sbatch": "sbatch",
+    "signal_delay_s": defaults.SIGNAL_DELAY_S, "sbatch": "sbatch", "workers_per_job": 1,
 }
 _ONE_LINE = ("template", "job_name", "partition", "time", "cpus_per_worker", "mem", "account", "qos", "gpus",
              "max_parallel", "python", "signal_delay_s", "sbatch")
@@ -73,6 +74,7 @@ class SbatchLauncher(Launcher):
         self.log_dir = Path(login.absolute(str(log_dir))) if login is not None else Path(log_dir)
         validate_options(options, self.log_dir)
         self.options = {**DEFAULTS, **options}
+        check_workers_per_job(self.options["workers_per_job"])
         # on a login node: the cluster's python3 (after the setup lines, e.g. a venv's activate)
         self.python = self.options["python"] or ("python3" if login is not None else sys.executable)
         template = self.options["template"]
@@ -81,12 +83,15 @@ class SbatchLauncher(Launcher):
         except OSError as error:
             raise ConfigError(f"cannot read the job script template {template}: {error}") from None
 
-    def directives(self, n_workers: int, batch_id: str) -> dict[str, Any]:
+    def directives(self, n_jobs: int, batch_id: str) -> dict[str, Any]:
+        """The job array's directives: ``n_jobs`` array tasks of ``workers_per_job`` workers each."""
         o = self.options
         minutes = time_to_minutes(o["time"])
-        array = f"0-{n_workers - 1}" + (f"%{o['max_parallel']}" if o["max_parallel"] else "")
+        array = f"0-{n_jobs - 1}" + (f"%{o['max_parallel']}" if o["max_parallel"] else "")
+        cpus = o["cpus_per_worker"] * o["workers_per_job"] if isinstance(o["cpus_per_worker"], int) \
+            else o["cpus_per_worker"]
         directives: dict[str, Any] = {
-            "job-name": o["job_name"], "array": array, "cpus-per-task": o["cpus_per_worker"],
+            "job-name": o["job_name"], "array": array, "cpus-per-task": cpus,
             "output": str(self.log_dir / f"rush-{batch_id}-%a.out"),
             "error": str(self.log_dir / f"rush-{batch_id}-%a.err"),
             "time": minutes, "partition": o["partition"], "mem": o["mem"], "account": o["account"],
@@ -99,14 +104,16 @@ class SbatchLauncher(Launcher):
 
     def render(self, n_workers: int, command: WorkerCommand, batch_id: str,
                worker_ids: Sequence[str] | None = None) -> str:
-        """The job script text for ``n_workers`` workers."""
+        """The job script text for ``n_workers`` workers (``workers_per_job`` > 1: each array task
+        gets its ids as one comma-separated ``--worker-id a,b``, and one interpreter forks them)."""
         ids = list(worker_ids) if worker_ids is not None else [f"<worker-{i}>" for i in range(n_workers)]
+        jobs = [",".join(group) for group in job_groups(ids, self.options["workers_per_job"])]
         for name, value in command.environment().items():
             check_line(f"environment variable {name}", value)
         values = {
-            "directives": "\n".join(_flag(k, v) for k, v in sorted(self.directives(n_workers, batch_id).items())),
+            "directives": "\n".join(_flag(k, v) for k, v in sorted(self.directives(len(jobs), batch_id).items())),
             "setup": "\n".join(self.options["setup"]) or ":",
-            "worker_ids": " ".join(shlex.quote(i) for i in ids),
+            "worker_ids": " ".join(shlex.quote(i) for i in jobs),
             "environment": "\n".join(command.export_lines()),
             "python": shlex.quote(command.python),
             "network": shlex.quote(command.network),
@@ -141,10 +148,12 @@ class SbatchLauncher(Launcher):
         if not JOB_ID.fullmatch(job_id):
             raise LaunchError(f"sbatch did not print a job id (got {output.strip()[:200]!r}); script {script}")
         handles: list[Handle] = []
-        for i, worker_id in enumerate(worker_ids):
-            handle = SbatchHandle(worker_id, f"{job_id}_{i}", job_script=script, login=self.login,
-                                  stdout=str(self.log_dir / f"rush-{batch_id}-{i}.out"),
-                                  stderr=str(self.log_dir / f"rush-{batch_id}-{i}.err"))
-            self.handles[worker_id] = handle
-            handles.append(handle)
+        for i, group in enumerate(job_groups(worker_ids, self.options["workers_per_job"])):
+            share = JobShare(group) if len(group) > 1 else None
+            for worker_id in group:
+                handle = SbatchHandle(worker_id, f"{job_id}_{i}", job_script=script, login=self.login, share=share,
+                                      stdout=str(self.log_dir / f"rush-{batch_id}-{i}.out"),
+                                      stderr=str(self.log_dir / f"rush-{batch_id}-{i}.err"))
+                self.handles[worker_id] = handle
+                handles.append(handle)
         return handles

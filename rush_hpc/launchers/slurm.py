@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 from .. import defaults
 from ..exceptions import CommandError, ConfigError, LaunchError
 from .base import (Handle, HandleContext, InvalidInfo, Launcher, WorkerCommand, WorkerInfo, call,
-                   check_line, check_name, check_no_nul, read_tail, valid_job_id)
+                   check_line, check_name, check_no_nul, read_tail, valid_job_id, valid_worker_id)
 
 if TYPE_CHECKING:
     from .login import LoginNode
@@ -157,6 +157,16 @@ def scancel(job_ids: Sequence[str], run: Run | None = None) -> None:
             logger.warning("scancel failed: %s", error)
 
 
+class JobShare:
+    """The workers of one SLURM job that runs several (``workers_per_job``): cancelling the job
+    kills all of them, so it is cancelled only once every one of them ended (killed or lost through
+    this controller). Until then a lost or killed one is ended by its own heartbeat child."""
+
+    def __init__(self, worker_ids: Sequence[str]) -> None:
+        self.worker_ids = tuple(worker_ids)
+        self.ended: set[str] = set()
+
+
 class SlurmHandle(Handle):
     """A worker that runs as one SLURM job (array element ``123_4``). Trusted handles also hold
     the job's output paths; handles from Redis hold only a validated job id. Jobs submitted on a
@@ -170,11 +180,13 @@ class SlurmHandle(Handle):
     reports_final_state = True
 
     def __init__(self, worker_id: str, job_id: str, *, stdout: str | None = None, stderr: str | None = None,
-                 job_script: str | None = None, login: LoginNode | None = None, trusted: bool = True) -> None:
+                 job_script: str | None = None, login: LoginNode | None = None, share: JobShare | None = None,
+                 trusted: bool = True) -> None:
         super().__init__(worker_id, trusted=trusted)
         self.job_id = valid_job_id(job_id)
         self.stdout, self.stderr, self.job_script = stdout, stderr, job_script
         self.login = login
+        self.share = share
 
     @property
     def run(self) -> Run:
@@ -184,6 +196,8 @@ class SlurmHandle(Handle):
         info = {"launcher": self.launcher, "job_id": self.job_id}
         if self.login is not None:
             info["login"] = self.login.label
+        if self.share is not None:
+            info["job_workers"] = ",".join(self.share.worker_ids)
         for name in ("stdout", "stderr", "job_script"):
             if getattr(self, name):
                 info[name] = getattr(self, name)
@@ -196,7 +210,13 @@ class SlurmHandle(Handle):
             login = next((node for node in context.logins if node.label == info.get("login")), None)
             if login is None:
                 raise InvalidInfo(f"login node {info.get('login')!r} is not one of this controller's")
-        return cls(worker_id, valid_job_id(info.get("job_id")), login=login, trusted=False)
+        share = None
+        if info.get("job_workers"):
+            ids = [valid_worker_id(w) for w in str(info["job_workers"]).split(",")]
+            if worker_id not in ids:
+                raise InvalidInfo(f"job_workers of worker {worker_id} do not name it")
+            share = JobShare(ids)
+        return cls(worker_id, valid_job_id(info.get("job_id")), login=login, share=share, trusted=False)
 
     @classmethod
     def _by_login(cls, handles: Sequence[Handle]) -> list[tuple[Run, dict[str, str]]]:
@@ -237,11 +257,11 @@ class SlurmHandle(Handle):
         return problems
 
     def kill(self) -> None:
-        scancel([self.job_id], self.run)
+        type(self).kill_all([self])
 
     @classmethod
     def kill_all(cls, handles: Sequence[Handle]) -> None:
-        for run, jobs in cls._by_login(handles):
+        for run, jobs in cls._by_login(cancellable(handles)):
             scancel(list(jobs.values()), run)
 
     def output_tail(self, lines: int = defaults.OUTPUT_TAIL_LINES) -> str:
@@ -252,15 +272,36 @@ class SlurmHandle(Handle):
         return read_tail(self.stderr, lines) or read_tail(self.stdout, lines)
 
 
+def cancellable(handles: Sequence[Handle]) -> list[SlurmHandle]:
+    """The handles whose job may be cancelled now: its own job, or a shared job whose every
+    worker is among ``handles`` or was killed / lost before (see ``JobShare``)."""
+    ending = {h.worker_id for h in handles}
+    chosen = []
+    for handle in handles:
+        if not isinstance(handle, SlurmHandle):
+            continue
+        share = handle.share
+        if share is not None:
+            share.ended.add(handle.worker_id)
+            if not set(share.worker_ids) <= share.ended | ending:
+                logger.info("worker %s: SLURM job %s still runs other workers; not cancelled",
+                            handle.worker_id, handle.job_id)
+                continue
+        chosen.append(handle)
+    return chosen
+
+
 class SbatchHandle(SlurmHandle):
     """A worker started from a job script template (same scheduler view as ``SlurmHandle``)."""
 
     launcher = "sbatch"
 
 
-def run_submitit_worker(network: str, worker_id: str, environment: Mapping[str, str] | str) -> int:
+def run_submitit_worker(network: str, worker_id: str | Sequence[str], environment: Mapping[str, str] | str) -> int:
     """What each submitit array task runs (in submitit's process, on the node): the worker
-    command's environment (credentials file, launcher name), then the worker itself.
+    command's environment (credentials file, launcher name), then the worker itself, or - given
+    several ids (``workers_per_job``) - one forked worker per id (``spawner.run_group``: one import
+    per job, stop signals passed on).
 
     In-process on purpose, not ``python -m rush_hpc worker`` as a child (submitit's
     ``CommandFunction``): submitit's handler for the time-limit signal (USR2) would requeue the
@@ -275,8 +316,19 @@ def run_submitit_worker(network: str, worker_id: str, environment: Mapping[str, 
     from ..credentials import read_credentials
 
     _logging.basicConfig(level=_logging.INFO, stream=sys.stderr)
+    if not isinstance(worker_id, str):
+        from ..spawner import run_group
+
+        return run_group(network, list(worker_id))
     config, secret = read_credentials(credentials)
     return run_worker(network, worker_id, config, secret)
+
+
+def check_workers_per_job(value: Any) -> int:
+    """``workers_per_job``: a positive int (each job gets that many times ``cpus_per_worker``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"workers_per_job must be a positive integer, got {value!r}")
+    return value
 
 
 def check_slurm_values(options: Mapping[str, Any], names: Sequence[str]) -> None:
@@ -301,8 +353,9 @@ class SubmititLauncher(Launcher):
                  max_parallel: int | None = None, setup: Sequence[str] = (),
                  additional_parameters: Mapping[str, Any] | None = None, python: str | None = None,
                  signal_delay_s: int = defaults.SIGNAL_DELAY_S, job_name: str = defaults.SLURM_JOB_NAME,
-                 **submitit_parameters: Any) -> None:
+                 workers_per_job: int = 1, **submitit_parameters: Any) -> None:
         super().__init__()
+        self.workers_per_job = check_workers_per_job(workers_per_job)
         check_line("log_dir", str(log_dir))
         self.log_dir = Path(log_dir)
         self.python = check_line("python", python or sys.executable)
@@ -318,7 +371,7 @@ class SubmititLauncher(Launcher):
         for key, value in submitit_parameters.items():
             check_line(key, value)
         parameters: dict[str, Any] = {
-            "partition": partition, "time": time_to_minutes(time), "cpus_per_task": cpus_per_worker,
+            "partition": partition, "time": time_to_minutes(time), "cpus_per_task": cpus_per_worker * workers_per_job,
             "mem": mem, "account": account, "qos": qos, "gpus_per_node": gpus,
             # set -e: a failing setup line fails the job instead of starting a broken worker
             "setup": ["set -e", *setup], "additional_parameters": extra,
@@ -338,17 +391,24 @@ class SubmititLauncher(Launcher):
         return executor
 
     def start(self, worker_ids: Sequence[str], command: WorkerCommand) -> list[Handle]:
-        executor = self.executor(len(worker_ids))
+        from ..spawner import job_groups
+
+        groups = job_groups(worker_ids, self.workers_per_job)
+        executor = self.executor(len(groups))
         environment = command.environment()
+        arguments = [g[0] if self.workers_per_job == 1 else g for g in groups]
         try:
-            jobs = executor.map_array(run_submitit_worker, [command.network] * len(worker_ids),
-                                      list(worker_ids), [environment] * len(worker_ids))
+            jobs = executor.map_array(run_submitit_worker, [command.network] * len(groups), arguments,
+                                      [environment] * len(groups))
         except Exception as error:  # noqa: BLE001 - submitit wraps sbatch failures in several ways
             raise LaunchError(f"submitting the SLURM job array failed: {error}") from None
         handles: list[Handle] = []
-        for worker_id, job in zip(worker_ids, jobs):
-            handle = SlurmHandle(worker_id, job.job_id, stdout=str(job.paths.stdout), stderr=str(job.paths.stderr))
-            self.handles[worker_id] = handle
-            handles.append(handle)
+        for group, job in zip(groups, jobs):
+            share = JobShare(group) if len(group) > 1 else None
+            for worker_id in group:
+                handle = SlurmHandle(worker_id, job.job_id, stdout=str(job.paths.stdout),
+                                     stderr=str(job.paths.stderr), share=share)
+                self.handles[worker_id] = handle
+                handles.append(handle)
         return handles
 
