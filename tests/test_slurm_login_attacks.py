@@ -218,3 +218,23 @@ def test_nasty_log_dir_and_setup_values_reach_the_cluster_intact(laptop, login_e
     assert any(f.endswith("-0.out") for f in files) and not any(f.startswith("credentials-") for f in files)
     for name in files:
         assert SECRET.decode() not in (Path(log_dir) / name).read_text(errors="replace")
+
+
+@pytest.mark.xfail(strict=True, reason="FINDING 9: every job id of one login node goes into ONE sacct command line; "
+                                       "~12k forged records push it past 128 KiB and sacct fails for our jobs too")
+def test_many_forged_records_do_not_blind_sacct_for_our_own_jobs(login_env):
+    from rush_hpc.launchers.slurm import SbatchHandle
+
+    node = LoginNode(login_env["login"], ssh_config=login_env["ssh_config"],
+                     connect_kwargs=login_env["connect_kwargs"])
+    job = on_login(login_env, "sbatch --parsable -p debug -t 1 -J review-ours --wrap true").strip()
+    try:
+        wait_until(lambda: "COMPLETED" in on_login(login_env, f"sacct -n -X -P -o State -j {job}"), 30, poll=0.5,
+                   what="our job to complete")
+        ours = SbatchHandle(uuid.uuid4().hex, job, login=node)
+        # what handle_from_info builds from forged records naming our login node: valid, but not ours
+        forged = [SbatchHandle(uuid.uuid4().hex, f"{9000000 + i // 1000}_{i % 1000}", login=node, trusted=False)
+                  for i in range(12000)]
+        assert SbatchHandle.final_states([ours, *forged]).get(ours.worker_id) == "COMPLETED"
+    finally:
+        node.close()
