@@ -238,3 +238,39 @@ def test_many_forged_records_do_not_blind_sacct_for_our_own_jobs(login_env):
         assert SbatchHandle.final_states([ours, *forged]).get(ours.worker_id) == "COMPLETED"
     finally:
         node.close()
+
+
+@pytest.mark.xfail(strict=True, reason="FINDING 5: a member of a group project dir swaps log_dir after the check; "
+                                       "the pending job's --output then follows their symlink and clobbers our file")
+def test_a_swapped_log_dir_cannot_redirect_the_job_output(laptop, login_env, request):
+    from loops import wl_hold
+
+    import shutil
+    from pathlib import Path
+
+    base = Path(f"/tmp/review-{uuid.uuid4().hex[:8]}")  # reachable by `nobody` (pytest's tmp_path is not)
+    base.mkdir(mode=0o755)
+    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
+    shared = base / "project"
+    shared.mkdir()
+    shared.chmod(0o777)  # group-writable project directory (g+w; here o+w to let `nobody` play the member)
+    victim = base / "precious.txt"
+    victim.write_text("precious\n")
+    log_dir = shared / "logs"
+    [worker_id] = laptop.start_sbatch_workers(wl_hold, n_workers=1, log_dir=str(log_dir),
+                                              extra_directives={"begin": "now+12"}, **login_env, **SLURM)
+    job = laptop.worker_info.set_index("worker_id").loc[worker_id, "job_id"]
+    try:
+        # the other user: reads the job's StdOut path (public in scontrol), renames our directory away
+        # (allowed: the parent is writable) and puts their own, with a symlink at that path
+        stdout = next(w.split("=", 1)[1] for w in on_login(login_env, f"scontrol show job {job}").split()
+                      if w.startswith("StdOut="))
+        attack = (f"mv {log_dir} {shared}/moved && mkdir {log_dir} && ln -s {victim} {stdout.replace('%a', '0')}")
+        on_login(login_env, f"runuser -u nobody -- sh -c '{attack}'")
+        assert (log_dir / stdout.rsplit("/", 1)[1].replace("%a", "0")).is_symlink()
+        wait_until(lambda: "RUNNING" not in on_login(login_env, f"squeue -h -j {job} -o %T") and
+                   "PENDING" not in on_login(login_env, f"squeue -h -j {job} -o %T"), 60, poll=1,
+                   what="the job to start and end")
+        assert victim.read_text() == "precious\n", f"our file was overwritten: {victim.read_text()[:200]!r}"
+    finally:
+        on_login(login_env, f"scancel {job.split('_')[0]}")
