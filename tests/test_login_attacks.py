@@ -79,3 +79,14 @@ def test_close_during_an_adapt_start_leaves_no_credentials_on_the_login_node(rus
     time.sleep(0.2)
     leaked = [p for p in login.files if "/credentials-" in p]
     assert not leaked, f"credentials left on the login node after close(): {leaked} (jobs submitted: {login.jobs})"
+
+
+@pytest.mark.xfail(strict=True, reason="FINDING 10: Supervisor.handle's cache key counts SSH launchers but not "
+                                       "login nodes: a record seen before the login node was opened stays unchecked")
+def test_a_record_becomes_checkable_once_this_controller_holds_its_login_node(rush):
+    worker_id = uuid.uuid4().hex
+    info = {"launcher": "sbatch", "job_id": "12_0", "login": "alice@login1", "state": "running"}
+    assert rush._supervisor.handle(worker_id, info) is None  # a login node this controller does not hold
+    rush._login_node("alice@login1", {})  # e.g. a second controller that now starts workers there too
+    handle = rush._supervisor.handle(worker_id, info)
+    assert handle is not None and handle.login is rush._logins[next(iter(rush._logins))]
