@@ -274,3 +274,16 @@ def test_a_swapped_log_dir_cannot_redirect_the_job_output(laptop, login_env, req
         assert victim.read_text() == "precious\n", f"our file was overwritten: {victim.read_text()[:200]!r}"
     finally:
         on_login(login_env, f"scancel {job.split('_')[0]}")
+
+
+@pytest.mark.xfail(strict=True, reason="FINDING 2b: the reply to the credentials write (mktemp + cat) is lost: it "
+                                       "is re-sent, and the first file, with the secret, stays on the login node")
+def test_a_lost_reply_to_the_credentials_write_leaves_no_secret_file_behind(proxied, tmp_path, monkeypatch):
+    node, proxy = proxied
+    directory = tmp_path / "creds"
+    _on_exec(monkeypatch, "mktemp", proxy.drop_next_reply)
+    result = _try(node.write_private_file, str(directory), "credentials-", b'{"secret": "s3cr3t"}')
+    assert proxy.dropped == 1
+    known = {result} if isinstance(result, str) else set()  # what the controller can remove later
+    files = {str(p) for p in directory.iterdir()}
+    assert files <= known, f"secret files the controller does not know of: {sorted(files - known)}"
