@@ -90,3 +90,36 @@ def test_a_record_becomes_checkable_once_this_controller_holds_its_login_node(ru
     rush._login_node("alice@login1", {})  # e.g. a second controller that now starts workers there too
     handle = rush._supervisor.handle(worker_id, info)
     assert handle is not None and handle.login is rush._logins[next(iter(rush._logins))]
+
+
+@pytest.mark.xfail(strict=True, reason="FINDING 4: an unreachable login node makes detect_lost_workers raise "
+                                       "LaunchError before the heartbeat check: no worker is found lost at all")
+def test_an_unreachable_login_node_does_not_stop_heartbeat_lost_detection(rush, tmp_path):
+    import socket
+
+    from rush_hpc.launchers.slurm import SbatchHandle
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "ssh_config"
+    config.write_text("Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n")
+    node = LoginNode(f"alice@127.0.0.1:{port}", ssh_config=str(config), connect_timeout=2,
+                     connect_kwargs={"look_for_keys": False, "allow_agent": False})  # the laptop went offline
+    ours, silent = uuid.uuid4().hex, uuid.uuid4().hex
+    pipe = rush.redis.pipeline(transaction=False)
+    for worker_id, fields in ((ours, {"launcher": "sbatch", "job_id": "12_0", "login": node.label,
+                                      "heartbeat_expire": "600"}),
+                              (silent, {"heartbeat_expire": "1"})):  # started by hand; its heartbeat is gone
+        pipe.hset(rush.keys.worker(worker_id), mapping={"worker_id": worker_id, "state": "running",
+                                                        "started_at": "1", "heartbeat_period": "1", **fields})
+        pipe.sadd(rush.keys.workers, worker_id)
+        pipe.sadd(rush.keys.worker_state_set("running"), worker_id)
+    pipe.set(rush.keys.heartbeat(ours), "1", ex=600)
+    pipe.execute()
+    rush._supervisor.add([SbatchHandle(ours, "12_0", login=node)])
+    time.sleep(2.5)  # past the outage grace (Redis uptime > heartbeat window)
+    try:
+        assert rush.detect_lost_workers() == [silent]
+    finally:  # (reset() in the fixture's teardown raises the same LaunchError while this handle exists)
+        rush._supervisor.handles.pop(ours, None)
