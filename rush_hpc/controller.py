@@ -6,6 +6,7 @@ Watching, waiting for, finding lost, killing and reaping workers is the supervis
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import operator
@@ -89,6 +90,8 @@ class Rush(RushNetwork):
         self._batches = threading.local()  # per thread: adapt's thread stores and starts its own
         self._credential_files: list[tuple[Removable, list[str]]] = []
         self._credentials_lock = threading.Lock()  # the monitor thread removes them too
+        self._in_flight = 0  # start calls under way (adapt's thread): close() lets them finish first
+        self._flight = threading.Condition()
         self._logins: dict[Any, LoginNode] = {}  # SLURM login nodes (one shared SSH connection each)
 
     # -- starting workers -------------------------------------------------------------------
@@ -96,6 +99,20 @@ class Rush(RushNetwork):
         if self._closed:
             raise RushError(f"the controller of network {self.network!r} is closed; "
                             "create a new one with rush_hpc.rsh() to start workers")
+
+    @contextlib.contextmanager
+    def _start_in_flight(self) -> Iterator[None]:
+        """Around a start that leaves a credentials file behind: ``close()`` waits for it, so that a
+        start finishing after close() (adapt's thread in a slow sbatch) cannot leave the file."""
+        with self._flight:
+            self._check_open()
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._flight:
+                self._in_flight -= 1
+                self._flight.notify_all()
 
     def _worker_log_dir(self, log_dir: str | Path | None) -> Path:
         if log_dir is not None:
@@ -133,13 +150,14 @@ class Rush(RushNetwork):
         count = positive_count(n_workers)
         if log_dir is not None and any(c in str(log_dir) for c in "\r\n\0"):
             raise ConfigError(f"log_dir may not contain a line break or NUL character, got {str(log_dir)!r}")
-        directory = self._worker_log_dir(log_dir)
-        launcher = make_launcher(directory)
-        credentials = create_credentials_file(directory, self.worker_config, self.codec.secret)
-        ids = self._start_with_credentials(launcher, count, credentials, str(credentials.path))
-        if directory == self._log_dir:
-            self._log_dir_users.update(ids)
-        return ids
+        with self._start_in_flight():
+            directory = self._worker_log_dir(log_dir)
+            launcher = make_launcher(directory)
+            credentials = create_credentials_file(directory, self.worker_config, self.codec.secret)
+            ids = self._start_with_credentials(launcher, count, credentials, str(credentials.path))
+            if directory == self._log_dir:
+                self._log_dir_users.update(ids)
+            return ids
 
     def _start_with_credentials(self, launcher: Launcher, count: int, credentials: Removable,
                                 path: str) -> list[str]:
@@ -303,11 +321,12 @@ class Rush(RushNetwork):
         launcher = SSHLauncher(hosts, n_workers=positive_count(n_workers), network=self.network,
                                credentials=self._credentials_blob(), **ssh_options)
         self._supervisor.context.ssh.append(launcher)  # its hosts: the only ones we ever contact
-        try:
-            return self.start_workers(launcher, launcher.total_workers, launcher.command())
-        finally:  # removed over SSH once their workers registered (and at close() at the latest)
-            with self._credentials_lock:
-                self._credential_files.extend(launcher.credential_files)
+        with self._start_in_flight():
+            try:
+                return self.start_workers(launcher, launcher.total_workers, launcher.command())
+            finally:  # removed over SSH once their workers registered (and at close() at the latest)
+                with self._credentials_lock:
+                    self._credential_files.extend(launcher.credential_files)
 
     def start_slurm_workers(self, worker_loop: Callable[..., Any], n_workers: int = 1,
                             globals: GlobalsArg = None, modules: Sequence[str] = (), *,
@@ -360,10 +379,10 @@ class Rush(RushNetwork):
                                walltime_margin=walltime_margin, _frame_depth=2)
         if login_node is None:
             return self._start_in_directory(lambda d: SbatchLauncher(d, **sbatch_options), n_workers, log_dir)
-        self._check_open()
-        launcher = SbatchLauncher(log_dir or defaults.SSH_LOG_DIR, login=login_node, **sbatch_options)
-        path = login_node.write_private_file(str(launcher.log_dir), "credentials-", self._credentials_blob())
-        return self._start_with_credentials(launcher, count, LoginCredentials(login_node, path), path)
+        with self._start_in_flight():
+            launcher = SbatchLauncher(log_dir or defaults.SSH_LOG_DIR, login=login_node, **sbatch_options)
+            path = login_node.write_private_file(str(launcher.log_dir), "credentials-", self._credentials_blob())
+            return self._start_with_credentials(launcher, count, LoginCredentials(login_node, path), path)
 
     def _login_node(self, target: str, options: dict[str, Any]) -> LoginNode:
         """The login node ``target`` (one per target and connection options, its connection shared
@@ -670,6 +689,10 @@ class Rush(RushNetwork):
             return
         self._supervisor.stop_monitor()
         self._stop_adapt()
+        with self._flight:  # starts under way (adapt's) finish, so their credentials are removed below
+            if not self._flight.wait_for(lambda: self._in_flight == 0, timeout=defaults.COMMAND_TIMEOUT + 10):
+                logger.warning("close(): %d start(s) still under way; their credentials files may remain",
+                               self._in_flight)
         active: set[str] = set()
         if self._supervisor.handles:
             try:

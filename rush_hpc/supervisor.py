@@ -57,7 +57,7 @@ class Supervisor:
         self.handles: dict[str, Handle] = {}  # trusted: returned by the launchers of this controller
         #: ids a launcher of this controller is starting now (recorded as launched, no handle yet)
         self.starting: set[str] = set()
-        self.context = HandleContext()
+        self.context = HandleContext(network=network.network if network is not None else None)
         self._rebuilt: dict[str, tuple[tuple[tuple[str, str], ...], Handle | None]] = {}
         self._monitor: threading.Thread | None = None
         self._monitor_stop = threading.Event()

@@ -1,6 +1,6 @@
 """Review of issue 16's login-node submission (commit 7691148): the controller's side, on a real Redis,
-with a fake login node at the LoginNode boundary (no SSH). ``xfail(strict=True, reason="FINDING ...")``
-marks tests that FAIL on the reviewed code."""
+with a fake login node at the LoginNode boundary (no SSH). Each test showed a defect of the reviewed
+code (FINDING n in the review); all are fixed."""
 
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ class SlowLogin(LoginNode):
     def home(self) -> str:
         return "/home/alice"
 
+    def private_directory(self, directory: str) -> str:
+        return directory
+
     def write_private_file(self, directory: str, prefix: str, content: bytes) -> str:
         path = f"{directory}/{prefix}{uuid.uuid4().hex[:12]}"
         self.files[path] = content
@@ -62,8 +65,6 @@ def slow_login(monkeypatch):
     return SlowLogin.instances
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING 8: close() while adapt's sbatch is in flight: the start completes "
-                                       "after close() and its credentials file stays on the login node")
 def test_close_during_an_adapt_start_leaves_no_credentials_on_the_login_node(rush, slow_login):
     rush.push_tasks([{"x": 1, "sleep": 0.01}])
     rush.adapt(0, 1, launcher="sbatch", worker_loop=wl_queue_slow, interval=0.2, login="alice@login1",
@@ -72,8 +73,11 @@ def test_close_during_an_adapt_start_leaves_no_credentials_on_the_login_node(rus
     [login] = slow_login
     closing = threading.Thread(target=rush.close)
     closing.start()
-    closing.join(10)  # adapt's stop waits interval + 5 s, then close() goes on
-    login.release.set()  # sbatch answers at last
+    closing.join(3)
+    assert closing.is_alive()  # close() waits for the start under way...
+    login.release.set()  # ...until sbatch answers at last
+    closing.join(20)
+    assert not closing.is_alive()
     wait_until(lambda: not any(t.name.startswith("rush-adapt") for t in threading.enumerate()), 10,
                what="the adapt thread to end")
     time.sleep(0.2)
@@ -81,8 +85,6 @@ def test_close_during_an_adapt_start_leaves_no_credentials_on_the_login_node(rus
     assert not leaked, f"credentials left on the login node after close(): {leaked} (jobs submitted: {login.jobs})"
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING 10: Supervisor.handle's cache key counts SSH launchers but not "
-                                       "login nodes: a record seen before the login node was opened stays unchecked")
 def test_a_record_becomes_checkable_once_this_controller_holds_its_login_node(rush):
     worker_id = uuid.uuid4().hex
     info = {"launcher": "sbatch", "job_id": "12_0", "login": "alice@login1", "state": "running"}
@@ -92,8 +94,6 @@ def test_a_record_becomes_checkable_once_this_controller_holds_its_login_node(ru
     assert handle is not None and handle.login is rush._logins[next(iter(rush._logins))]
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING 4: an unreachable login node makes detect_lost_workers raise "
-                                       "LaunchError before the heartbeat check: no worker is found lost at all")
 def test_an_unreachable_login_node_does_not_stop_heartbeat_lost_detection(rush, tmp_path):
     import socket
 
@@ -109,7 +109,7 @@ def test_an_unreachable_login_node_does_not_stop_heartbeat_lost_detection(rush, 
     ours, silent = uuid.uuid4().hex, uuid.uuid4().hex
     pipe = rush.redis.pipeline(transaction=False)
     for worker_id, fields in ((ours, {"launcher": "sbatch", "job_id": "12_0", "login": node.label,
-                                      "heartbeat_expire": "600"}),
+                                      "heartbeat_expire": "1"}),  # its beat is kept alive below
                               (silent, {"heartbeat_expire": "1"})):  # started by hand; its heartbeat is gone
         pipe.hset(rush.keys.worker(worker_id), mapping={"worker_id": worker_id, "state": "running",
                                                         "started_at": "1", "heartbeat_period": "1", **fields})

@@ -141,6 +141,8 @@ class HandleContext:
 
     ssh: list[Any] = field(default_factory=list)
     logins: list[Any] = field(default_factory=list)
+    #: the controller's network: a SLURM job named in Redis is cancelled only if it carries its comment
+    network: str | None = None
 
 
 class Handle(ABC):

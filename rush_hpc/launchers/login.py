@@ -15,6 +15,7 @@ SSH handshake each time.
 from __future__ import annotations
 
 import logging
+import secrets
 import shlex
 import threading
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -32,12 +33,21 @@ logger = logging.getLogger(__name__)
 #: options of ``start_sbatch_workers`` that configure the SSH connection to the login node
 CONNECTION_OPTIONS = ("ssh_config", "connect_kwargs", "gateway", "connect_timeout", "host_key_policy")
 
-# the remote directory must be the user's and not writable by group/others: another user could
-# otherwise swap the credentials file or the job script between our writing and SLURM reading them
-_PRIVATE_DIRECTORY = (
-    'if [ ! -O "$D" ] || [ -n "$(find "$D" -maxdepth 0 -perm /022)" ]; then '
-    'echo "directory $D must be owned by $(id -un) and not writable by group/others; '
-    'run: chmod go-w $D" >&2; exit 3; fi')
+# The remote directory must be ours and not writable by group/others, and so must every directory
+# above it (owned by us or root; writable by others only with the sticky bit, as /tmp): else
+# another user could swap the directory or the job script, or redirect the job's output, between
+# our check and SLURM's opening the files at job start. Symlinks are resolved first ($R is the
+# real path; job output paths use it). Run with $D set; sets $R.
+_SAFE_DIRECTORY = (
+    'set -e; (umask 077 && mkdir -p -- "$D"); R=$(readlink -f -- "$D"); U=$(id -u); set -f; '
+    'bad() { echo "log_dir $D: $1 (fix: use a directory only you can write, e.g. under your home, '
+    'or chmod go-w it)" >&2; exit 3; }; '
+    'P=/; REST=${R#/}; while :; do '
+    'O=$(stat -c %u -- "$P"); [ "$O" = 0 ] || [ "$O" = "$U" ] || bad "$P is owned by another user"; '
+    '[ -z "$(find "$P" -maxdepth 0 -perm /022 ! -perm -1000)" ] || bad "$P is writable by others"; '
+    '[ -n "$REST" ] || break; P=${P%/}/${REST%%/*}; case $REST in */*) REST=${REST#*/};; *) REST=;; esac; '
+    'done; [ -O "$R" ] || bad "$R is not owned by you"; '
+    '[ -z "$(find "$R" -maxdepth 0 -perm /022)" ] || bad "$R is writable by group or others"')
 
 
 def parse_target(target: str) -> tuple[str | None, str, int | None]:
@@ -70,6 +80,7 @@ class LoginNode:
                                         "host_key_policy": check_host_key_policy(host_key_policy)}
         self._connection: Connection | None = None
         self._lock = threading.Lock()
+        self._closed = False
         self._home: str | None = None
 
     @property
@@ -79,20 +90,14 @@ class LoginNode:
 
     def key(self) -> tuple[Any, ...]:
         """Two start calls with the same key share one LoginNode (one connection)."""
-        options = {k: repr(v) for k, v in self.options.items()}
+        options = {k: repr(sorted(v.items()) if isinstance(v, dict) else v) for k, v in self.options.items()}
         return self.label, tuple(sorted(options.items()))
 
     # -- the connection ------------------------------------------------------------------------
     def _connect(self) -> Connection:
         if self._connection is None:
             connection = open_connection(self.host, user=self.user, port=self.port, **self.options)
-            try:
-                connection.open()
-            except HostKeyError:
-                raise
-            except Exception as error:  # noqa: BLE001 - socket, auth and DNS errors all land here
-                raise LaunchError(f"cannot connect to the login node {self.label}: "
-                                  f"{type(error).__name__}: {error}") from None
+            connection.open()
             self._connection = connection
         return self._connection
 
@@ -105,54 +110,87 @@ class LoginNode:
                 pass
 
     def close(self) -> None:
+        """Close the connection for good: a later call (a monitor thread still running) raises."""
+        self._closed = True
         with self._lock:
             self._drop()
 
-    def _exec(self, script: str, stdin: bytes, timeout: float) -> tuple[int, str, str]:
-        """``bash -c script`` on a new channel of the shared connection.
-
-        A connection that broke while idle is reopened once, but only while the command has not
-        been sent: once it may have run, an error is raised, never a second run (a lost reply to
-        sbatch re-sent would submit the workers twice)."""
-        with self._lock:
-            for attempt in (1, 2):
-                try:
-                    channel_in, channel_out, channel_err = self._connect().client.exec_command(
-                        "bash -c " + shlex.quote(script), timeout=timeout)
-                    break
-                except (LaunchError, HostKeyError):
-                    raise
-                except Exception as error:  # noqa: BLE001 - a connection that died while idle
-                    self._drop()
-                    if attempt == 2:
-                        raise self._failed(script, error) from None
-                    logger.info("login node %s: connection lost (%s), reconnecting", self.label, error)
+    def _open_channel(self, timeout: float) -> Any:
+        """A new session channel; reconnects once when the connection died while idle. Nothing has
+        been sent yet, so retrying is safe; an unreachable node is ``CommandError`` 255 (as ssh
+        exits): callers that treat a failing sacct as "unknown" treat this the same way."""
+        for attempt in (1, 2):
+            if self._closed:
+                raise CommandError(["ssh", self.label], 255, "", f"the connection to the login node {self.label} "
+                                   "was closed (the controller is closed)")
             try:
+                transport = self._connect().client.get_transport()
+                if transport is None or not transport.is_active():
+                    raise ConnectionError("the SSH transport is not active")
+                return transport.open_session(timeout=timeout)
+            except HostKeyError:
+                raise
+            except Exception as error:  # noqa: BLE001 - socket, auth and DNS errors all land here
+                self._drop()
+                if attempt == 2:
+                    raise CommandError(["ssh", self.label], 255, "", f"cannot reach the login node {self.label}: "
+                                       f"{type(error).__name__}: {error}") from None
+                logger.info("login node %s: connection lost (%s), reconnecting", self.label, error)
+        raise AssertionError("unreachable")
+
+    def _exec(self, script: str, stdin: bytes, timeout: float) -> tuple[int, str, str]:
+        """``bash -c script`` on a new channel of the shared connection, within ``timeout`` seconds.
+
+        Once the request is sent, nothing is retried: a lost reply, a broken or silent link (a
+        watchdog closes the connection after ``timeout``: paramiko itself would wait forever) is
+        ``CommandError`` -1, "the outcome is unknown" - a re-sent sbatch would submit twice."""
+        with self._lock:
+            channel = self._open_channel(timeout)
+            expired = threading.Event()
+
+            def expire() -> None:
+                expired.set()
+                self._drop()  # unblocks every wait on this connection
+
+            watchdog = threading.Timer(timeout, expire)
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                channel.settimeout(timeout)
+                channel.exec_command("bash -c " + shlex.quote(script))
                 if stdin:
-                    channel_in.write(stdin)
-                channel_in.channel.shutdown_write()
-                out = channel_out.read().decode(errors="replace")
-                err = channel_err.read().decode(errors="replace")
-                return channel_out.channel.recv_exit_status(), out, err
+                    channel.sendall(stdin)
+                channel.shutdown_write()
+                out = channel.makefile("rb").read().decode(errors="replace")
+                err = channel.makefile_stderr("rb").read().decode(errors="replace")
+                if not channel.status_event.wait(timeout) or expired.is_set():
+                    raise TimeoutError(f"no answer within {timeout} s")
+                return channel.recv_exit_status(), out, err
             except Exception as error:  # noqa: BLE001 - the command may or may not have run
                 self._drop()
-                raise self._failed(script, error) from None
-
-    def _failed(self, script: str, error: Exception) -> CommandError:
-        return CommandError(["ssh", self.label, script[:200]], -1, "",
-                            f"SSH to the login node failed: {type(error).__name__}: {error}")
+                reason = f"no answer within {timeout} s" if expired.is_set() else f"{type(error).__name__}: {error}"
+                raise CommandError(["ssh", self.label, script[:200]], -1, "",
+                                   f"SSH to the login node failed after the command was sent (it may have run): "
+                                   f"{reason}") from None
+            finally:
+                watchdog.cancel()
+                try:
+                    channel.close()
+                except Exception:  # noqa: BLE001
+                    pass
 
     # -- what the SLURM launcher needs ---------------------------------------------------------
     def call(self, cmd: Sequence[str], *, timeout: float = 60, input: str | None = None) -> str:
         """``base.call`` on the login node: no shell interpretation of any argument (each one is
-        quoted), stdout returned, ``CommandError`` with the output's tail on a non-zero exit."""
+        quoted), stdout returned, ``CommandError`` with the output's tail on a non-zero exit
+        (255: the node was not reached, nothing ran; -1: the outcome is unknown)."""
         argv = [str(c) for c in cmd]
         for arg in argv:
             check_line("command argument", arg)
-        logger.debug("login node %s: running %s", self.label, shlex.join(argv))
+        logger.debug("login node %s: running %s", self.label, shlex.join(argv)[:300])
         code, out, err = self._exec(shlex.join(argv), (input or "").encode(), timeout)
         if code != 0:
-            raise CommandError(argv, code, out, err or f"(on the login node {self.label})")
+            raise CommandError(argv[:8], code, out, err or f"(on the login node {self.label})")
         return out
 
     def home(self) -> str:
@@ -173,25 +211,38 @@ class LoginNode:
         path = path[2:] if path.startswith("~/") else path
         return f"{self.home().rstrip('/')}/{path}"
 
-    def private_directory(self, directory: str) -> None:
-        """Create ``directory`` (0700) and check that it is ours and not writable by others."""
-        script = f"set -e; (umask 077 && mkdir -p -- {shlex.quote(directory)}); D={shlex.quote(directory)}; " \
-                 + _PRIVATE_DIRECTORY
-        code, out, err = self._exec(script, b"", 60)
-        if code != 0:
+    def private_directory(self, directory: str) -> str:
+        """Create ``directory`` (0700) and check it and every directory above it (see
+        ``_SAFE_DIRECTORY``); returns its resolved path (job output paths use it)."""
+        code, out, err = self._exec(f"D={shlex.quote(directory)}; {_SAFE_DIRECTORY}; printf %s \"$R\"", b"", 60)
+        if code != 0 or not out.startswith("/"):
             raise LaunchError(f"login node {self.label}: {(err or out).strip()[-500:]}")
+        return out
 
     def write_private_file(self, directory: str, prefix: str, content: bytes) -> str:
-        """A new file with a random name in ``directory`` (mode 0600, created by mktemp: never
-        through a planted symlink), ``content`` sent on stdin; returns its path."""
-        self.private_directory(directory)
-        script = (f"set -e; F=$(umask 077 && mktemp {shlex.quote(directory.rstrip('/') + '/' + prefix)}XXXXXXXXXXXX); "
-                  'cat > "$F"; printf %s "$F"')
-        code, out, err = self._exec(script, content, 60)
-        if code != 0 or not out.startswith(directory.rstrip("/") + "/"):
+        """A new file ``directory/<prefix><random>`` (mode 0600, created with O_EXCL: never through
+        a planted symlink, never over an existing file), ``content`` sent on stdin; the directory
+        is checked in the same script. The name is chosen here, so that after a lost reply the
+        file can still be deleted (the secret is never left at a path nobody knows)."""
+        path = f"{directory.rstrip('/')}/{prefix}{secrets.token_hex(8)}"
+        script = (f"D={shlex.quote(directory)}; {_SAFE_DIRECTORY}; F={shlex.quote(path)}; "
+                  'set -C; (umask 077 && cat > "$F")')
+        try:
+            code, out, err = self._exec(script, content, 60)
+        except CommandError as error:
+            if error.returncode == -1:
+                self._remove_quietly(path)
+            raise
+        if code != 0:
             raise LaunchError(f"login node {self.label}: cannot write a file in {directory}: "
                               f"{(err or out).strip()[-500:]}")
-        return out
+        return path
+
+    def _remove_quietly(self, path: str) -> None:
+        try:
+            self.call(["rm", "-f", "--", path], timeout=30)
+        except CommandError as error:
+            logger.warning("login node %s: could not delete %s after a lost reply: %s", self.label, path, error)
 
     def read_tail(self, path: str | None, lines: int = OUTPUT_TAIL_LINES) -> str:
         """The end of a file on the login node (only paths a trusted handle holds)."""

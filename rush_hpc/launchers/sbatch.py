@@ -22,7 +22,7 @@ from ..exceptions import CommandError, ConfigError, LaunchError
 from ..spawner import job_groups
 from .base import DIRECTIVE_NAME, JOB_ID, Handle, Launcher, WorkerCommand, call, check_line, check_name, check_no_nul
 from .login import LoginNode
-from .slurm import JobShare, SbatchHandle, check_workers_per_job, time_to_minutes
+from .slurm import JobShare, SbatchHandle, check_workers_per_job, job_comment, time_to_minutes
 
 DEFAULTS: dict[str, Any] = {
     "template": None, "job_name": defaults.SLURM_JOB_NAME, "partition": None, "time": defaults.SLURM_TIME,
@@ -71,7 +71,9 @@ class SbatchLauncher(Launcher):
     def __init__(self, log_dir: str | os.PathLike[str], login: LoginNode | None = None, **options: Any) -> None:
         super().__init__()
         self.login = login
-        self.log_dir = Path(login.absolute(str(log_dir))) if login is not None else Path(log_dir)
+        # on a login node: created, checked (with every directory above it) and resolved at once
+        self.log_dir = Path(login.private_directory(login.absolute(str(log_dir)))) if login is not None \
+            else Path(log_dir)
         validate_options(options, self.log_dir)
         self.options = {**DEFAULTS, **options}
         check_workers_per_job(self.options["workers_per_job"])
@@ -111,7 +113,9 @@ class SbatchLauncher(Launcher):
         for name, value in command.environment().items():
             check_line(f"environment variable {name}", value)
         values = {
-            "directives": "\n".join(_flag(k, v) for k, v in sorted(self.directives(len(jobs), batch_id).items())),
+            "directives": "\n".join(_flag(k, v) for k, v in sorted(
+                {"comment": job_comment(command.network),  # proves the jobs are this network's (see ``ours``)
+                 **self.directives(len(jobs), batch_id)}.items())),
             "setup": "\n".join(self.options["setup"]) or ":",
             "worker_ids": " ".join(shlex.quote(i) for i in jobs),
             "environment": "\n".join(command.export_lines()),
@@ -144,9 +148,13 @@ class SbatchLauncher(Launcher):
             raise LaunchError(f"sbatch may or may not have submitted {script} ({error.stderr.strip()[:300]}); "
                               "if it did, its workers refuse to start (their records are marked failed): "
                               "check `squeue --me` and scancel the job", maybe_started=True) from None
-        job_id = output.strip().split(";")[0]
-        if not JOB_ID.fullmatch(job_id):
-            raise LaunchError(f"sbatch did not print a job id (got {output.strip()[:200]!r}); script {script}")
+        # --parsable prints "id[;cluster]"; a site's wrapper or job_submit plugin may print lines before it
+        lines = output.strip().splitlines()
+        job_id = lines[-1].strip().split(";")[0] if lines else ""
+        if not JOB_ID.fullmatch(job_id):  # sbatch exited 0: the job may well exist
+            raise LaunchError(f"sbatch succeeded but printed no job id (got {output.strip()[:200]!r}); script "
+                              f"{script}: if a job was submitted, its workers refuse to start (their records are "
+                              "marked failed): check `squeue --me` and scancel it", maybe_started=True)
         handles: list[Handle] = []
         for i, group in enumerate(job_groups(worker_ids, self.options["workers_per_job"])):
             share = JobShare(group) if len(group) > 1 else None

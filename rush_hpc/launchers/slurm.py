@@ -110,51 +110,91 @@ def parse_sacct(output: str) -> dict[str, str]:
     return {**states, **ended}
 
 
+#: job ids per sacct / squeue / scancel command (a command line has a length limit, and forged
+#: records in Redis must not be able to push our own jobs out of it)
+IDS_PER_COMMAND = 500
+
+
+def _chunks(ids: Sequence[str]) -> list[list[str]]:
+    return [list(ids[i:i + IDS_PER_COMMAND]) for i in range(0, len(ids), IDS_PER_COMMAND)]
+
+
 def sacct_states(job_ids: Sequence[str], run: Run | None = None) -> dict[str, str]:
-    """``{job_id: final or current state}`` for these jobs, from ONE sacct call (``{}`` if it fails)."""
-    ids = sorted({valid_job_id(j) for j in job_ids})
-    if not ids:
-        return {}
-    try:
-        output = (run or call)(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
-                      timeout=30)
-    except CommandError as error:
-        logger.warning("sacct failed, SLURM job states unknown: %s", error)
-        return {}
-    return parse_sacct(output)
+    """``{job_id: final or current state}`` for these jobs, one sacct call per 500 ids (a chunk
+    whose call fails is left out: unknown)."""
+    states: dict[str, str] = {}
+    for ids in _chunks(sorted({valid_job_id(j) for j in job_ids})):
+        try:
+            output = (run or call)(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
+                                   timeout=30)
+        except CommandError as error:
+            logger.warning("sacct failed, SLURM job states unknown: %s", error)
+            continue
+        states.update(parse_sacct(output))
+    return states
 
 
 def parse_squeue(output: str) -> dict[str, tuple[str, str]]:
     """``squeue -h -r -o '%i|%T|%r'`` output -> ``{job_id: (state, reason)}``."""
     jobs: dict[str, tuple[str, str]] = {}
     for line in output.splitlines():
-        parts = line.strip().split("|")
+        parts = line.strip().split("|", 2)  # the last field may be a comment with "|" in it
         if len(parts) == 3 and JOB_ID_OR_STEP.fullmatch(parts[0]):
             jobs[parts[0]] = (parts[1], parts[2])
     return jobs
 
 
-def squeue_jobs(job_ids: Sequence[str], run: Run | None = None) -> dict[str, tuple[str, str]]:
-    """``{job_id: (state, reason)}`` of these jobs (array elements one by one), ONE squeue call."""
-    arrays = sorted({valid_job_id(j).split("_")[0] for j in job_ids})
-    if not arrays:
-        return {}
-    try:
-        output = (run or call)(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(arrays)], timeout=30)
-    except CommandError as error:
-        logger.debug("squeue failed: %s", error)
-        return {}
-    return parse_squeue(output)
+def squeue_jobs(job_ids: Sequence[str], run: Run | None = None,
+                fields: str = "%i|%T|%r") -> dict[str, tuple[str, str]]:
+    """``{job_id: (state, reason)}`` of these jobs (array elements one by one), one squeue call per
+    500 arrays; ``fields`` ``"%i|%T|%k"`` gives the job's comment instead of the reason."""
+    jobs: dict[str, tuple[str, str]] = {}
+    for arrays in _chunks(sorted({valid_job_id(j).split("_")[0] for j in job_ids})):
+        try:
+            output = (run or call)(["squeue", "-h", "-r", "-o", fields, "-j", ",".join(arrays)], timeout=30)
+        except CommandError as error:
+            logger.debug("squeue failed: %s", error)
+            continue
+        jobs.update(parse_squeue(output))
+    return jobs
 
 
 def scancel(job_ids: Sequence[str], run: Run | None = None) -> None:
     """Cancel these jobs; validated ids after ``--``, so none can pass for an option."""
-    ids = sorted({valid_job_id(j) for j in job_ids})
-    if ids:
+    for ids in _chunks(sorted({valid_job_id(j) for j in job_ids})):
         try:
             (run or call)(["scancel", "--", *ids], timeout=30)
         except CommandError as error:
             logger.warning("scancel failed: %s", error)
+
+
+def job_comment(network: str) -> str:
+    """The comment every worker job of ``network`` is submitted with: what lets a controller that
+    did not submit a job (its handle came from Redis) prove that the job is one of the network's
+    before it cancels it."""
+    return f"rush-hpc:{network}"
+
+
+def ours(handles: Sequence[SlurmHandle]) -> list[SlurmHandle]:
+    """The handles whose job may be cancelled by us: trusted ones (we submitted the job), and
+    those from Redis whose job SLURM shows with this network's comment. A Redis writer can name
+    any job id in a worker record; without this, a forged "lost" worker would cancel any job of
+    the user."""
+    trusted = [h for h in handles if h.trusted]
+    groups: dict[int, list[SlurmHandle]] = {}
+    for handle in handles:
+        if not handle.trusted:
+            groups.setdefault(id(handle.login), []).append(handle)
+    for members in groups.values():
+        comments = squeue_jobs([h.job_id for h in members], members[0].run, fields="%i|%T|%k")
+        for handle in members:
+            comment = (comments.get(handle.job_id) or ("", ""))[1]
+            if handle.network and comment == job_comment(handle.network):
+                trusted.append(handle)
+            elif handle.job_id in comments:
+                logger.warning("worker %s: SLURM job %s is not a job of network %r (comment %r): not cancelled",
+                               handle.worker_id, handle.job_id, handle.network, comment[:100])
+    return trusted
 
 
 class JobShare:
@@ -187,6 +227,7 @@ class SlurmHandle(Handle):
         self.stdout, self.stderr, self.job_script = stdout, stderr, job_script
         self.login = login
         self.share = share
+        self.network: str | None = None  # for handles from Redis: the network whose job it must be
 
     @property
     def run(self) -> Run:
@@ -216,7 +257,9 @@ class SlurmHandle(Handle):
             if worker_id not in ids:
                 raise InvalidInfo(f"job_workers of worker {worker_id} do not name it")
             share = JobShare(ids)
-        return cls(worker_id, valid_job_id(info.get("job_id")), login=login, share=share, trusted=False)
+        handle = cls(worker_id, valid_job_id(info.get("job_id")), login=login, share=share, trusted=False)
+        handle.network = context.network
+        return handle
 
     @classmethod
     def _by_login(cls, handles: Sequence[Handle]) -> list[tuple[Run, dict[str, str]]]:
@@ -261,7 +304,8 @@ class SlurmHandle(Handle):
 
     @classmethod
     def kill_all(cls, handles: Sequence[Handle]) -> None:
-        for run, jobs in cls._by_login(cancellable(handles)):
+        slurm = [h for h in handles if isinstance(h, SlurmHandle)]
+        for run, jobs in cls._by_login(cancellable(ours(slurm))):
             scancel(list(jobs.values()), run)
 
     def output_tail(self, lines: int = defaults.OUTPUT_TAIL_LINES) -> str:
@@ -395,6 +439,8 @@ class SubmititLauncher(Launcher):
 
         groups = job_groups(worker_ids, self.workers_per_job)
         executor = self.executor(len(groups))
+        if "comment" not in self.parameters:  # proves the jobs are this network's (see ``ours``)
+            executor.update_parameters(comment=job_comment(command.network))
         environment = command.environment()
         arguments = [g[0] if self.workers_per_job == 1 else g for g in groups]
         try:
