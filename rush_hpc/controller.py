@@ -734,7 +734,7 @@ def with_address(config: RedisConfig, address: str | None) -> RedisConfig:
         return config
     host, sep, port = str(address).rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(
-            c.isspace() or c in "/@" for c in host):
+            c.isspace() or c in "/@#?" for c in host):
         raise ConfigError(f"worker_address must be 'host:port' (where the workers reach Redis), got {address!r}")
     if config.cluster:
         raise ConfigError("worker_address does not work with a Redis Cluster (its nodes announce their own "
@@ -761,7 +761,9 @@ def rsh(network: str | None = None, url: str | None = None, *, config: RedisConf
     is only gone when this controller is).
     ``worker_address``: ``"host:port"`` where the workers reach this Redis when it is not where the
     controller does (the controller on a laptop through an SSH tunnel, ``url="...@localhost:6380"``;
-    the workers at ``"login1:6380"``). Only the address differs: password, TLS and timeouts are the same.
+    the workers at ``"login1:6380"``). Only the address differs: password, TLS settings (certificate
+    paths too: they must exist on the workers' machines) and timeouts are the same. It applies to
+    every worker this controller starts, local ones included.
     """
     resolved = resolve_config(url, config)
     embedded = None

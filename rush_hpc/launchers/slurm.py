@@ -439,7 +439,8 @@ class SubmititLauncher(Launcher):
 
         groups = job_groups(worker_ids, self.workers_per_job)
         executor = self.executor(len(groups))
-        if "comment" not in self.parameters:  # proves the jobs are this network's (see ``ours``)
+        if "comment" not in self.parameters and "comment" not in self.parameters.get("additional_parameters", {}):
+            # proves the jobs are this network's (see ``ours``)
             executor.update_parameters(comment=job_comment(command.network))
         environment = command.environment()
         arguments = [g[0] if self.workers_per_job == 1 else g for g in groups]
