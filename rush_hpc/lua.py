@@ -127,14 +127,16 @@ local created = {}
 for i = 4, #ARGV, 2 do
   local id = ARGV[i]
   local key = ARGV[1] .. id
-  if redis.call('HSETNX', key, 'state', 'running') == 1 then  -- 0: a re-sent call, it exists already
-    if ARGV[3] ~= '' then
-      redis.call('HSET', key, 'xs', ARGV[i + 1], 'worker_id', ARGV[2], 'xs_extra', ARGV[3])
-    else
-      redis.call('HSET', key, 'xs', ARGV[i + 1], 'worker_id', ARGV[2])
-    end
-    created[#created + 1] = id
+  -- HSET counts the fields it adds: 0 when the task exists (a re-sent call), which then writes the
+  -- values it already holds: the ids are known to this worker only, which is running (checked
+  -- above) and so still holds these tasks as they were created
+  local added
+  if ARGV[3] ~= '' then
+    added = redis.call('HSET', key, 'state', 'running', 'xs', ARGV[i + 1], 'worker_id', ARGV[2], 'xs_extra', ARGV[3])
+  else
+    added = redis.call('HSET', key, 'state', 'running', 'xs', ARGV[i + 1], 'worker_id', ARGV[2])
   end
+  if added > 0 then created[#created + 1] = id end
 end
 for first = 1, #created, 4000 do  -- in slices: unpack() has a limit on its results
   local slice = {unpack(created, first, math.min(first + 3999, #created))}
@@ -183,6 +185,8 @@ end
 # its row in the finished list>} plus only the signed pickles the row does not hold. A re-sent finish
 # recognises its own repeat from that row (its id and worker).
 # Arguments from ARGV[first] on: triples id, ys (encoded), ys_extra (encoded or '').
+# Returns the discarded ids and the length of the finished list after its last append (false when
+# this call appended nothing: a repeat, or only discarded results).
 _FINISH = """
 local function inline(value, position, pickled)
   if not value or value == '' then return 'null' end
@@ -192,7 +196,7 @@ local function inline(value, position, pickled)
 end
 local PICKLE_FIELDS = {'xs', 'ys', 'xs_extra', 'ys_extra'}
 local function finish(running, finished, held, prefix, worker_id, first)
-  local discarded = {}
+  local discarded, length = {}, false
   local worker_json = cjson.encode(worker_id)
   for i = first, #ARGV, 3 do
     local id = ARGV[i]
@@ -206,7 +210,7 @@ local function finish(running, finished, held, prefix, worker_id, first)
                    inline(values[3], 3, pickled), inline(values[4], 4, pickled), 'null', worker_json,
                    '"finished"'}
       if #pickled > 0 then row[9] = '[' .. table.concat(pickled, ',') .. ']' end
-      local length = redis.call('RPUSH', finished, '[' .. table.concat(row, ',') .. ']')
+      length = redis.call('RPUSH', finished, '[' .. table.concat(row, ',') .. ']')
       local fields = {'state', 'finished', 'row', string.format('%d', length - 1)}
       for _, position in ipairs(pickled) do
         fields[#fields + 1] = PICKLE_FIELDS[position]
@@ -218,7 +222,7 @@ local function finish(running, finished, held, prefix, worker_id, first)
       discarded[#discarded + 1] = id
     end
   end
-  return discarded
+  return discarded, length
 end
 """
 
@@ -228,8 +232,8 @@ end
 FINISH_TASKS = _REQUIRE_RUNNING + _FINISHED_ROW + _FINISH + """
 local refused = require_running(KEYS[3])
 if refused then return refused end
-local discarded = finish(KEYS[1], KEYS[2], KEYS[4], ARGV[1], ARGV[2], 3)
-table.insert(discarded, 1, redis.call('LLEN', KEYS[2]))
+local discarded, length = finish(KEYS[1], KEYS[2], KEYS[4], ARGV[1], ARGV[2], 3)
+table.insert(discarded, 1, length or redis.call('LLEN', KEYS[2]))
 return discarded
 """
 
@@ -267,11 +271,14 @@ return discarded
 # Pop one task for a worker: its priority list first, then the shared queue; mark it running and
 # held by the worker. `request` identifies the call and is kept in the task: a re-sent pop (its reply
 # was lost) finds the task it popped among the few the worker holds, instead of popping another.
+# `scan` false skips that search, for a caller that knows no earlier call carried this request.
 _POP = """
-local function pop(priority, queued, running, held, prefix, worker_id, request)
-  for _, held_id in ipairs(redis.call('SMEMBERS', held)) do
-    if redis.call('HGET', prefix .. held_id, 'pop_request') == request then
-      return {held_id, redis.call('HGET', prefix .. held_id, 'xs')}
+local function pop(priority, queued, running, held, prefix, worker_id, request, scan)
+  if scan then
+    for _, held_id in ipairs(redis.call('SMEMBERS', held)) do
+      if redis.call('HGET', prefix .. held_id, 'pop_request') == request then
+        return {held_id, redis.call('HGET', prefix .. held_id, 'xs')}
+      end
     end
   end
   local id = redis.call('LPOP', priority)
@@ -292,20 +299,25 @@ end
 POP_TASK = _REQUIRE_RUNNING + _POP + """
 local refused = require_running(KEYS[4])
 if refused then return refused end
-return pop(KEYS[1], KEYS[2], KEYS[3], KEYS[5], ARGV[1], ARGV[2], ARGV[3])
+return pop(KEYS[1], KEYS[2], KEYS[3], KEYS[5], ARGV[1], ARGV[2], ARGV[3], true)
 """
 
 # Finish tasks and pop the next one in ONE round trip (a queue worker's whole step).
+# The search for a task popped earlier by the same request is skipped when the client says the
+# request id is new (ARGV[4] == '1') and this execution finished a task: then it is not a re-sent
+# call (a re-send finds its tasks finished already), so no earlier call popped with this request.
 # KEYS[1] running set, KEYS[2] finished list, KEYS[3] worker hash, KEYS[4] worker's held-tasks set,
 # KEYS[5] this worker's priority list, KEYS[6] shared queue
-# ARGV[1] task key prefix, ARGV[2] worker id, ARGV[3] pop request id, then triples as FINISH_TASKS
+# ARGV[1] task key prefix, ARGV[2] worker id, ARGV[3] pop request id, ARGV[4] '1' when no earlier
+# call carried that request id, then triples as FINISH_TASKS
 # returns {number of finished tasks, {discarded ids}, {id, xs} or false}
 FINISH_AND_POP = _REQUIRE_RUNNING + _FINISHED_ROW + _FINISH + _POP + """
 local refused = require_running(KEYS[3])
 if refused then return refused end
-local discarded = finish(KEYS[1], KEYS[2], KEYS[4], ARGV[1], ARGV[2], 4)
-local popped = pop(KEYS[5], KEYS[6], KEYS[1], KEYS[4], ARGV[1], ARGV[2], ARGV[3])
-return {redis.call('LLEN', KEYS[2]), discarded, popped}
+local discarded, length = finish(KEYS[1], KEYS[2], KEYS[4], ARGV[1], ARGV[2], 5)
+local scan = not (ARGV[4] == '1' and length)
+local popped = pop(KEYS[5], KEYS[6], KEYS[1], KEYS[4], ARGV[1], ARGV[2], ARGV[3], scan)
+return {length or redis.call('LLEN', KEYS[2]), discarded, popped}
 """
 
 # Move a worker to a new state if its current state allows it (terminal states are final).

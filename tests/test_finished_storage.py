@@ -8,8 +8,10 @@ import logging
 import random
 
 import rush_hpc
+from rush_hpc.config import RedisConfig
 
 from conftest import SECRET
+from faults import DroppingProxy
 
 
 def test_a_finished_task_keeps_its_values_in_its_row_only(rush, worker, raw):
@@ -97,3 +99,38 @@ def test_forged_row_indices_and_rows_are_harmless(rush, worker, raw, caplog):
     # a repeat of a finish it cannot confirm from the row is reported, never finished twice
     count, *discarded = _finish_again(worker, keys[1], b'j{"y":1}')
     assert count == 5 and [d.decode() for d in discarded] == [keys[1]]
+
+
+# -- finish_and_pop: a repeat gets the task its first execution popped ---------------------------------
+def test_finish_and_pop_survives_a_dropped_reply(rush, redis_config, network):
+    proxy = DroppingProxy(redis_config.port)
+    worker = rush_hpc.RushWorker(network, config=RedisConfig(port=proxy.port), secret=SECRET)
+    worker.register()
+    rush.push_tasks([{"x": i} for i in range(4)])
+    first = worker.pop_task()
+    worker.finish_and_pop(worker.push_running_tasks([{"warm": 1}]), [{"y": 0}])  # loads the script
+    assert rush.n_queued_tasks == 2 and rush.n_running_tasks == 2
+    proxy.drop_next_reply()
+    second = worker.finish_and_pop(first.key, [{"y": 1}])  # runs twice in Redis: the repeat sees its finish
+    assert proxy.dropped == 1 and second is not None
+    assert rush.n_queued_tasks == 1  # one pop, not two
+    assert rush.task_states([first.key, second.key]) == {first.key: "finished", second.key: "running"}
+    assert rush.n_running_tasks == 2  # the warm-up pop and `second`: nothing stranded
+    worker.close()
+    proxy.close()
+
+
+def test_finish_and_pop_after_a_call_that_raised_returns_the_pending_pop(rush, worker):
+    """A pop whose reply never came (the call raised): the next finish_and_pop carries its request id
+    (not new), so Redis returns the task that pop took instead of popping another one."""
+    rush.push_tasks([{"x": i} for i in range(3)])
+    held = worker.pop_task()
+    keys = worker.keys
+    request = "lost-pop-request"
+    lost = worker._script("POP_TASK", [keys.priority(worker.worker_id), keys.queued, keys.running,
+                                       keys.worker(worker.worker_id), keys.held_tasks(worker.worker_id)],
+                          [keys.task_prefix, worker.worker_id, request])
+    worker._pending_pop = request  # what a raised call leaves behind
+    task = worker.finish_and_pop(held.key, [{"y": 0}])
+    assert task is not None and task.key == lost[0].decode()
+    assert rush.n_queued_tasks == 1 and rush.n_running_tasks == 1
