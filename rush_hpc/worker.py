@@ -60,6 +60,8 @@ class RushWorker(RushNetwork):
                                      self.keys.held_tasks(self.worker_id)]
         self._n_finished_seen: int | None = None
         self._pending_pop: str | None = None
+        #: pop request ids: a random prefix (72 bits) and a counter, unique among this worker's calls
+        self._pop_prefix, self._pop_count = new_task_id()[:12], 0
         #: the end of this worker's allocation (epoch seconds; the bootstrap asks SLURM), None: no limit
         self.job_end: float | None = None
         #: stop taking tasks this many seconds before ``job_end``
@@ -174,7 +176,8 @@ class RushWorker(RushNetwork):
         """The request id of the next pop: a re-sent call (lost reply, redis-py's retry) and the next
         call after one that raised both repeat the pending id, and so get the task it popped."""
         if self._pending_pop is None:
-            self._pending_pop = new_task_id()  # 96 random bits, kept in the task it pops
+            self._pop_count += 1  # kept in the task it pops; only this worker's held tasks are searched
+            self._pending_pop = f"{self._pop_prefix}{self._pop_count:x}"
         return self._pending_pop
 
     def _task(self, popped: list[bytes]) -> Task:
