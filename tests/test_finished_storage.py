@@ -134,3 +134,16 @@ def test_finish_and_pop_after_a_call_that_raised_returns_the_pending_pop(rush, w
     task = worker.finish_and_pop(held.key, [{"y": 0}])
     assert task is not None and task.key == lost[0].decode()
     assert rush.n_queued_tasks == 1 and rush.n_running_tasks == 1
+
+
+def test_a_finished_task_stored_by_an_older_version_is_read_from_its_hash(rush, worker, raw):
+    """Networks written before this layout keep every value in the finished task's hash (no row
+    index): reads build the row from the hash as they always did."""
+    key = worker.push_running_tasks([{"x": 1}])[0]
+    worker.push_results([key], [{"y": 2}])
+    raw.delete(rush.keys.task(key))
+    raw.hset(rush.keys.task(key), mapping={"xs": b'j{"x":1}', "ys": b'j{"y":2}', "state": "finished",
+                                           "worker_id": worker.worker_id})
+    row = rush.fetch_tasks().iloc[0]
+    assert (row["keys"], row["x"], row["y"], row["worker_id"]) == (key, 1, 2, worker.worker_id)
+    assert rush.fetch_tasks_with_state(["finished"])["y"].tolist() == [2]
