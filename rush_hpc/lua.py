@@ -211,13 +211,17 @@ local function finish(running, finished, held, prefix, worker_id, first)
                    '"finished"'}
       if #pickled > 0 then row[9] = '[' .. table.concat(pickled, ',') .. ']' end
       length = redis.call('RPUSH', finished, '[' .. table.concat(row, ',') .. ']')
-      local fields = {'state', 'finished', 'row', string.format('%d', length - 1)}
-      for _, position in ipairs(pickled) do
-        fields[#fields + 1] = PICKLE_FIELDS[position]
-        fields[#fields + 1] = values[position]
-      end
       redis.call('DEL', key)
-      redis.call('HSET', key, unpack(fields))
+      if #pickled == 0 then
+        redis.call('HSET', key, 'state', 'finished', 'row', length - 1)
+      else
+        local fields = {'state', 'finished', 'row', length - 1}
+        for _, position in ipairs(pickled) do
+          fields[#fields + 1] = PICKLE_FIELDS[position]
+          fields[#fields + 1] = values[position]
+        end
+        redis.call('HSET', key, unpack(fields))
+      end
     elseif not finished_by(key, id, finished, worker_json) then  -- else: a re-sent call, already done
       discarded[#discarded + 1] = id
     end
