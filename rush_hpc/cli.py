@@ -177,12 +177,24 @@ def cli(debug: bool) -> None:
 
 @cli.command()
 @click.option("--network", "-n", required=True, envvar="RUSH_HPC_NETWORK", help="network name")
-@click.option("--worker-id", default=None, help="worker id (default: a new uuid)")
-def worker(network: str, worker_id: str | None) -> None:
-    """Run one worker (credentials from $RUSH_HPC_CREDENTIALS, or $RUSH_HPC_URL + $RUSH_HPC_SECRET)."""
+@click.option("--worker-id", "worker_ids", multiple=True,
+              help="worker id (default: a new uuid); repeatable or a,b,...: one interpreter forks one "
+              "worker per id")
+@click.option("--log-dir", default=None, help="with several ids: each worker writes <log-dir>/<id>.log")
+@click.option("--pid-file", default=None, help="with several ids: '<id> <pid>' lines, once all are forked")
+def worker(network: str, worker_ids: tuple[str, ...], log_dir: str | None, pid_file: str | None) -> None:
+    """Run one worker, or several forked from this interpreter (credentials from
+    $RUSH_HPC_CREDENTIALS, or $RUSH_HPC_URL + $RUSH_HPC_SECRET)."""
+    from .spawner import split_ids
+
+    ids = split_ids(worker_ids)
+    if len(ids) > 1 or log_dir or pid_file:
+        from .spawner import run_group
+
+        sys.exit(run_group(network, ids or [uuid.uuid4().hex], log_dir=log_dir, pid_file=pid_file))
     from .bootstrap import main as bootstrap_main
 
-    bootstrap_main(network, worker_id or uuid.uuid4().hex)
+    bootstrap_main(network, ids[0] if ids else uuid.uuid4().hex)
 
 
 @cli.command()

@@ -6,6 +6,7 @@ Watching, waiting for, finding lost, killing and reaping workers is the supervis
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import operator
@@ -27,6 +28,7 @@ from .credentials import (CREDENTIALS_ENV, Removable, create_credentials_file, c
 from .exceptions import ConfigError, LaunchError, RushError
 from .launchers.base import Handle, Launcher, WorkerCommand
 from .launchers.local import LocalLauncher
+from .launchers.login import CONNECTION_OPTIONS, LoginCredentials, LoginNode
 from .logs import read_log
 from .frames import format_local
 from .network import RushNetwork, text
@@ -74,8 +76,11 @@ class Rush(RushNetwork):
     """The controller of a network. Create it with ``rush_hpc.rsh()``."""
 
     def __init__(self, network: str, config: RedisConfig, secret: bytes | None,
-                 embedded: EmbeddedRedis | None = None) -> None:
+                 embedded: EmbeddedRedis | None = None, worker_address: str | None = None) -> None:
         super().__init__(network, config, secret)
+        #: how the workers reach Redis (what their credentials say): ``config`` unless rsh got a
+        #: ``worker_address`` (the controller reaches Redis through a tunnel, the workers do not)
+        self.worker_config = with_address(config, worker_address)
         self._embedded = embedded
         self._supervisor = Supervisor(self)
         self._log_dir: Path | None = None  # our private temporary directory (removed by close/reset)
@@ -85,12 +90,29 @@ class Rush(RushNetwork):
         self._batches = threading.local()  # per thread: adapt's thread stores and starts its own
         self._credential_files: list[tuple[Removable, list[str]]] = []
         self._credentials_lock = threading.Lock()  # the monitor thread removes them too
+        self._in_flight = 0  # start calls under way (adapt's thread): close() lets them finish first
+        self._flight = threading.Condition()
+        self._logins: dict[Any, LoginNode] = {}  # SLURM login nodes (one shared SSH connection each)
 
     # -- starting workers -------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
             raise RushError(f"the controller of network {self.network!r} is closed; "
                             "create a new one with rush_hpc.rsh() to start workers")
+
+    @contextlib.contextmanager
+    def _start_in_flight(self) -> Iterator[None]:
+        """Around a start that leaves a credentials file behind: ``close()`` waits for it, so that a
+        start finishing after close() (adapt's thread in a slow sbatch) cannot leave the file."""
+        with self._flight:
+            self._check_open()
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._flight:
+                self._in_flight -= 1
+                self._flight.notify_all()
 
     def _worker_log_dir(self, log_dir: str | Path | None) -> Path:
         if log_dir is not None:
@@ -128,10 +150,20 @@ class Rush(RushNetwork):
         count = positive_count(n_workers)
         if log_dir is not None and any(c in str(log_dir) for c in "\r\n\0"):
             raise ConfigError(f"log_dir may not contain a line break or NUL character, got {str(log_dir)!r}")
-        directory = self._worker_log_dir(log_dir)
-        launcher = make_launcher(directory)
-        credentials = create_credentials_file(directory, self.config, self.codec.secret)
-        command = WorkerCommand(self.network, launcher.python, {CREDENTIALS_ENV: str(credentials.path)})
+        with self._start_in_flight():
+            directory = self._worker_log_dir(log_dir)
+            launcher = make_launcher(directory)
+            credentials = create_credentials_file(directory, self.worker_config, self.codec.secret)
+            ids = self._start_with_credentials(launcher, count, credentials, str(credentials.path))
+            if directory == self._log_dir:
+                self._log_dir_users.update(ids)
+            return ids
+
+    def _start_with_credentials(self, launcher: Launcher, count: int, credentials: Removable,
+                                path: str) -> list[str]:
+        """Start workers that read the credentials file at ``path``; it is removed once they
+        registered (or at once, if the start fails)."""
+        command = WorkerCommand(self.network, launcher.python, {CREDENTIALS_ENV: path})
         try:
             ids = self.start_workers(launcher, count, command)
         except BaseException:
@@ -139,8 +171,6 @@ class Rush(RushNetwork):
             raise
         with self._credentials_lock:
             self._credential_files.append((credentials, ids))
-        if directory == self._log_dir:
-            self._log_dir_users.update(ids)
         return ids
 
     def _remove_spent_credentials(self, everything: bool = False) -> None:
@@ -170,6 +200,17 @@ class Rush(RushNetwork):
         command = dataclasses.replace(command, launcher=launcher.name,
                                       env={**command.env, **({BATCH_ENV: batch} if batch else {})})
         worker_ids = [uuid.uuid4().hex for _ in range(count)]
+        self._supervisor.starting.update(worker_ids)  # no handle yet: the monitor leaves them alone
+        try:
+            handles = self._launch(launcher, worker_ids, command, pre_info)
+        finally:
+            self._supervisor.starting.difference_update(worker_ids)
+        logger.info("started %d %s worker(s) in network %s", len(handles), launcher.name, self.network)
+        return worker_ids
+
+    def _launch(self, launcher: Launcher, worker_ids: list[str], command: WorkerCommand,
+                pre_info: Mapping[str, str] | None) -> list[Handle]:
+        """Record the ids as launched, start them, record their handles (see ``start_workers``)."""
         now = f"{time.time():.3f}"
         for worker_id in worker_ids:
             set_worker_state(self, worker_id, WorkerState.LAUNCHED, worker_id=worker_id,
@@ -180,7 +221,7 @@ class Rush(RushNetwork):
             started = [launcher.handles[w] for w in error.started if w in launcher.handles]
             self._record(started)
             missing = [w for w in worker_ids if w not in {h.worker_id for h in started}]
-            if started:
+            if started or error.maybe_started:  # failed: a worker that comes up later refuses to run
                 for worker_id in missing:
                     set_worker_state(self, worker_id, WorkerState.FAILED, (WorkerState.LAUNCHED.value,),
                                      reason=f"launch failed: {str(error)[:500]}", ended_at=f"{time.time():.3f}")
@@ -191,8 +232,7 @@ class Rush(RushNetwork):
             self._forget_records(worker_ids)
             raise
         self._record(handles)
-        logger.info("started %d %s worker(s) in network %s", len(handles), launcher.name, self.network)
-        return worker_ids
+        return handles
 
     def _record(self, handles: Sequence[Handle]) -> None:
         self._supervisor.add(handles)
@@ -281,11 +321,12 @@ class Rush(RushNetwork):
         launcher = SSHLauncher(hosts, n_workers=positive_count(n_workers), network=self.network,
                                credentials=self._credentials_blob(), **ssh_options)
         self._supervisor.context.ssh.append(launcher)  # its hosts: the only ones we ever contact
-        try:
-            return self.start_workers(launcher, launcher.total_workers, launcher.command())
-        finally:  # removed over SSH once their workers registered (and at close() at the latest)
-            with self._credentials_lock:
-                self._credential_files.extend(launcher.credential_files)
+        with self._start_in_flight():
+            try:
+                return self.start_workers(launcher, launcher.total_workers, launcher.command())
+            finally:  # removed over SSH once their workers registered (and at close() at the latest)
+                with self._credentials_lock:
+                    self._credential_files.extend(launcher.credential_files)
 
     def start_slurm_workers(self, worker_loop: Callable[..., Any], n_workers: int = 1,
                             globals: GlobalsArg = None, modules: Sequence[str] = (), *,
@@ -294,7 +335,11 @@ class Rush(RushNetwork):
                             log_level: str = defaults.LOG_LEVEL, payload_dir: str | None = None,
                             log_dir: str | None = None, redis_outage_timeout: float | None = None,
                             walltime_margin: float | None = None, **slurm_options: Any) -> list[str]:
-        """Start workers as ONE SLURM job array through submitit."""
+        """Start workers as ONE SLURM job array through submitit.
+
+        ``workers_per_job=k``: each array task runs k workers (forked by one interpreter: one import
+        per job) and asks for k x ``cpus_per_worker`` CPUs; fewer, larger jobs for the scheduler.
+        """
         from .launchers.slurm import SubmititLauncher
 
         positive_count(n_workers)
@@ -310,22 +355,50 @@ class Rush(RushNetwork):
                              heartbeat_expire: float | None = defaults.SLURM_HEARTBEAT_EXPIRE,
                              log_level: str = defaults.LOG_LEVEL, payload_dir: str | None = None,
                              log_dir: str | None = None, redis_outage_timeout: float | None = None,
-                             walltime_margin: float | None = None, **sbatch_options: Any) -> list[str]:
+                             walltime_margin: float | None = None, login: str | None = None,
+                             **sbatch_options: Any) -> list[str]:
         """Start workers as ONE job array from a job script template (``rush_hpc/templates/sbatch.sh``,
-        or your own file: ``template="/path/to/job.sh"``)."""
+        or your own file: ``template="/path/to/job.sh"``). ``workers_per_job=k``: k workers per
+        array task, as for ``start_slurm_workers``.
+
+        ``login="user@login-node"``: submit from this machine (a laptop) through a SLURM login node
+        over SSH: the job script and the credentials file are written there (in ``log_dir``, a
+        directory on the login node, default ``~/.rush-hpc/logs``), sbatch / squeue / sacct / scancel
+        run there. The SSH connection takes the options of ``start_ssh_workers`` (``ssh_config``,
+        ``connect_kwargs``, ``gateway``, ``connect_timeout``, ``host_key_policy``; the host key must be
+        known). ``python`` is then the interpreter on the cluster (default ``python3``). The workers
+        must reach Redis from the compute nodes (see the README: Redis on the login node, or a tunnel).
+        """
         from .launchers.sbatch import SbatchLauncher
 
-        positive_count(n_workers)
+        count = positive_count(n_workers)
+        login_node = self._login_node(login, sbatch_options) if login is not None else None
         self.store_worker_loop(worker_loop, globals, modules, heartbeat_period=heartbeat_period,
                                heartbeat_expire=heartbeat_expire, log_level=log_level,
                                payload_dir=payload_dir, redis_outage_timeout=redis_outage_timeout,
                                walltime_margin=walltime_margin, _frame_depth=2)
-        return self._start_in_directory(lambda d: SbatchLauncher(d, **sbatch_options), n_workers, log_dir)
+        if login_node is None:
+            return self._start_in_directory(lambda d: SbatchLauncher(d, **sbatch_options), n_workers, log_dir)
+        with self._start_in_flight():
+            launcher = SbatchLauncher(log_dir or defaults.SSH_LOG_DIR, login=login_node, **sbatch_options)
+            path = login_node.write_private_file(str(launcher.log_dir), "credentials-", self._credentials_blob())
+            return self._start_with_credentials(launcher, count, LoginCredentials(login_node, path), path)
+
+    def _login_node(self, target: str, options: dict[str, Any]) -> LoginNode:
+        """The login node ``target`` (one per target and connection options, its connection shared
+        by later starts and by the handles); pops the connection options from ``options``."""
+        node = LoginNode(target, **{k: options.pop(k) for k in CONNECTION_OPTIONS if k in options})
+        known = self._logins.setdefault(node.key(), node)
+        if known is node:
+            self._supervisor.context.logins.append(node)  # the only login nodes handles may use
+        return known
 
     def sbatch_script(self, n_workers: int = 1, log_dir: str | None = None, **sbatch_options: Any) -> str:
         """The job script ``start_sbatch_workers`` would submit (dry run; no secrets in it)."""
         from .launchers.sbatch import SbatchLauncher
 
+        for name in ("login", *CONNECTION_OPTIONS):  # where it would be submitted does not change it
+            sbatch_options.pop(name, None)
         directory = Path(log_dir) if log_dir else Path("<log_dir>")
         launcher = SbatchLauncher(directory, **sbatch_options)
         command = WorkerCommand(self.network, launcher.python,
@@ -333,7 +406,7 @@ class Rush(RushNetwork):
         return launcher.render(positive_count(n_workers), command, batch_id="<batch>")
 
     def _credentials_blob(self) -> bytes:
-        return credentials_blob(self.config, self.codec.secret)
+        return credentials_blob(self.worker_config, self.codec.secret)
 
     def worker_script(self, worker_loop: Callable[..., Any] | None = None, globals: GlobalsArg = None,
                       modules: Sequence[str] = (), *, python: str = "python3",
@@ -348,11 +421,11 @@ class Rush(RushNetwork):
         if worker_loop is not None:
             self.store_worker_loop(worker_loop, globals, modules, _frame_depth=2, **loop_options)
         if credentials_file is not None:
-            write_credentials(credentials_file, self.config, self.codec.secret)
+            write_credentials(credentials_file, self.worker_config, self.codec.secret)
             env = {CREDENTIALS_ENV: str(credentials_file)}
         else:
             secret = self.codec.secret.decode() if self.codec.secret and show_secrets else "***"
-            env = {"RUSH_HPC_URL": self.config.to_url(show_secrets=show_secrets), "RUSH_HPC_SECRET": secret}
+            env = {"RUSH_HPC_URL": self.worker_config.to_url(show_secrets=show_secrets), "RUSH_HPC_SECRET": secret}
         if worker_loop is not None and self._batch:
             env[BATCH_ENV] = self._batch  # this line's workers run this loop, whatever is stored later
         return WorkerCommand(self.network, python, env).shell(None)
@@ -381,7 +454,8 @@ class Rush(RushNetwork):
 
     @property
     def worker_info(self) -> pd.DataFrame:
-        """One row per worker: worker_id, state, pid, hostname, launcher, host, job_id, heartbeat, ..."""
+        """One row per worker: worker_id, state, pid, hostname, launcher, host, job_id, login (SLURM
+        login node), node, heartbeat, ..."""
         import pandas as pd
 
         hashes = self._worker_hashes()
@@ -389,7 +463,7 @@ class Rush(RushNetwork):
         for worker_id in hashes:
             pipe.get(self.keys.heartbeat(worker_id))
         beats = pipe.execute()
-        columns = ["worker_id", "state", "pid", "hostname", "launcher", "host", "job_id", "node",
+        columns = ["worker_id", "state", "pid", "hostname", "launcher", "host", "job_id", "login", "node",
                    "python", "launched_at", "started_at", "ended_at", "heartbeat", "reason", "job_state"]
         rows = []
         for (worker_id, info), beat in zip(hashes.items(), beats):
@@ -615,6 +689,10 @@ class Rush(RushNetwork):
             return
         self._supervisor.stop_monitor()
         self._stop_adapt()
+        with self._flight:  # starts under way (adapt's) finish, so their credentials are removed below
+            if not self._flight.wait_for(lambda: self._in_flight == 0, timeout=defaults.COMMAND_TIMEOUT + 10):
+                logger.warning("close(): %d start(s) still under way; their credentials files may remain",
+                               self._in_flight)
         active: set[str] = set()
         if self._supervisor.handles:
             try:
@@ -629,6 +707,8 @@ class Rush(RushNetwork):
         self._supervisor.reap(timeout=0.0)
         self._remove_spent_credentials(everything=True)
         self._remove_log_dir(active)
+        for login in self._logins.values():
+            login.close()
         self._closed = True
         super().close()
         if self._embedded is not None:
@@ -648,8 +728,23 @@ def _float_or_none(value: Any) -> float | None:
         return None
 
 
+def with_address(config: RedisConfig, address: str | None) -> RedisConfig:
+    """``config`` with another ``host:port`` (same credentials, TLS and timeouts)."""
+    if address is None:
+        return config
+    host, sep, port = str(address).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(
+            c.isspace() or c in "/@" for c in host):
+        raise ConfigError(f"worker_address must be 'host:port' (where the workers reach Redis), got {address!r}")
+    if config.cluster:
+        raise ConfigError("worker_address does not work with a Redis Cluster (its nodes announce their own "
+                          "addresses to every client)")
+    return dataclasses.replace(config, host=host.strip("[]"), port=int(port))
+
+
 def rsh(network: str | None = None, url: str | None = None, *, config: RedisConfig | None = None,
-        secret: str | bytes | None = None, redis_outage_timeout: float | None = None) -> Rush:
+        secret: str | bytes | None = None, redis_outage_timeout: float | None = None,
+        worker_address: str | None = None) -> Rush:
     """Connect to (or create) network ``network`` and return its controller (``with rsh(...) as rush:``
     closes it).
 
@@ -664,6 +759,9 @@ def rsh(network: str | None = None, url: str | None = None, *, config: RedisConf
     ``redis_outage_timeout``: how long the controller and its workers retry through a Redis outage
     (a restart, a network blip) before giving up; default 60 s (5 s with the embedded Redis, which
     is only gone when this controller is).
+    ``worker_address``: ``"host:port"`` where the workers reach this Redis when it is not where the
+    controller does (the controller on a laptop through an SSH tunnel, ``url="...@localhost:6380"``;
+    the workers at ``"login1:6380"``). Only the address differs: password, TLS and timeouts are the same.
     """
     resolved = resolve_config(url, config)
     embedded = None
@@ -675,7 +773,7 @@ def rsh(network: str | None = None, url: str | None = None, *, config: RedisConf
             raise ConfigError(f"redis_outage_timeout must be >= 0 seconds, got {redis_outage_timeout!r}")
         resolved = dataclasses.replace(resolved, outage_timeout=float(redis_outage_timeout))
     try:
-        return Rush(network or uuid.uuid4().hex, resolved, resolve_secret(secret), embedded)
+        return Rush(network or uuid.uuid4().hex, resolved, resolve_secret(secret), embedded, worker_address)
     except BaseException:
         if embedded is not None:
             embedded.stop()

@@ -99,16 +99,19 @@ class LaunchError(RushError):
     """A launcher could not start some workers.
 
     ``started`` holds the ids of workers that did start (``infos``: what the launcher knows of
-    them), ``failures`` maps a host or job to its reason.
+    them), ``failures`` maps a host or job to its reason. ``maybe_started``: the outcome is unknown
+    (sbatch timed out, the SSH connection broke after the command was sent): the workers that did
+    not start for sure may still come up later.
     """
 
     def __init__(self, message: str, started: list[str] | None = None,
                  failures: dict[str, str] | None = None,
-                 infos: dict[str, dict[str, str]] | None = None) -> None:
+                 infos: dict[str, dict[str, str]] | None = None, maybe_started: bool = False) -> None:
         super().__init__(message)
         self.started = started or []
         self.failures = failures or {}
         self.infos = infos or {}
+        self.maybe_started = maybe_started
 
 
 class CommandError(LaunchError):

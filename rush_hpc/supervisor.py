@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _MAX_REASON = 2000  # characters of a reason read from Redis that an error message shows
-_HANDLE_FIELDS = frozenset({"launcher", "host", "pid", "job_id"})  # what handles are rebuilt from
+_HANDLE_FIELDS = frozenset({"launcher", "host", "pid", "job_id", "login"})  # what handles are rebuilt from
 
 
 def _decode(value: bytes | str) -> str:
@@ -55,7 +55,9 @@ class Supervisor:
     def __init__(self, network: RushNetwork) -> None:
         self.network = network
         self.handles: dict[str, Handle] = {}  # trusted: returned by the launchers of this controller
-        self.context = HandleContext()
+        #: ids a launcher of this controller is starting now (recorded as launched, no handle yet)
+        self.starting: set[str] = set()
+        self.context = HandleContext(network=network.network if network is not None else None)
         self._rebuilt: dict[str, tuple[tuple[tuple[str, str], ...], Handle | None]] = {}
         self._monitor: threading.Thread | None = None
         self._monitor_stop = threading.Event()
@@ -101,8 +103,11 @@ class Supervisor:
         trusted = self.handles.get(worker_id)
         if trusted is not None:
             return trusted
-        record = tuple(sorted((k, v) for k, v in info.items() if k in _HANDLE_FIELDS)) + \
-            (("ssh launchers", str(len(self.context.ssh))),)  # a new host list may make it checkable
+        if worker_id in self.starting:  # our launcher is starting it: its record is still being written
+            return None
+        record = tuple(sorted((k, v) for k, v in info.items() if k in _HANDLE_FIELDS)) + (
+            ("ssh launchers", str(len(self.context.ssh))),  # a new host list may make it checkable
+            ("login nodes", str(len(self.context.logins))))
         cached = self._rebuilt.get(worker_id)
         if cached is None or cached[0] != record:
             cached = self._rebuilt[worker_id] = (record, handle_from_info(worker_id, info, self.context))

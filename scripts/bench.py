@@ -300,18 +300,35 @@ def wl_vignette(rush) -> None:
 bench_n_tasks = 0
 
 
+def time_local_start(config: RedisConfig, n_workers: int) -> float:
+    """Seconds from start_local_workers(n) until all n registered (a fresh controller)."""
+    rush = rush_hpc.rsh(network=f"bench-{uuid.uuid4().hex[:8]}", config=config, secret=SECRET)
+    started = time.perf_counter()
+    ids = rush.start_local_workers(wl_vignette, n_workers=n_workers, globals={"bench_n_tasks": 0})
+    rush.wait_for_workers(worker_ids=ids, timeout=120, poll=0.005)
+    elapsed = time.perf_counter() - started
+    rush.reset()
+    rush.close()
+    return elapsed
+
+
 def bench_local_workers(config: RedisConfig, n_total: int) -> None:
-    starts = []
-    for _ in range(3):
-        rush = rush_hpc.rsh(network=f"bench-{uuid.uuid4().hex[:8]}", config=config, secret=SECRET)
-        started = time.perf_counter()
-        ids = rush.start_local_workers(wl_vignette, n_workers=4, globals={"bench_n_tasks": 0})
-        rush.wait_for_workers(worker_ids=ids, timeout=60, poll=0.005)
-        starts.append(time.perf_counter() - started)
-        rush.reset()
-        rush.close()
-    row("start_local_workers(4) until all registered", f"{statistics.median(starts):.3f} s (median of 3; "
-        f"min {min(starts):.3f})", "<= 0.5 s")
+    from rush_hpc import spawner
+
+    spawner.stop_templates()
+    cold = time_local_start(config, 4)
+    row("start_local_workers(4), the first of a process (starts the fork server: one import)", f"{cold:.3f} s")
+    for n, target in ((4, "<= 0.25 s"), (64, "<= 1.5 s")):
+        starts = [time_local_start(config, n) for _ in range(3)]
+        row(f"start_local_workers({n}) until all registered", f"{statistics.median(starts):.3f} s (median of 3; "
+            f"min {min(starts):.3f}; forked by the fork server)", target)
+    os.environ[spawner.FORK_ENV] = "0"
+    try:
+        single = {n: time_local_start(config, n) for n in (4, 64)}
+    finally:
+        del os.environ[spawner.FORK_ENV]
+    row("start_local_workers(4 / 64), one interpreter per worker (RUSH_HPC_FORK_SERVER=0)",
+        f"{single[4]:.3f} s / {single[64]:.3f} s")
     rush = rush_hpc.rsh(network=f"bench-{uuid.uuid4().hex[:8]}", config=config, secret=SECRET)
     ids = rush.start_local_workers(wl_vignette, n_workers=4, globals={"bench_n_tasks": n_total})
     rush.wait_for_workers(worker_ids=ids, timeout=60, poll=0.005)

@@ -76,3 +76,35 @@ def test_status_shows_the_policy_to_another_process(rush, redis_config):
     assert out.returncode == 0, out.stderr
     assert "* Adapt: running (local, 1..3 workers, 1 alive" in out.stdout
     rush.adapt(None)
+
+
+def test_workers_being_started_are_not_judged_from_their_half_written_record(rush, caplog):
+    """A launcher that takes its time (sbatch over SSH): meanwhile the policy thread's lost-worker
+    checks see a record with a launcher name but no job id yet. They must neither warn about it
+    ("not acting on its record") nor call it lost."""
+    import threading
+
+    from rush_hpc.launchers.base import WorkerCommand
+    from rush_hpc.launchers.slurm import SbatchHandle
+    from rush_hpc.launchers.sbatch import SbatchLauncher
+
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowLauncher(SbatchLauncher):
+        def start(self, worker_ids, command):
+            entered.set()
+            release.wait(10)
+            handles = [SbatchHandle(w, "999999_0") for w in worker_ids]
+            self.handles.update({h.worker_id: h for h in handles})
+            return handles
+
+    launcher = SlowLauncher("/tmp")
+    starter = threading.Thread(target=rush.start_workers, args=(launcher, 2, WorkerCommand(rush.network, "python")))
+    starter.start()
+    assert entered.wait(10)
+    caplog.set_level("WARNING")
+    assert rush.detect_lost_workers() == []
+    assert len(rush._ids_in_state("launched")) == 2
+    release.set()
+    starter.join(10)
+    assert "not acting on its record" not in caplog.text

@@ -183,6 +183,8 @@ def test_a_bad_heartbeat_expire_in_a_worker_hash_does_not_blind_the_controller(
     """_in_outage_grace() does float(h['heartbeat_expire']) on every running worker's hash: 'abc'
     raises ValueError out of detect_lost_workers; 'inf' makes the grace window infinite, so no
     worker is ever declared lost by heartbeat again."""
+    # a Redis started less than one heartbeat window ago means "maybe after an outage": no verdicts
+    wait_until(lambda: int(raw.info("server")["uptime_in_seconds"]) >= 2, 5, poll=0.1, what="Redis uptime")
     frozen = rush_hpc.RushWorker(network, config=redis_config, secret=SECRET)
     frozen.register(heartbeat_period="0.2", heartbeat_expire="1")  # registered, never beats
     raw.hset(rush.keys.worker(worker.worker_id), "heartbeat_expire", value)  # a writer

@@ -352,3 +352,53 @@ def test_adapt_replaces_walltime_ending_jobs_before_they_end(slurm_rush, log_dir
     assert later["started_at"].min() < first_end  # a replacement was running before the first ended
     assert slurm_rush.n_running_tasks == 0 and slurm_rush.n_failed_tasks == 0
     assert slurm_rush.fetch_finished_tasks()["keys"].is_unique
+
+
+def _squeue(array: str) -> list[str]:
+    return subprocess.run(["squeue", "-h", "-r", "-j", array, "-o", "%i"], capture_output=True,
+                          text=True).stdout.split()
+
+
+def test_two_workers_per_sbatch_job_share_it_and_one_is_killed_alone(slurm_rush, log_dir):
+    import psutil
+
+    from loops import wl_until_terminated
+
+    ids = slurm_rush.start_sbatch_workers(wl_until_terminated, n_workers=4, workers_per_job=2, log_dir=log_dir,
+                                          **SLURM)
+    slurm_rush.wait_for_workers(worker_ids=ids, timeout=60)
+    info = slurm_rush.worker_info.set_index("worker_id").loc[ids]
+    jobs = sorted(set(info.job_id))
+    assert len(jobs) == 2 and sorted(_squeue(jobs[0].split("_")[0])) == jobs  # 4 workers, 2 jobs
+    by_job = {job: list(info.index[info.job_id == job]) for job in jobs}
+    assert all(len(members) == 2 for members in by_job.values())
+    # partition "debug" is this machine: each job is ONE interpreter that forked its two workers
+    for members in by_job.values():
+        parents = {psutil.Process(int(info.loc[w, "pid"])).ppid() for w in members}
+        assert len(parents) == 1
+    victim, sibling = by_job[jobs[0]]
+    slurm_rush.stop_workers(type="kill", worker_ids=[victim])
+    time.sleep(2 * SLURM["heartbeat_expire"])
+    assert slurm_rush.detect_lost_workers() == []
+    assert sorted(slurm_rush.worker_ids(state="running")) == sorted(set(ids) - {victim})
+    assert jobs[0] in _squeue(jobs[0].split("_")[0])  # the shared job was not cancelled
+    slurm_rush.stop_workers(type="terminate")
+    wait_until(lambda: set(slurm_rush.worker_ids(state="terminated")) == set(ids) - {victim}, 30, poll=0.5,
+               what="the others to terminate")
+    wait_until(lambda: _squeue(jobs[0].split("_")[0]) == [], 30, poll=0.5, what="both jobs to end")
+
+
+def test_two_workers_per_submitit_job(slurm_rush, log_dir):
+    from loops import wl_until_terminated
+
+    ids = slurm_rush.start_slurm_workers(wl_until_terminated, n_workers=2, workers_per_job=2, log_dir=log_dir,
+                                         **SLURM)
+    slurm_rush.wait_for_workers(worker_ids=ids, timeout=60)
+    info = slurm_rush.worker_info.set_index("worker_id").loc[ids]
+    assert len(set(info.job_id)) == 1 and len(set(info.pid)) == 2
+    job = info.job_id.iloc[0]
+    cpus = subprocess.run(["squeue", "-h", "-j", job, "-o", "%C"], capture_output=True, text=True).stdout.strip()
+    assert cpus == "2"
+    slurm_rush.stop_workers(type="kill")  # every worker of the job ended: now it is cancelled
+    wait_until(lambda: _squeue(job.split("_")[0]) == [], 30, poll=0.5, what="the job to end")
+    assert set(slurm_rush.worker_ids(state="killed")) == set(ids)

@@ -254,3 +254,25 @@ def test_remote_credentials_have_a_random_name_and_are_deleted_once_the_workers_
     with pytest.raises(LaunchError, match="not writable by group/others"):
         start(srush, ssh_env, loop=wl_queue, hosts=[host], n_workers=1, log_dir=shared)
     assert ssh(ssh_env, host, f"ls {shared} | grep -c credentials || true").strip() == "0"
+
+
+def test_a_hosts_workers_are_forked_by_one_interpreter_and_killed_one_by_one(srush, ssh_env):
+    import psutil
+
+    ids = start(srush, ssh_env, loop=wl_queue, hosts=ssh_env["hosts"][:1], n_workers=2)
+    srush.wait_for_workers(worker_ids=ids, timeout=30)
+    pids = {w: int(p) for w, p in srush.worker_info.set_index("worker_id")["pid"].items()}
+    parents = {psutil.Process(pid).ppid() for pid in pids.values()}  # the namespaces share the PID space
+    assert len(parents) == 1 and len(set(pids.values())) == 2
+    group = psutil.Process(parents.pop())
+    assert all(w in group.cmdline() for w in ids)  # one interpreter for the host's workers
+    assert all(os.getsid(pid) == pid for pid in pids.values())  # each worker in its own session
+    os.kill(pids[ids[0]], signal.SIGSTOP)  # only SSH can kill it now
+    srush.stop_workers(type="kill", worker_ids=ids[:1], kill_grace=1.0)
+    wait_until(lambda: "Z" in (ssh(ssh_env, ssh_env["hosts"][0], f"ps -o stat= -p {pids[ids[0]]}") or "Z"), 10,
+               what="the killed worker to die")
+    time.sleep(1.0)
+    assert srush.worker_ids(state="running") == ids[1:] and group.is_running()
+    srush.stop_workers(type="terminate", worker_ids=ids[1:])
+    wait_until(lambda: not group.is_running() or group.status() == psutil.STATUS_ZOMBIE, 30,
+               what="the group to exit once its last worker ended")

@@ -135,9 +135,14 @@ class HandleContext:
 
     ``ssh``: the SSH launchers this controller built; their host lists are the only hosts a
     handle from Redis may contact. A second controller without them does not ssh anywhere.
+    ``logins``: the SLURM login nodes this controller connected to (``start_sbatch_workers(login=)``),
+    the only ones where a handle from Redis may run squeue / sacct / scancel.
     """
 
     ssh: list[Any] = field(default_factory=list)
+    logins: list[Any] = field(default_factory=list)
+    #: the controller's network: a SLURM job named in Redis is cancelled only if it carries its comment
+    network: str | None = None
 
 
 class Handle(ABC):

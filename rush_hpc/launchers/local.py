@@ -1,7 +1,10 @@
-"""Workers as local subprocesses (psutil checks liveness, Popen reaps them)."""
+"""Workers as local processes: forked by this process's fork server (``spawner.Template``: one
+import for all workers), or, where that is impossible, one interpreter each (``Popen``). psutil
+checks liveness; the fork server / Popen reaps them and reports their exit status."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -13,9 +16,12 @@ from typing import Sequence
 
 import psutil
 
-from .. import defaults
+from .. import defaults, spawner
+from ..exceptions import LaunchError
 from .base import (Handle, HandleContext, InvalidInfo, Launcher, WorkerCommand, WorkerInfo, read_tail,
                    valid_pid)
+
+logger = logging.getLogger(__name__)
 
 
 def pid_alive(pid: int) -> bool:
@@ -82,7 +88,7 @@ class LocalHandle(Handle):
     always_force_kill = True  # the whole process group goes, children of the loop included
 
     def __init__(self, worker_id: str, pid: int, *, host: str | None = None,
-                 process: subprocess.Popen[bytes] | None = None, stdout: Path | None = None,
+                 process: subprocess.Popen[bytes] | spawner.ForkedProcess | None = None, stdout: Path | None = None,
                  stderr: Path | None = None, trusted: bool = True) -> None:
         super().__init__(worker_id, trusted=trusted)
         self.pid, self.host = pid, host or socket.gethostname()
@@ -103,16 +109,26 @@ class LocalHandle(Handle):
     def gone(self) -> str | None:
         if self.process is not None:
             code = self.process.poll()
-            return None if code is None else f"process {self.pid} {describe_exit(code)}"
+            if code is not None:
+                return f"process {self.pid} {describe_exit(code)}"
+            if not getattr(self.process, "orphaned", False):
+                return None  # else its fork server is gone: ask the system
         if not is_our_worker(self.pid, self.worker_id):
             return f"process {self.pid} is gone"
         return None
 
     def kill(self) -> None:
-        if self.process is not None:
-            if self.process.poll() is None:
-                _killpg(self.pid)  # the worker leads its own session (start_new_session)
-            self.process.wait(10)
+        if self.process is not None and not getattr(self.process, "orphaned", False):
+            # a forked worker is reaped by its fork server, which may not have reported it yet:
+            # check that the pid is still this worker (never signal a reused pid)
+            if self.process.poll() is None and (isinstance(self.process, subprocess.Popen)
+                                                or is_our_worker(self.pid, self.worker_id)):
+                _killpg(self.pid)  # the worker leads its own session (start_new_session / setsid)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                if isinstance(self.process, subprocess.Popen):
+                    raise
         elif is_our_worker(self.pid, self.worker_id):
             try:
                 leader = os.getpgid(self.pid) == self.pid
@@ -134,7 +150,8 @@ class LocalHandle(Handle):
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            _DETACHED.append(self.process)
+            if isinstance(self.process, subprocess.Popen):
+                _DETACHED.append(self.process)
         self.process = None if self.process.returncode is not None else self.process
 
 
@@ -153,15 +170,18 @@ def _kill(pid: int) -> None:
 
 
 class LocalLauncher(Launcher):
-    """Workers as children of this process, in their own session, with the controller's import
-    path and working directory."""
+    """Workers in their own sessions, with the controller's environment, import path and working
+    directory: forked by the fork server of ``python`` (``fork=None``: unless ``RUSH_HPC_FORK_SERVER=0``),
+    else (no fork server possible) children of this process, one interpreter each."""
 
     name = "local"
 
-    def __init__(self, log_dir: str | os.PathLike[str], python: str | None = None) -> None:
+    def __init__(self, log_dir: str | os.PathLike[str], python: str | None = None,
+                 fork: bool | None = None) -> None:
         super().__init__()
         self.log_dir = Path(log_dir)
         self.python = python or sys.executable
+        self.fork = spawner.enabled() if fork is None else fork and spawner.enabled()
 
     def environment(self, command: WorkerCommand) -> dict[str, str]:
         env = {**os.environ, **command.environment()}
@@ -173,6 +193,10 @@ class LocalLauncher(Launcher):
     def start(self, worker_ids: Sequence[str], command: WorkerCommand) -> list[Handle]:
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         env = self.environment(command)
+        if self.fork and worker_ids:
+            forked = self._fork(worker_ids, command, env)
+            if forked is not None:
+                return forked
         handles: list[Handle] = []
         for worker_id in worker_ids:
             stdout, stderr = self.log_dir / f"{worker_id}.out", self.log_dir / f"{worker_id}.err"
@@ -183,6 +207,34 @@ class LocalLauncher(Launcher):
             self.handles[worker_id] = handle
             handles.append(handle)
         return handles
+
+    def _fork(self, worker_ids: Sequence[str], command: WorkerCommand, env: dict[str, str]) -> list[Handle] | None:
+        """Ask the fork server for the workers; None: it cannot (start interpreters instead)."""
+        template = spawner.template(command.python, env)
+        if template is None or not template.fits(command.network, worker_ids):
+            return None
+        files = {w: (self.log_dir / f"{w}.out", self.log_dir / f"{w}.err") for w in worker_ids}
+        for paths in files.values():  # there when start returns, as for an interpreter of its own
+            for path_ in paths:
+                path_.open("wb").close()
+        path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        processes, error = template.fork(command.network, [(w, str(o), str(e)) for w, (o, e) in files.items()],
+                                         env, os.getcwd(), path)
+        if processes is None:  # never start an id twice: these may run
+            raise LaunchError(f"starting local workers: {error}", maybe_started=True)
+        handles: list[Handle] = []
+        for worker_id, process in processes.items():
+            stdout, stderr = files[worker_id]
+            handle = LocalHandle(worker_id, process.pid, process=process, stdout=stdout, stderr=stderr)
+            self.handles[worker_id] = handle
+            handles.append(handle)
+        if error is None:
+            return handles
+        if not handles:
+            logger.warning("fork server failed (%s): starting interpreters", error)
+            return None
+        raise LaunchError(f"the fork server started {len(handles)} of {len(worker_ids)} workers: {error}",
+                          started=[h.worker_id for h in handles])
 
 
 _DETACHED: list[subprocess.Popen[bytes]] = []

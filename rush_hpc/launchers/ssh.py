@@ -1,9 +1,11 @@
 """Workers on remote hosts over SSH (fabric): detached, quoted, secrets uploaded over SFTP.
 
 Per host: connect -> create the log directory -> upload the credentials file (mode 0600, via SFTP,
-never on a command line) -> run the setup lines and start the workers with ``nohup setsid`` (stdin
-closed, output to ``<log_dir>/<worker id>.log``), so they survive the SSH session. Hosts are handled
-in parallel; a host that fails does not stop the others.
+never on a command line) -> run the setup lines and start the host's workers with ``nohup setsid``
+as ONE interpreter that forks them (``rush_hpc worker --worker-id A --worker-id B ...``, see
+``spawner.run_group``: one import per host; each worker in its own session, output to
+``<log_dir>/<worker id>.log``), so they survive the SSH session. The start script waits until the
+group wrote its workers' pids. Hosts are handled in parallel; a host that fails does not stop the others.
 """
 
 from __future__ import annotations
@@ -195,9 +197,7 @@ class SSHLauncher(Launcher):
                      'cat > "$RUSH_CREDENTIALS"', 'echo "log_dir $RUSH_LOG_DIR"', 'echo "credentials $RUSH_CREDENTIALS"',
                      'export RUSH_HPC_CREDENTIALS="$RUSH_CREDENTIALS"',
                      *host.setup, *command.export_lines()]
-            for worker_id in worker_ids:
-                lines.append(f"nohup setsid {command.shell(worker_id, with_env=False)} "
-                             f'> "$RUSH_LOG_DIR"/{worker_id}.log 2>&1 < /dev/null & echo "pid {worker_id} $!"')
+            lines += group_lines(command, worker_ids)
             output = self._run(connection, "\n".join(lines), "the setup / start commands",
                                stdin=self.credentials)
         finally:
@@ -212,6 +212,26 @@ class SSHLauncher(Launcher):
             self.handles[worker_id] = handle
             handles.append(handle)
         return handles
+
+
+def group_lines(command: WorkerCommand, worker_ids: Sequence[str], wait: float = 60.0) -> list[str]:
+    """Shell lines that start ``worker_ids`` as one group in the background and print one
+    ``pid <id> <pid>`` line per worker. A group that ends before it wrote its pid file (a broken
+    interpreter) is reported as every worker's process, with its output as every worker's log, so
+    the controller shows that output as the reason they never registered."""
+    first = worker_ids[0]
+    argv = command.argv(None)
+    for worker_id in worker_ids:
+        argv += ["--worker-id", worker_id]
+    line = " ".join(shlex.quote(a) for a in argv)
+    pids, group_log = f'"$RUSH_LOG_DIR"/{first}.pids', f'"$RUSH_LOG_DIR"/{first}.group.log'
+    copies = " ; ".join(f'cp {group_log} "$RUSH_LOG_DIR"/{w}.log ; echo "pid {w} $group"' for w in worker_ids)
+    return [f'rm -f {pids}',
+            f'nohup setsid {line} --log-dir "$RUSH_LOG_DIR" --pid-file {pids} > {group_log} 2>&1 < /dev/null &',
+            "group=$!",
+            f"for _ in $(seq {int(wait * 20)}); do [ -e {pids} ] && break; kill -0 $group 2>/dev/null || break; "
+            "sleep 0.05; done",
+            f"if [ -e {pids} ]; then sed 's/^/pid /' {pids}; rm -f {pids}; else {copies} ; fi"]
 
 
 # The remote log directory must be the user's and not writable by group/others (else another user

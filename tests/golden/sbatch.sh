@@ -5,6 +5,7 @@
 # ${setup}, ${worker_ids}, ${environment}, ${python}, ${network}; a literal dollar sign is $$.
 #SBATCH --account=proj-1
 #SBATCH --array=0-2%2
+#SBATCH --comment=rush-hpc:golden-net
 #SBATCH --constraint='a'"'"'; echo foo'
 #SBATCH --cpus-per-task=1
 #SBATCH --error='/shared/rush logs/rush-batch1-%a.err'

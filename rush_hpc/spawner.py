@@ -1,0 +1,517 @@
+"""Many workers from one interpreter: import once, then ``fork`` one child per worker.
+
+Starting a worker as its own interpreter costs an import of rush_hpc, redis-py (which imports
+asyncio) and cloudpickle: ~0.2 s of CPU each, 5 s for 64 workers on two cores. A forked child
+inherits the imported modules and costs a few milliseconds. Two users of the same child code:
+
+* **groups** (``python -m rush_hpc worker --network N --worker-id A --worker-id B ...``): SSH hosts
+  and SLURM jobs start ONE interpreter per host / job that forks its workers (``run_group``). The
+  parent forwards the stop signals (SIGTERM, SIGINT, SIGUSR1, SIGUSR2: the walltime signal that
+  ``#SBATCH --signal=B:USR2@...`` sends to the batch shell only) to its children, reaps them and
+  exits when all have ended.
+* **the fork server** (``Template``): for local workers, one pre-imported template process per
+  interpreter path and controller process (as multiprocessing's forkserver); the controller asks
+  it over a pipe to fork workers with the environment, working directory and import path it
+  would have given a fresh interpreter. It reports each child's pid and exit status back, and
+  exits when the controller's end of the pipe closes (the workers live on, as started ones do).
+
+Every child leads its own session (``os.setsid``: killing one worker's process group never kills
+a sibling) and shows the command line of a single worker, ``python -m rush_hpc worker --network N
+--worker-id <id>`` (rewritten in place on Linux, see ``set_cmdline``), so the pid checks of the
+launchers (a pid from Redis must run this very worker) stay what they were. Before forking, the
+parent opens no Redis connection and starts no thread: children share nothing but modules.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import gc
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Mapping, NoReturn, Sequence
+
+logger = logging.getLogger(__name__)
+
+#: the signals a group parent passes on to its workers (each leads its own session, so a signal
+#: sent to the parent's process group does not reach them)
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+#: space in the template's command line for a child's ``--network N --worker-id ID`` (names <= 200, ids <= 128)
+_ROOM = "--room=" + "." * 400
+FORK_ENV = "RUSH_HPC_FORK_SERVER"
+
+
+def worker_argv(python: str, network: str, worker_id: str) -> list[str]:
+    """The command line a worker shows (the same as ``WorkerCommand.argv``)."""
+    return [python, "-m", "rush_hpc", "worker", "--network", network, "--worker-id", worker_id]
+
+
+# -- the command line of a forked child ------------------------------------------------------
+def _arg_area() -> tuple[int, int] | None:
+    """Start and end address of this process's argv strings (Linux ``/proc/self/stat`` fields 48, 49)."""
+    try:
+        with open("/proc/self/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])
+    except (OSError, IndexError, ValueError):
+        return None
+    return (start, end) if 0 < start < end else None
+
+
+def cmdline_room() -> int:
+    """How many bytes ``set_cmdline`` may write (0: it cannot here)."""
+    area = _arg_area()
+    return area[1] - area[0] if area and sys.platform.startswith("linux") else 0
+
+
+def set_cmdline(argv: Sequence[str]) -> bool:
+    """Show ``argv`` as this process's command line (``/proc/<pid>/cmdline``, ``ps``), as
+    setproctitle does: overwrite the original argv strings in place, padded with NULs. Python
+    copied them at start-up, so nothing in this process reads them. False if it does not fit."""
+    data = b"\0".join(os.fsencode(a) for a in argv) + b"\0"
+    area = _arg_area()
+    if not area or not sys.platform.startswith("linux") or len(data) > area[1] - area[0]:
+        return False
+    size = area[1] - area[0]
+    ctypes.memmove(area[0], data.ljust(size, b"\0"), size)
+    return True
+
+
+# -- a forked worker -------------------------------------------------------------------------
+def run_child(python: str, network: str, worker_id: str, output: str | None = None,
+              errors: str | None = None, ready: int | None = None,
+              prepare: Callable[[], None] | None = None) -> NoReturn:
+    """In a freshly forked child: own session, default signals, own command line and output
+    files (then it closes ``ready``: its pid passes the launchers' checks), then the same code
+    path as ``rush_hpc worker``; never returns."""
+    code = 1
+    try:
+        os.setsid()
+        for signum in (*FORWARDED, signal.SIGCHLD):  # as in a fresh interpreter (SIGPIPE stays ignored)
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        if output is not None:
+            _redirect(output, errors or output)
+        if prepare is not None:
+            prepare()
+        set_cmdline(worker_argv(python, network, worker_id))
+        if ready is not None:
+            os.close(ready)
+        sys.argv = [sys.argv[0], "worker", "--network", network, "--worker-id", worker_id]
+        from .bootstrap import main
+
+        main(network, worker_id)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except BaseException:  # noqa: BLE001 - a child never returns into its parent's code
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001, S110 - exiting anyway
+                pass
+        os._exit(code)
+
+
+def _redirect(output: str, errors: str) -> None:
+    """stdin from /dev/null, stdout / stderr to the worker's own files (created 0600)."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    for fd, path in ((1, output), (2, errors)):
+        if fd == 2 and path == output:
+            os.dup2(1, 2)  # one file, one offset
+            continue
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(target, fd)
+        os.close(target)
+
+
+def fork_worker(python: str, network: str, worker_id: str, output: str | None = None,
+                errors: str | None = None, ready: int | None = None) -> int:
+    """Fork one worker; returns its pid in the parent. The child closes its copy of ``ready``
+    once it shows its own command line (see ``wait_ready``)."""
+    pid = os.fork()
+    if pid == 0:
+        run_child(python, network, worker_id, output, errors, ready)
+    return pid
+
+
+def wait_ready(read: int, write: int) -> None:
+    """Close our write end and wait for EOF: every child closed its copy (or died). Until then a
+    child may still show its parent's command line, and a pid check would call it gone."""
+    os.close(write)
+    while os.read(read, 64):
+        pass
+    os.close(read)
+
+
+def exit_code(status: int) -> int:
+    """A ``waitpid`` status as ``Popen.returncode`` (negative: killed by that signal)."""
+    return os.waitstatus_to_exitcode(status)
+
+
+def preload() -> None:
+    """Import what every worker imports before its loop (once, in the parent of the forks)."""
+    import email.parser  # noqa: F401 - redis-py reads its version from the package metadata per connection
+    import encodings.idna  # noqa: F401 - host names of connections
+    import importlib.metadata  # noqa: F401
+    import pickle  # noqa: F401
+    import platform
+
+    import cloudpickle  # noqa: F401 - the payload
+
+    import rush_hpc.bootstrap  # noqa: F401
+
+    platform.python_version()  # parsed once, cached
+    _read_redis_version_once()
+    gc.freeze()  # what is imported now is never collected: the children's collections skip it (and copy less)
+
+
+def _read_redis_version_once() -> None:
+    """redis-py reads its own version from the package metadata for every new client (~2 ms of
+    parsing; a worker and its heartbeat child make several). It cannot change in a running
+    process: read it once here, in the parent of the forks, and let the children reuse it."""
+    try:
+        import redis.utils
+    except ImportError:
+        return
+    read = getattr(redis.utils, "get_lib_version", None)
+    if callable(read):
+        version = read()
+        redis.utils.get_lib_version = lambda: version
+
+
+# -- groups: one interpreter per SSH host / SLURM job ----------------------------------------
+def run_group(network: str, worker_ids: Sequence[str], *, log_dir: str | None = None,
+              pid_file: str | None = None) -> int:
+    """Fork one worker per id, pass stop signals on, wait for all; returns 0 once all ended (each
+    worker records how it ended in Redis; one that died is reported on stderr, and a SLURM job
+    state must not blame its siblings), 1 if a worker could not be forked.
+
+    ``log_dir``: each worker writes ``<log_dir>/<id>.log`` (else they share this process's output);
+    ``pid_file``: written (atomically) with one ``<id> <pid>`` line per worker once all are forked.
+    """
+    preload()  # once, here, for every child
+    python = sys.orig_argv[0] if getattr(sys, "orig_argv", None) else sys.executable
+    children: dict[int, str] = {}
+    for signum in FORWARDED:
+        signal.signal(signum, lambda signum, frame: _forward(children, signum))
+    read, write = os.pipe()
+    code = 0
+    for worker_id in worker_ids:
+        log = os.path.join(log_dir, f"{worker_id}.log") if log_dir else None
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            children[fork_worker(python, network, worker_id, log, log, write)] = worker_id
+        except OSError as error:
+            print(f"rush-hpc: cannot fork worker {worker_id}: {error}", file=sys.stderr, flush=True)
+            code = 1
+    wait_ready(read, write)
+    if pid_file:
+        temporary = f"{pid_file}.tmp"
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
+            handle.write("".join(f"{w} {pid}\n" for pid, w in children.items()))
+        os.replace(temporary, pid_file)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        if pid not in children:
+            continue
+        worker_id = children.pop(pid)
+        returned = exit_code(status)
+        if returned != 0:
+            print(f"rush-hpc: worker {worker_id} (pid {pid}) ended with {returned}", file=sys.stderr, flush=True)
+    return code
+
+
+def split_ids(values: Sequence[str]) -> list[str]:
+    """``--worker-id`` values: each one id or a comma-separated list (``a,b``: what a job script
+    template with one id placeholder per array task passes for several workers per job)."""
+    return [i for value in values for i in value.split(",") if i]
+
+
+def job_groups(worker_ids: Sequence[str], per_job: int) -> list[list[str]]:
+    """Ids in groups of ``per_job`` (the last one may be smaller): one SLURM job per group."""
+    if per_job < 1:
+        raise ValueError(f"workers_per_job must be >= 1, got {per_job!r}")
+    return [list(worker_ids[i:i + per_job]) for i in range(0, len(worker_ids), per_job)]
+
+
+def _forward(children: Mapping[int, str], signum: int) -> None:
+    for pid in list(children):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+# -- the fork server (local workers) ---------------------------------------------------------
+def serve() -> int:
+    """The template process: import everything once, then fork workers on request.
+
+    Requests (stdin) and events (stdout) are JSON lines; the first event is ``{"ready": room}``.
+    A request ``{"python", "network", "workers": [[id, out, err], ...], "env", "cwd", "path"}``
+    is answered with ``{"pids": {id: pid}}``; each child's end with ``{"exit": [pid, code]}``.
+    """
+    preload()  # the point of the template
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the controller's
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    base_path = list(sys.path[1:])
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    base_path = [p for p in base_path if p not in inherited]
+    _send({"ready": cmdline_room()})
+    pending = b""
+    while True:
+        readable = select.select([0, wake_read], [], [])[0]
+        if wake_read in readable:
+            while _drain(wake_read):
+                pass
+        _reap()
+        if 0 in readable:
+            chunk = os.read(0, 65536)
+            if not chunk:
+                return 0  # the controller is gone; its workers live on
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                _send(_fork_request(json.loads(line), base_path))
+
+
+def _drain(fd: int) -> bool:
+    try:
+        return bool(os.read(fd, 512))
+    except BlockingIOError:
+        return False
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _send({"exit": [pid, exit_code(status)]})
+
+
+def _fork_request(request: dict[str, Any], base_path: list[str]) -> dict[str, Any]:
+    pids: dict[str, int] = {}
+    read, write = os.pipe()
+    try:
+        for worker_id, output, errors in request["workers"]:
+            pid = os.fork()
+            if pid == 0:
+                os.close(read)
+                run_child(request["python"], request["network"], worker_id, output, errors, write,
+                          lambda: _enter(request, base_path))
+            pids[worker_id] = pid
+    except Exception as error:  # noqa: BLE001 - reported to the controller with what did start
+        return {"pids": pids, "error": f"{type(error).__name__}: {error}"}
+    finally:
+        wait_ready(read, write)
+    return {"pids": pids}
+
+
+def _enter(request: dict[str, Any], base_path: list[str]) -> None:
+    """Give the child what a fresh interpreter started by the controller would have."""
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.chdir(request["cwd"])
+    sys.path[:] = [request["cwd"], *request["path"], *base_path]
+    import importlib
+
+    importlib.invalidate_caches()
+
+
+def _send(event: dict[str, Any]) -> None:
+    data = (json.dumps(event) + "\n").encode()
+    while data:
+        data = data[os.write(1, data):]
+
+
+class ForkedProcess:
+    """A worker forked by a ``Template``: the parts of ``Popen`` the local handles use."""
+
+    def __init__(self, template: Template, pid: int) -> None:
+        self.template, self.pid = template, pid
+        self.returncode: int | None = None
+
+    @property
+    def orphaned(self) -> bool:
+        """The template is gone: this worker's exit status will never be reported."""
+        return self.returncode is None and not self.template.alive
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.template.exit_codes.get(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.template.changed:
+            while self.poll() is None:
+                if self.orphaned:
+                    raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0)
+                self.template.changed.wait(left)
+        assert self.returncode is not None
+        return self.returncode
+
+
+class Template:
+    """The controller's side of one fork server (see ``serve``)."""
+
+    def __init__(self, python: str, env: Mapping[str, str]) -> None:
+        self.python = python
+        self.owner = os.getpid()  # a forked copy of the controller must not share this pipe
+        self.process = subprocess.Popen([python, "-m", "rush_hpc", "worker", "--fork-server", _ROOM],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, env=dict(env), start_new_session=True)
+        self.exit_codes: dict[int, int] = {}
+        self.changed = threading.Condition()
+        self._replies: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self.alive = True
+        self.room = 0
+        self._reader = threading.Thread(target=self._read, name=f"rush-fork-server-{self.process.pid}",
+                                        daemon=True)
+        self._reader.start()
+        ready = self._reply(timeout=60)
+        self.room = int(ready.get("ready", 0)) if ready else 0
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            event = json.loads(line)
+            with self.changed:
+                if "exit" in event:
+                    self.exit_codes[int(event["exit"][0])] = int(event["exit"][1])
+                else:
+                    self._replies.append(event)
+                self.changed.notify_all()
+        self.process.stdout.close()
+        with self.changed:
+            self.alive = False
+            self.changed.notify_all()
+        self.process.wait()
+
+    def _reply(self, timeout: float) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while not self._replies:
+                left = deadline - time.monotonic()
+                if not self.alive or left <= 0:
+                    return None
+                self.changed.wait(left)
+            return self._replies.pop(0)
+
+    def fits(self, network: str, worker_ids: Sequence[str]) -> bool:
+        """Whether every child can show its own worker command line (else: start interpreters)."""
+        longest = max(worker_ids, key=len)
+        return self.alive and len(b"\0".join(os.fsencode(a) for a in
+                                             worker_argv(self.python, network, longest))) + 1 <= self.room
+
+    def fork(self, network: str, workers: Sequence[tuple[str, str, str]], env: Mapping[str, str],
+             cwd: str, path: Sequence[str]) -> tuple[dict[str, ForkedProcess] | None, str | None]:
+        """Fork ``workers`` (id, stdout path, stderr path); returns their processes and an error
+        (fork failed part way: the returned ones did start). None instead of processes: no answer
+        came, so some workers may run."""
+        request = {"python": self.python, "network": network, "workers": [list(w) for w in workers],
+                   "env": dict(env), "cwd": cwd, "path": list(path)}
+        with self._lock:
+            assert self.process.stdin is not None
+            try:
+                self.process.stdin.write((json.dumps(request) + "\n").encode())
+                self.process.stdin.flush()
+            except OSError as error:
+                return {}, f"the fork server is gone: {error}"
+            reply = self._reply(timeout=60)
+        if reply is None:
+            return None, "the fork server did not answer within 60 s"
+        processes = {w: ForkedProcess(self, int(pid)) for w, pid in reply.get("pids", {}).items()}
+        return processes, reply.get("error")
+
+    def stop(self) -> None:
+        """Close the pipe: the template exits (its workers do not)."""
+        if self.process.stdin is not None:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(5)
+
+
+_TEMPLATES: dict[str, Template | None] = {}
+_TEMPLATES_LOCK = threading.Lock()
+
+
+def enabled() -> bool:
+    """Fork servers are used where fork and the command-line rewrite work, unless
+    ``RUSH_HPC_FORK_SERVER=0`` asks for one interpreter per worker."""
+    return hasattr(os, "fork") and sys.platform.startswith("linux") and os.environ.get(FORK_ENV, "1") != "0"
+
+
+def template(python: str, env: Mapping[str, str]) -> Template | None:
+    """This process's fork server for ``python``, started at first use (the first start pays one
+    import); None if it cannot run (then workers start as interpreters of their own)."""
+    with _TEMPLATES_LOCK:
+        current = _TEMPLATES.get(python)
+        if current is not None and current.owner != os.getpid():
+            current = None  # inherited through a fork of this process: its pipe is the parent's
+            _TEMPLATES.clear()
+        if current is not None and current.alive:
+            return current
+        if python in _TEMPLATES and current is None:
+            return None  # failed before: do not pay for a broken interpreter again
+        if current is not None:
+            current.stop()  # it died (killed): reap it, start another
+        try:
+            current = Template(python, env)
+        except OSError as error:
+            logger.info("no fork server for %s (%s): starting interpreters", python, error)
+            current = None
+        if current is not None and not current.room:
+            current.stop()
+            logger.info("the fork server for %s did not start: starting interpreters", python)
+            current = None
+        _TEMPLATES[python] = current
+        return current
+
+
+def stop_templates() -> None:
+    """Stop this process's fork servers (at exit; tests)."""
+    with _TEMPLATES_LOCK:
+        for current in _TEMPLATES.values():
+            if current is not None and current.owner == os.getpid():
+                current.stop()
+        _TEMPLATES.clear()
+
+
+atexit.register(stop_templates)

@@ -1,0 +1,205 @@
+"""Workers forked from one interpreter: the local fork server and worker groups (SSH / SLURM)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import psutil
+import pytest
+
+from rush_hpc import spawner
+from rush_hpc.credentials import write_credentials
+from rush_hpc.launchers.local import LocalHandle, is_our_worker
+
+from conftest import SECRET, wait_until
+from loops import FAST, wl_until_terminated
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests are not importable on workers
+
+
+def _handles(rush, ids) -> list[LocalHandle]:
+    return [rush._supervisor.handles[w] for w in ids]
+
+
+@pytest.mark.parametrize("n", [4, 16])
+def test_forked_local_workers_register_each_with_its_own_process(rush, n):
+    ids = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=n, **FAST)
+    rush.wait_for_workers(worker_ids=ids, timeout=60)
+    handles = _handles(rush, ids)
+    assert all(isinstance(h.process, spawner.ForkedProcess) for h in handles)
+    pids = [h.pid for h in handles]
+    assert len(set(pids)) == n
+    info = rush.worker_info.set_index("worker_id")
+    assert [int(info.loc[w, "pid"]) for w in ids] == pids  # the pid the worker recorded is its own
+    for worker_id, pid in zip(ids, pids):
+        assert os.getsid(pid) == pid  # its own session: killing its group spares the others
+        shown = [a for a in psutil.Process(pid).cmdline() if a]  # padded with NULs: '' at the end
+        assert shown == spawner.worker_argv(sys.executable, rush.network, worker_id)
+        assert is_our_worker(pid, worker_id) and not is_our_worker(pid, ids[ids.index(worker_id) - 1])
+    rush.stop_workers(type="terminate")
+    wait_until(lambda: set(rush.worker_ids(state="terminated")) == set(ids), 30, what="terminated")
+    assert all(h.process.wait(10) == 0 for h in handles)  # exit statuses come back from the fork server
+
+
+def test_killing_one_forked_worker_leaves_its_siblings_running(rush):
+    ids = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=3, **FAST)
+    rush.wait_for_workers(worker_ids=ids, timeout=60)
+    rush.stop_workers(type="kill", worker_ids=ids[:1])
+    first, *others = _handles(rush, ids)
+    assert first.process.wait(10) == -signal.SIGKILL
+    assert rush.worker_ids(state="killed") == ids[:1]
+    time.sleep(3 * FAST["heartbeat_period"])
+    assert rush.detect_lost_workers() == []
+    assert sorted(rush.worker_ids(state="running")) == sorted(ids[1:])
+    assert all(h.gone() is None for h in others)
+
+
+def test_a_frozen_forked_worker_is_lost_alone(rush):
+    ids = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=2, **FAST)
+    rush.wait_for_workers(worker_ids=ids, timeout=60)
+    frozen, other = _handles(rush, ids)
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        assert wait_until(rush.detect_lost_workers, FAST["heartbeat_expire"] + 5, what="lost") == [frozen.worker_id]
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    assert frozen.process.wait(10) == -signal.SIGKILL  # ended by its own heartbeat child
+    assert rush.worker_ids(state="running") == [other.worker_id] and other.gone() is None
+
+
+def test_workers_outlive_a_killed_fork_server_and_stay_checkable(rush):
+    """SIGKILL of the fork server: its workers go on (as workers outlive their controller); their
+    handles fall back to checking the process (no exit status any more) and can still kill them."""
+    ids = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=2, **FAST)
+    rush.wait_for_workers(worker_ids=ids, timeout=60)
+    handles = _handles(rush, ids)
+    template = handles[0].process.template
+    template.process.kill()
+    wait_until(lambda: not template.alive, 10, what="the fork server to be gone")
+    assert all(h.process.orphaned and h.gone() is None for h in handles)
+    rush.stop_workers(type="kill", worker_ids=ids[:1])
+    wait_until(lambda: handles[0].gone(), 10, what="the killed worker to be gone")
+    assert "is gone" in handles[0].gone()
+    assert handles[1].gone() is None and rush.worker_ids(state="running") == ids[1:]
+    # the next start gets a new fork server
+    more = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=1, **FAST)
+    rush.wait_for_workers(worker_ids=more, timeout=60)
+    assert rush._supervisor.handles[more[0]].process.template is not template
+
+
+def test_fork_server_off_starts_one_interpreter_per_worker(rush, monkeypatch):
+    monkeypatch.setenv(spawner.FORK_ENV, "0")
+    ids = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=2, **FAST)
+    rush.wait_for_workers(worker_ids=ids, timeout=60)
+    assert all(isinstance(h.process, subprocess.Popen) for h in _handles(rush, ids))
+
+
+def test_forked_workers_get_the_controllers_environment_and_directory(rush, tmp_path, monkeypatch):
+    module = tmp_path / "helper_module_xyz.py"
+    module.write_text("VALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RUSH_TEST_MARK", "seen")
+
+    def loop(rush):
+        import os
+
+        import helper_module_xyz
+
+        xs = {"cwd": os.getcwd(), "mark": os.environ.get("RUSH_TEST_MARK"), "value": helper_module_xyz.VALUE}
+        rush.push_results(rush.push_running_tasks([xs]), [{"y": 1}])
+
+    ids = rush.start_local_workers(worker_loop=loop, n_workers=1, **FAST)
+    wait_until(lambda: rush.worker_ids(state="terminated") == ids, 30, what="the worker to end")
+    row = rush.fetch_finished_tasks().iloc[0]
+    assert (row["cwd"], row["mark"], row["value"]) == (str(tmp_path), "seen", 42)
+
+
+# -- groups: `python -m rush_hpc worker --worker-id A --worker-id B` ---------------------------
+def _start_group(rush, tmp_path: Path, ids: list[str], *extra: str) -> subprocess.Popen[bytes]:
+    credentials = tmp_path / "credentials.json"
+    write_credentials(str(credentials), rush.config, SECRET)
+    env = {**os.environ, "RUSH_HPC_CREDENTIALS": str(credentials), "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [sys.executable, "-m", "rush_hpc", "worker", "--network", rush.network]
+    for worker_id in ids:
+        argv += ["--worker-id", worker_id]
+    return subprocess.Popen(argv + list(extra), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def test_a_group_forks_one_worker_per_id_and_passes_signals_on(rush, tmp_path):
+    rush.store_worker_loop(wl_until_terminated, **FAST)
+    ids = ["group-a", "group-b"]
+    pid_file = tmp_path / "pids"
+    parent = _start_group(rush, tmp_path, ids, "--log-dir", str(tmp_path), "--pid-file", str(pid_file))
+    try:
+        rush.wait_for_workers(worker_ids=ids, timeout=60)
+        pids = dict(line.split() for line in pid_file.read_text().splitlines())
+        assert sorted(pids) == ids
+        info = rush.worker_info.set_index("worker_id")
+        for worker_id in ids:
+            pid = int(pids[worker_id])
+            assert int(info.loc[worker_id, "pid"]) == pid and psutil.Process(pid).ppid() == parent.pid
+            shown = [a for a in psutil.Process(pid).cmdline() if a]  # padded with NULs: '' at the end
+            assert shown[-4:] == ["--network", rush.network, "--worker-id", worker_id] and os.getsid(pid) == pid
+            log = tmp_path / f"{worker_id}.log"
+            wait_until(lambda: "hello from the loop" in log.read_text(), 10, what="the worker's own log")
+        os.kill(parent.pid, signal.SIGUSR2)  # what SLURM sends to the batch shell before the time limit
+        assert parent.wait(30) == 0
+        assert sorted(rush.worker_ids(state="terminated")) == ids
+        assert set(rush.worker_info["reason"]) == {"walltime"}
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.wait()
+        parent.stdout.close()
+
+
+def test_a_group_member_killed_alone_leaves_its_sibling(rush, tmp_path):
+    rush.store_worker_loop(wl_until_terminated, **FAST)
+    ids = ["solo-a", "solo-b"]
+    parent = _start_group(rush, tmp_path, ["solo-a,solo-b"])  # a comma list, as job scripts pass it
+    try:
+        rush.wait_for_workers(worker_ids=ids, timeout=60)
+        victim = int(rush.worker_info.set_index("worker_id").loc["solo-a", "pid"])
+        os.killpg(victim, signal.SIGKILL)
+        wait_until(lambda: victim not in [c.pid for c in psutil.Process(parent.pid).children()], 10,
+                   what="the killed worker to be reaped by its group")
+        time.sleep(3 * FAST["heartbeat_period"])
+        assert parent.poll() is None and "solo-b" in rush.worker_ids(state="running")
+        rush.stop_workers(type="terminate", worker_ids=["solo-b"])
+        assert parent.wait(30) == 0  # all ended; how is in Redis (a job state must not blame the sibling)
+        assert b"worker solo-a" in parent.stdout.read()  # the one that died is named
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.wait()
+        parent.stdout.close()
+
+
+def test_a_sigkilled_controller_with_embedded_redis_leaves_no_worker_or_fork_server(tmp_path):
+    """The fork server exits when its controller's pipe closes; the workers lose the embedded Redis
+    with their controller and end after its outage timeout (5 s)."""
+    script = ("import os, sys; sys.path.insert(0, sys.argv[1]); import rush_hpc; from loops import FAST, "
+              "wl_until_terminated; r = rush_hpc.rsh(network='x'); "
+              "ids = r.start_local_workers(wl_until_terminated, n_workers=2, **FAST); r.wait_for_workers(2, timeout=30); "
+              "h = [r._supervisor.handles[w] for w in ids]; "
+              "print(*[x.pid for x in h], h[0].process.template.process.pid, flush=True); os.kill(os.getpid(), 9)")
+    out = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], capture_output=True,
+                         text=True, timeout=60)
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 3, out.stderr
+
+    def gone(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_until(lambda: all(gone(p) for p in pids), 15, poll=0.1, what="workers and fork server to exit")
