@@ -17,7 +17,8 @@ rush:{N}:tasks:running              set     ids being evaluated
 rush:{N}:tasks:finished             list    finished rows as JSON, append-only (incremental fetch by index)
 rush:{N}:tasks:failed               list    ids that failed, append-only
 rush:{N}:task:<id>                  hash    xs, ys, xs_extra, ys_extra, condition, state, worker_id,
-                                            max_retries, n_retries, pop_request
+                                            max_retries, n_retries, pop_request; once finished only
+                                            state, row (index of its finished row), signed pickles
 rush:{N}:workers                    set     every worker id ever launched or registered
 rush:{N}:workers:<state>            set     launched / running / terminated / killed / lost / failed
 rush:{N}:worker:<id>                hash    pid, hostname, launcher, host, job_id, python, state, reason, ...

@@ -83,8 +83,9 @@ local created = {}
 for i = 6, #ARGV, 3 do
   local id = ARGV[i]
   local key = ARGV[1] .. id
-  if redis.call('HSETNX', key, 'xs', ARGV[i + 1]) == 1 then  -- 0: a re-sent call, it exists already
-    local fields = {'state', ARGV[2]}
+  -- 0: a re-sent call, it exists already ('state' is the one field every task keeps, finished too)
+  if redis.call('HSETNX', key, 'state', ARGV[2]) == 1 then
+    local fields = {'xs', ARGV[i + 1]}
     if ARGV[i + 2] ~= '' then fields[#fields + 1] = 'xs_extra'; fields[#fields + 1] = ARGV[i + 2] end
     if ARGV[4] ~= '' then fields[#fields + 1] = 'max_retries'; fields[#fields + 1] = ARGV[4] end
     if running then fields[#fields + 1] = 'worker_id'; fields[#fields + 1] = ARGV[3] end
@@ -126,14 +127,16 @@ local created = {}
 for i = 4, #ARGV, 2 do
   local id = ARGV[i]
   local key = ARGV[1] .. id
-  if redis.call('HSETNX', key, 'xs', ARGV[i + 1]) == 1 then  -- 0: a re-sent call, it exists already
-    if ARGV[3] ~= '' then
-      redis.call('HSET', key, 'state', 'running', 'worker_id', ARGV[2], 'xs_extra', ARGV[3])
-    else
-      redis.call('HSET', key, 'state', 'running', 'worker_id', ARGV[2])
-    end
-    created[#created + 1] = id
+  -- HSET counts the fields it adds: 0 when the task exists (a re-sent call), which then writes the
+  -- values it already holds: the ids are known to this worker only, which is running (checked
+  -- above) and so still holds these tasks as they were created
+  local added
+  if ARGV[3] ~= '' then
+    added = redis.call('HSET', key, 'state', 'running', 'xs', ARGV[i + 1], 'worker_id', ARGV[2], 'xs_extra', ARGV[3])
+  else
+    added = redis.call('HSET', key, 'state', 'running', 'xs', ARGV[i + 1], 'worker_id', ARGV[2])
   end
+  if added > 0 then created[#created + 1] = id end
 end
 for first = 1, #created, 4000 do  -- in slices: unpack() has a limit on its results
   local slice = {unpack(created, first, math.min(first + 3999, #created))}
@@ -144,13 +147,46 @@ end
 return #created
 """
 
+# A finished task's row: its hash keeps `row`, the index of the row in the finished list. The hash
+# and the list are Redis contents (untrusted): the index must be a plain integer and the row must
+# begin with the task's own id, else there is no row (nil).
+_FINISHED_ROW = """
+local function row_index(value)
+  if value and string.match(value, '^%d+$') and #value <= 15 then return value end
+  return nil
+end
+local function finished_row(id, index, finished)
+  index = row_index(index)
+  if not index then return nil end
+  local row = redis.call('LINDEX', finished, index)
+  local head = '[' .. cjson.encode(id) .. ','
+  if row and string.sub(row, 1, #head) == head then return row end
+  return nil
+end
+-- true when the task is finished and its row names this worker (worker_json: its id as JSON)
+local function finished_by(key, id, finished, worker_json)
+  local task = redis.call('HMGET', key, 'state', 'row')
+  if task[1] ~= 'finished' then return false end
+  local row = finished_row(id, task[2], finished)
+  if row == nil then return false end
+  row = string.gsub(row, ',%[[%d,]*%]%]$', ']')  -- the positions of signed pickles, if any
+  local tail = ',null,' .. worker_json .. ',"finished"]'
+  return string.sub(row, -#tail) == tail
+end
+"""
+
 # Finish tasks held by this worker. First writer wins: a task that is no longer running, or is held
 # by another worker, is left alone and its result discarded.
 # Appends the finished row to the finished list as JSON, ready to read, in the one row format that
 # FETCH_ROWS returns too: [id, xs, ys, xs_extra, ys_extra, condition, worker_id, state] with
 # JSON-tagged values inlined (tag stripped); signed pickles are null there and their positions follow
 # as a 9th element, e.g. [..., [2, 4]], for the reader to fetch and verify.
+# Each value is then stored once: the task hash is rewritten to {state = 'finished', row = <index of
+# its row in the finished list>} plus only the signed pickles the row does not hold. A re-sent finish
+# recognises its own repeat from that row (its id and worker).
 # Arguments from ARGV[first] on: triples id, ys (encoded), ys_extra (encoded or '').
+# Returns the discarded ids and the length of the finished list after its last append (false when
+# this call appended nothing: a repeat, or only discarded results).
 _FINISH = """
 local function inline(value, position, pickled)
   if not value or value == '' then return 'null' end
@@ -158,44 +194,50 @@ local function inline(value, position, pickled)
   pickled[#pickled + 1] = position
   return 'null'
 end
+local PICKLE_FIELDS = {'xs', 'ys', 'xs_extra', 'ys_extra'}
 local function finish(running, finished, held, prefix, worker_id, first)
-  local discarded = {}
+  local discarded, length = {}, false
+  local worker_json = cjson.encode(worker_id)
   for i = first, #ARGV, 3 do
     local id = ARGV[i]
     local key = prefix .. id
     if redis.call('SREM', held, id) == 1 then
       redis.call('SREM', running, id)
-      if ARGV[i + 2] ~= '' then
-        redis.call('HSET', key, 'ys', ARGV[i + 1], 'state', 'finished', 'ys_extra', ARGV[i + 2])
-      else
-        redis.call('HSET', key, 'ys', ARGV[i + 1], 'state', 'finished')
-      end
       local task = redis.call('HMGET', key, 'xs', 'xs_extra')
+      local values = {task[1], ARGV[i + 1], task[2], ARGV[i + 2]}
       local pickled = {}
-      local row = {cjson.encode(id), inline(task[1], 1, pickled), inline(ARGV[i + 1], 2, pickled),
-                   inline(task[2], 3, pickled), inline(ARGV[i + 2], 4, pickled), 'null',
-                   cjson.encode(worker_id), '"finished"'}
+      local row = {cjson.encode(id), inline(values[1], 1, pickled), inline(values[2], 2, pickled),
+                   inline(values[3], 3, pickled), inline(values[4], 4, pickled), 'null', worker_json,
+                   '"finished"'}
       if #pickled > 0 then row[9] = '[' .. table.concat(pickled, ',') .. ']' end
-      redis.call('RPUSH', finished, '[' .. table.concat(row, ',') .. ']')
-    else
-      local task = redis.call('HMGET', key, 'state', 'worker_id')
-      if not (task[1] == 'finished' and task[2] == worker_id) then  -- else: a re-sent call, already done
-        discarded[#discarded + 1] = id
+      length = redis.call('RPUSH', finished, '[' .. table.concat(row, ',') .. ']')
+      redis.call('DEL', key)
+      if #pickled == 0 then
+        redis.call('HSET', key, 'state', 'finished', 'row', length - 1)
+      else
+        local fields = {'state', 'finished', 'row', length - 1}
+        for _, position in ipairs(pickled) do
+          fields[#fields + 1] = PICKLE_FIELDS[position]
+          fields[#fields + 1] = values[position]
+        end
+        redis.call('HSET', key, unpack(fields))
       end
+    elseif not finished_by(key, id, finished, worker_json) then  -- else: a re-sent call, already done
+      discarded[#discarded + 1] = id
     end
   end
-  return discarded
+  return discarded, length
 end
 """
 
 # KEYS[1] running set, KEYS[2] finished list, KEYS[3] worker hash, KEYS[4] worker's held-tasks set
 # ARGV[1] task key prefix, ARGV[2] worker id, then triples: id, ys (encoded), ys_extra (encoded or "")
 # returns {number of finished tasks, discarded ids...}
-FINISH_TASKS = _REQUIRE_RUNNING + _FINISH + """
+FINISH_TASKS = _REQUIRE_RUNNING + _FINISHED_ROW + _FINISH + """
 local refused = require_running(KEYS[3])
 if refused then return refused end
-local discarded = finish(KEYS[1], KEYS[2], KEYS[4], ARGV[1], ARGV[2], 3)
-table.insert(discarded, 1, redis.call('LLEN', KEYS[2]))
+local discarded, length = finish(KEYS[1], KEYS[2], KEYS[4], ARGV[1], ARGV[2], 3)
+table.insert(discarded, 1, length or redis.call('LLEN', KEYS[2]))
 return discarded
 """
 
@@ -233,11 +275,14 @@ return discarded
 # Pop one task for a worker: its priority list first, then the shared queue; mark it running and
 # held by the worker. `request` identifies the call and is kept in the task: a re-sent pop (its reply
 # was lost) finds the task it popped among the few the worker holds, instead of popping another.
+# `scan` false skips that search, for a caller that knows no earlier call carried this request.
 _POP = """
-local function pop(priority, queued, running, held, prefix, worker_id, request)
-  for _, held_id in ipairs(redis.call('SMEMBERS', held)) do
-    if redis.call('HGET', prefix .. held_id, 'pop_request') == request then
-      return {held_id, redis.call('HGET', prefix .. held_id, 'xs')}
+local function pop(priority, queued, running, held, prefix, worker_id, request, scan)
+  if scan then
+    for _, held_id in ipairs(redis.call('SMEMBERS', held)) do
+      if redis.call('HGET', prefix .. held_id, 'pop_request') == request then
+        return {held_id, redis.call('HGET', prefix .. held_id, 'xs')}
+      end
     end
   end
   local id = redis.call('LPOP', priority)
@@ -258,20 +303,25 @@ end
 POP_TASK = _REQUIRE_RUNNING + _POP + """
 local refused = require_running(KEYS[4])
 if refused then return refused end
-return pop(KEYS[1], KEYS[2], KEYS[3], KEYS[5], ARGV[1], ARGV[2], ARGV[3])
+return pop(KEYS[1], KEYS[2], KEYS[3], KEYS[5], ARGV[1], ARGV[2], ARGV[3], true)
 """
 
 # Finish tasks and pop the next one in ONE round trip (a queue worker's whole step).
+# The search for a task popped earlier by the same request is skipped when the client says the
+# request id is new (ARGV[4] == '1') and this execution finished a task: then it is not a re-sent
+# call (a re-send finds its tasks finished already), so no earlier call popped with this request.
 # KEYS[1] running set, KEYS[2] finished list, KEYS[3] worker hash, KEYS[4] worker's held-tasks set,
 # KEYS[5] this worker's priority list, KEYS[6] shared queue
-# ARGV[1] task key prefix, ARGV[2] worker id, ARGV[3] pop request id, then triples as FINISH_TASKS
+# ARGV[1] task key prefix, ARGV[2] worker id, ARGV[3] pop request id, ARGV[4] '1' when no earlier
+# call carried that request id, then triples as FINISH_TASKS
 # returns {number of finished tasks, {discarded ids}, {id, xs} or false}
-FINISH_AND_POP = _REQUIRE_RUNNING + _FINISH + _POP + """
+FINISH_AND_POP = _REQUIRE_RUNNING + _FINISHED_ROW + _FINISH + _POP + """
 local refused = require_running(KEYS[3])
 if refused then return refused end
-local discarded = finish(KEYS[1], KEYS[2], KEYS[4], ARGV[1], ARGV[2], 4)
-local popped = pop(KEYS[5], KEYS[6], KEYS[1], KEYS[4], ARGV[1], ARGV[2], ARGV[3])
-return {redis.call('LLEN', KEYS[2]), discarded, popped}
+local discarded, length = finish(KEYS[1], KEYS[2], KEYS[4], ARGV[1], ARGV[2], 5)
+local scan = not (ARGV[4] == '1' and length)
+local popped = pop(KEYS[5], KEYS[6], KEYS[1], KEYS[4], ARGV[1], ARGV[2], ARGV[3], scan)
+return {length or redis.call('LLEN', KEYS[2]), discarded, popped}
 """
 
 # Move a worker to a new state if its current state allows it (terminal states are final).
@@ -392,14 +442,17 @@ return state
 # workers pop from meanwhile, or of the running set). The state filter runs here, so rows of other
 # states never travel. Each row is one JSON string; the client joins them into one document to parse
 # (fast), and parses them one by one only when that fails (a malformed value written by someone else).
-# KEYS[1] the list the ids come from
+# A finished task's row is its row of the finished list, read as it is (the task hash keeps only its
+# index); rows with near indices are read with one LRANGE (tasks finish roughly in creation order).
+# KEYS[1] the list the ids come from, KEYS[2] the finished list
 # ARGV[1] 'list' or 'ids', ARGV[2] start index ('list'), ARGV[3] chunk size, ARGV[4] task key prefix,
 # ARGV[5] comma-separated states to keep ('' keeps all), ARGV[6...] the ids ('ids')
 # returns {rows, refs, next}: rows are '[id, xs, ys, xs_extra, ys_extra, condition, worker_id, state]'
 # with JSON-tagged values inlined (tag stripped) and null for missing ones; signed pickles are not
 # inlined (null) and listed in refs as flat pairs (0-based row, 1-based value index) for the client
-# to read and verify itself; next is the next start index, '0' when done.
-FETCH_ROWS = """
+# to read and verify itself (a finished row lists them as its own 9th element instead); next is the
+# next start index, '0' when done.
+FETCH_ROWS = _FINISHED_ROW + """
 local ids, next_position
 local count = tonumber(ARGV[3])
 if ARGV[1] == 'list' then
@@ -415,28 +468,58 @@ if ARGV[5] ~= '' then
   keep = {}
   for state in string.gmatch(ARGV[5], '([^,]+)') do keep[state] = true end
 end
-local rows, refs = {}, {}
+local rows, refs, pending = {}, {}, {}
+local function build(id, v, position)  -- a row from the task hash; position: 0-based
+  local row = {cjson.encode(id)}
+  for j = 1, 5 do
+    local value = v[j]
+    if not value or value == '' then
+      row[j + 1] = 'null'
+    elseif string.byte(value, 1) == 106 then
+      row[j + 1] = string.sub(value, 2)
+    else
+      row[j + 1] = 'null'
+      refs[#refs + 1] = position
+      refs[#refs + 1] = j
+    end
+  end
+  row[7] = v[6] and cjson.encode(v[6]) or 'null'
+  row[8] = v[7] and cjson.encode(v[7]) or 'null'
+  return '[' .. table.concat(row, ',') .. ']'
+end
 for _, id in ipairs(ids) do
   local v = redis.call('HMGET', ARGV[4] .. id, 'xs', 'ys', 'xs_extra', 'ys_extra', 'condition',
-                       'worker_id', 'state')
+                       'worker_id', 'state', 'row')
   if keep == nil or (v[7] and keep[v[7]]) then
-    local row = {cjson.encode(id)}
-    for j = 1, 5 do
-      local value = v[j]
-      if not value or value == '' then
-        row[j + 1] = 'null'
-      elseif string.byte(value, 1) == 106 then
-        row[j + 1] = string.sub(value, 2)
-      else
-        row[j + 1] = 'null'
-        refs[#refs + 1] = #rows
-        refs[#refs + 1] = j
-      end
+    local index = v[7] == 'finished' and row_index(v[8])
+    if index then
+      rows[#rows + 1] = false  -- read below from the finished list
+      pending[#pending + 1] = {#rows, tonumber(index), id, v}
+    else
+      rows[#rows + 1] = build(id, v, #rows)
     end
-    row[7] = v[6] and cjson.encode(v[6]) or 'null'
-    row[8] = v[7] and cjson.encode(v[7]) or 'null'
-    rows[#rows + 1] = '[' .. table.concat(row, ',') .. ']'
   end
+end
+table.sort(pending, function(a, b) return a[2] < b[2] end)
+local i = 1
+while i <= #pending do
+  local j = i  -- one LRANGE for a run of near indices (gaps of at most 64 rows, at most 4096 rows)
+  while j < #pending and pending[j + 1][2] - pending[j][2] <= 64 and pending[j + 1][2] - pending[i][2] < 4096 do
+    j = j + 1
+  end
+  local first = pending[i][2]
+  local range = redis.call('LRANGE', KEYS[2], string.format('%d', first), string.format('%d', pending[j][2]))
+  for k = i, j do
+    local p = pending[k]
+    local row = range[p[2] - first + 1]
+    local head = '[' .. cjson.encode(p[3]) .. ','
+    if row and string.sub(row, 1, #head) == head then
+      rows[p[1]] = row
+    else  -- no such row (the list was changed behind our back): what the hash holds
+      rows[p[1]] = build(p[3], p[4], p[1] - 1)
+    end
+  end
+  i = j + 1
 end
 return {rows, refs, next_position}
 """

@@ -356,7 +356,7 @@ class RushNetwork:
         state_filter = ",".join(states) if states is not None else ""
         while True:
             raw, refs, position = self._script(
-                "FETCH_ROWS", [collection], [kind, position, FETCH_CHUNK, self.keys.task_prefix, state_filter])
+                "FETCH_ROWS", [collection, self.keys.finished], [kind, position, FETCH_CHUNK, self.keys.task_prefix, state_filter])
             rows += self._rows(raw, refs, with_state=states is not None)
             if position in (b"0", "0", 0):
                 return rows
@@ -370,7 +370,7 @@ class RushNetwork:
         rows: list[dict[str, Any]] = []
         state_filter = ",".join(states) if states is not None else ""
         for first in range(0, len(ids), FETCH_CHUNK):
-            raw, refs, _ = self._script("FETCH_ROWS", [collection], ["ids", 0, FETCH_CHUNK, self.keys.task_prefix,
+            raw, refs, _ = self._script("FETCH_ROWS", [collection, self.keys.finished], ["ids", 0, FETCH_CHUNK, self.keys.task_prefix,
                                                                      state_filter, *ids[first:first + FETCH_CHUNK]])
             rows += self._rows(raw, refs, with_state=states is not None)
         return rows
@@ -382,10 +382,11 @@ class RushNetwork:
         and verified before they are unpickled.
         """
         with gc_paused():  # decoding makes many small objects and no cycles: the collector only slows it
-            records = parse_rows(raw, 8, "tasks", with_refs=refs is None)
-        if refs is None:  # finished rows: each lists its own signed pickles as a 9th element
-            refs = [n for i, record in enumerate(records) if record is not None and len(record) == 9
-                    for position in record.pop() for n in (i, int(position))]
+            records = parse_rows(raw, 8, "tasks", with_refs=True)
+        # finished rows list their own signed pickles as a 9th element; FETCH_ROWS lists those of the
+        # rows it built from task hashes in refs
+        refs = [*(refs or ()), *(n for i, record in enumerate(records) if record is not None and len(record) == 9
+                                 for position in record.pop() for n in (i, int(position)))]
         if refs:
             self._resolve_refs(records, refs)
         rows = []

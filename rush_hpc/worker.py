@@ -15,11 +15,15 @@ from typing import Any, Iterable, Mapping, Sequence
 from .config import RedisConfig, resolve_config
 from .credentials import resolve_secret
 from .exceptions import ConfigError, TaskError, WorkerNotRunningError
+from .frames import reserved_columns
 from .walltime import DEFAULT_WALLTIME_MARGIN, seconds_left
 from .network import RushNetwork, _as_list_of_dicts, _extras, _key_list, new_task_id, text
 from .states import set_worker_state  # noqa: F401 - re-exported: it moved to states.py
 
 logger = logging.getLogger(__name__)
+
+#: column names a result dict may not use (``check_user_columns`` refuses them with a clear message)
+_RESULT_RESERVED = frozenset(reserved_columns("yss"))
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class RushWorker(RushNetwork):
                                      self.keys.held_tasks(self.worker_id)]
         self._n_finished_seen: int | None = None
         self._pending_pop: str | None = None
+        #: pop request ids: a random prefix (72 bits) and a counter, unique among this worker's calls
+        self._pop_prefix, self._pop_count = new_task_id()[:12], 0
         #: the end of this worker's allocation (epoch seconds; the bootstrap asks SLURM), None: no limit
         self.job_end: float | None = None
         #: stop taking tasks this many seconds before ``job_end``
@@ -170,7 +176,8 @@ class RushWorker(RushNetwork):
         """The request id of the next pop: a re-sent call (lost reply, redis-py's retry) and the next
         call after one that raised both repeat the pending id, and so get the task it popped."""
         if self._pending_pop is None:
-            self._pending_pop = new_task_id()  # 96 random bits, kept in the task it pops
+            self._pop_count += 1  # kept in the task it pops; only this worker's held tasks are searched
+            self._pending_pop = f"{self._pop_prefix}{self._pop_count:x}"
         return self._pending_pop
 
     def _task(self, popped: list[bytes]) -> Task:
@@ -201,7 +208,8 @@ class RushWorker(RushNetwork):
             self.push_results(keys, yss, extra)
             return None
         finish = self._finish_args(keys, yss, extra)
-        args = [*finish[:2], self._pop_request(), *finish[2:]]
+        new_request = self._pending_pop is None  # no earlier call carried it (see FINISH_AND_POP)
+        args = [*finish[:2], self._pop_request(), "1" if new_request else "0", *finish[2:]]
         self._n_finished_seen, discarded, popped = self._script(
             "FINISH_AND_POP", [self.keys.running, self.keys.finished, self.keys.worker(self.worker_id),
                                self.keys.held_tasks(self.worker_id), self.keys.priority(self.worker_id),
@@ -213,6 +221,12 @@ class RushWorker(RushNetwork):
         return self.pop_task(timeout) if timeout else None
 
     def _finish_args(self, keys: str | Iterable[str], yss: Sequence[Mapping[str, Any]], extra: Any) -> list[Any]:
+        # the hot path: one key, one plain dict of results, no extra (the same checks, made directly)
+        if extra is None and type(yss) is list and len(yss) == 1 and type(yss[0]) is dict \
+                and _RESULT_RESERVED.isdisjoint(yss[0]):
+            key = keys if type(keys) is str else keys[0] if type(keys) is list and len(keys) == 1 else None
+            if type(key) is str:
+                return [self.keys.task_prefix, self.worker_id, key, self.codec.encode(yss[0]), b""]
         keys = _key_list(keys)
         yss = _as_list_of_dicts(yss, "yss")
         if len(keys) != len(yss):

@@ -156,8 +156,8 @@ def test_plain_values_round_trip_exactly_without_unpickling(rush, worker, monkey
     row = rush.fetch_finished_tasks().iloc[0]
     assert row.x == PLAIN and row.y == PLAIN and math.isnan(row.nan)
     assert type(row.x["int"]) is int and type(row.x["true"]) is bool
-    raw_value = rush.redis.hget(rush.keys.task(key[0]), "xs")
-    assert raw_value.startswith(b'j{"x":')  # readable by any tool
+    raw_row = rush.redis.lindex(rush.keys.finished, 0)  # a finished task's values live in its row
+    assert raw_row.startswith(f'["{key[0]}",{{"x":'.encode())  # readable by any tool
 
 
 def test_other_values_round_trip_through_signed_pickle(rush, worker):
