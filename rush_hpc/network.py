@@ -19,6 +19,8 @@ from .config import RedisConfig
 from .exceptions import (NoWorkersError, RedisAuthError, RedisUnavailableError, RushTimeoutError,
                          TaskError, UnknownTaskError, WorkerNotRunningError)
 from .frames import FrameBuffer, check_user_columns, rows_to_frame
+from .fastpath import FastConnection
+from .fastpath import available as fastpath_available
 from .keys import TASK_STATES, NetworkKeys
 from .outage import OutageRetry
 
@@ -174,6 +176,9 @@ class RushNetwork:
         self.config = config
         self.codec = Codec(secret, network)
         self.redis = connect(config, single_connection=self._single_connection)
+        #: a worker's task scripts on a bare hiredis socket (same retry policy); None: through redis-py
+        self._fast = FastConnection(config, self._retry) \
+            if self._single_connection and fastpath_available(config) else None
         self._shas = {name: hashlib.sha1(getattr(lua, name).encode()).hexdigest() for name in _SCRIPTS}
         #: the worker whose task calls are fenced in Redis (None: a controller, not fenced)
         self._fence_id: str | None = None
@@ -190,13 +195,14 @@ class RushNetwork:
         A refused fence becomes ``WorkerNotRunningError``. Called directly rather than through
         redis-py's Script object: this is the hot path.
         """
-        client = client or self.redis
+        execute = (client or self.redis).execute_command if client is not None or self._fast is None \
+            else self._fast.execute
         try:
             try:
-                return client.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
+                return execute("EVALSHA", self._shas[name], len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
-                client.script_load(getattr(lua, name))
-                return client.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
+                execute("SCRIPT", "LOAD", getattr(lua, name))
+                return execute("EVALSHA", self._shas[name], len(keys), *keys, *args)
         except redis.ResponseError as error:
             message = str(error)
             if "RUSH_NOT_RUNNING" in message:
@@ -631,4 +637,6 @@ class RushNetwork:
 
     def close(self) -> None:
         """Close this client's connection(s) to Redis."""
+        if self._fast is not None:
+            self._fast.close()
         self.redis.close()

@@ -8,15 +8,21 @@ import time
 import rush_hpc
 
 
-def round_trips(client, call) -> int:
-    """Commands ``client`` sends during ``call()`` (each one round trip; nothing here pipelines)."""
+def round_trips(client, call, fast=None) -> int:
+    """Commands ``client`` (and the worker's fast-path connection ``fast``) send during ``call()``
+    (each one round trip; nothing here pipelines)."""
     sent = []
     original = client.execute_command
     client.execute_command = lambda *args, **options: sent.append(args[0]) or original(*args, **options)
+    if fast is not None:
+        fast_original = fast.execute
+        fast.execute = lambda *args: sent.append(args[0]) or fast_original(*args)
     try:
         call()
     finally:
         del client.execute_command
+        if fast is not None:
+            del fast.execute
     return len(sent)
 
 
@@ -28,9 +34,9 @@ def test_the_vignette_step_takes_two_round_trips(rush, worker, raw):
         keys = worker.push_running_tasks([{"x": 1}])
         worker.push_results(keys, [{"y": 1}])
 
-    assert round_trips(worker.redis, step) == 2
+    assert round_trips(worker.redis, step, worker._fast) == 2
     assert worker.n_finished_tasks == 2
-    assert round_trips(worker.redis, lambda: worker.n_finished_tasks) == 1  # a second read asks Redis
+    assert round_trips(worker.redis, lambda: worker.n_finished_tasks, worker._fast) == 1  # a second read asks Redis
 
 
 def test_finish_and_pop_is_one_round_trip(rush, worker, raw):
@@ -42,7 +48,7 @@ def test_finish_and_pop_is_one_round_trip(rush, worker, raw):
     def step():
         seen.append(worker.finish_and_pop(task.key, [{"y": task.xs["x"]}]))
 
-    assert round_trips(worker.redis, step) == 1
+    assert round_trips(worker.redis, step, worker._fast) == 1
     nxt = seen[0]
     assert nxt is not None and nxt.xs == {"x": 1}
     last = worker.finish_and_pop(nxt.key, [{"y": 1}])
