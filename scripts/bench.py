@@ -489,9 +489,14 @@ def readme_table() -> dict[str, str]:
 
 
 def headline(result: str) -> tuple[float, str] | None:
-    """The first number of a result and its unit: '2,133 tasks/s; ...' -> (2133.0, 'tasks/s')."""
+    """What a row is judged by: its ratio to the floor measured in the same run when it has one
+    ('...; ratio 1.20' -> (1.2, 'x floor'): the load of a shared machine slows both alike), else its
+    first number and unit: '2,133 tasks/s; ...' -> (2133.0, 'tasks/s')."""
     import re
 
+    ratio = re.search(r"ratio (\d+(?:\.\d+)?)", result)
+    if ratio:
+        return float(ratio.group(1)), "x floor"
     match = re.search(r"([\d,]+(?:\.\d+)?)\s*(tasks/s|ms|us|s|B)\b", result)
     return (float(match.group(1).replace(",", "")), match.group(2)) if match else None
 
@@ -503,7 +508,7 @@ def regressions(rows: list[tuple[str, str, str]], last: dict[str, str], toleranc
         now, before = headline(value), headline(last.get(what, ""))
         if not now or not before or now[1] != before[1] or not before[0]:
             continue
-        higher_is_better = now[1] == "tasks/s"
+        higher_is_better = now[1] in ("tasks/s", "x floor")
         change = (before[0] - now[0]) / before[0] if higher_is_better else (now[0] - before[0]) / before[0]
         if change > tolerance:
             found.append(f"{what}: {now[0]:g} {now[1]} against {before[0]:g} {before[1]} in the README "

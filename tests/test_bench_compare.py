@@ -21,3 +21,11 @@ def test_regressions_are_found_in_both_directions():
 def test_the_readme_table_is_read():
     table = bench.readme_table()
     assert any(name.startswith("vignette loop") for name in table)
+
+
+def test_rows_with_a_floor_are_judged_by_their_ratio():
+    last = {"loop": "10,000 tasks/s; floor 8,000 tasks/s; ratio 1.25"}
+    slower_machine = [("loop", "7,000 tasks/s; floor 5,600 tasks/s; ratio 1.25", "")]
+    assert bench.regressions(slower_machine, last) == []  # both slowed alike: no regression
+    worse = bench.regressions([("loop", "10,000 tasks/s; floor 10,000 tasks/s; ratio 1.00", "")], last)
+    assert len(worse) == 1 and "20% worse" in worse[0]
