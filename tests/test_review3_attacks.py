@@ -17,6 +17,7 @@ from rush_hpc.config import RedisConfig
 
 from conftest import SECRET
 from faults import DroppingProxy
+from test_cluster import cluster_ports  # noqa: F401 - the module-scoped fixture
 
 
 def _declare_lost(rush, worker_id: str) -> None:
@@ -194,3 +195,28 @@ def test_fetch_agrees_after_random_finish_order_with_pickles(rush, worker):
         worker.push_results([keys[i] for i in batch],
                             [{"y": (i,)} if i % 3 == 0 else {"y": i} for i in batch])
     _agree(rush)
+
+
+# -- Redis Cluster: FETCH_ROWS now also names the finished list (same hash tag) ----------------------
+def test_reads_of_finished_tasks_on_a_cluster(cluster_ports):  # noqa: F811 - the fixture
+    from test_cluster import networks_on_every_master
+
+    url = f"redis+cluster://127.0.0.1:{cluster_ports[0]}"
+    probe = rush_hpc.RedisConfig.from_url(url).client()
+    name = networks_on_every_master(probe, 3)[2]
+    rush = rush_hpc.rsh(network=name, url=url, secret=SECRET)
+    worker = rush_hpc.RushWorker(name, config=rush_hpc.RedisConfig.from_url(url), secret=SECRET)
+    try:
+        worker.register()
+        keys = worker.push_running_tasks([{"x": i} for i in range(50)])
+        order = list(range(50))
+        random.Random(5).shuffle(order)
+        worker.push_results([keys[i] for i in order], [{"y": (i,) if i % 2 else i} for i in order])
+        count, *discarded = _finish_again(worker, keys[order[10]], b'j{"y":0}')
+        assert count == 50 and discarded == []
+        _agree(rush)
+        assert rush.fetch_tasks_with_state(["finished"])["keys"].tolist() == keys
+    finally:
+        worker.close()
+        rush.reset()
+        rush.close()
