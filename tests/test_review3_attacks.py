@@ -220,3 +220,29 @@ def test_reads_of_finished_tasks_on_a_cluster(cluster_ports):  # noqa: F811 - th
         worker.close()
         rush.reset()
         rush.close()
+
+
+# -- big lists: a chunk of tasks finished far apart costs one list seek each -------------------------
+def _lrange_calls(raw) -> int:
+    return int(raw.info("commandstats").get("cmdstat_lrange", {}).get("calls", 0))
+
+
+@pytest.mark.xfail(strict=True, reason="FINDING 1: FETCH_ROWS seeks into the finished list once per task "
+                   "whose row is > 64 rows from the previous one; each seek walks the quicklist (O(list "
+                   "length)): at 1M tasks finished in random order one call holds Redis ~110-250 ms")
+def test_one_fetch_call_makes_a_bounded_number_of_list_seeks(rush, worker, raw):
+    """Tasks finished far apart in the finished list (here 65 rows apart; in random finish order at
+    100k+ tasks nearly every task): the work of one FETCH_ROWS call must not grow with the list."""
+    probes = worker.push_running_tasks([{"p": i} for i in range(200)])
+    fillers = worker.push_running_tasks([{"f": i} for i in range(200 * 64)])
+    order: list[str] = []
+    for i, probe in enumerate(probes):
+        order += [probe, *fillers[i * 64:(i + 1) * 64]]
+    worker.push_results(order, [{"y": 1}] * len(order))
+    keys = rush.keys
+    before = _lrange_calls(raw)
+    raw_rows, _, _ = rush._script("FETCH_ROWS", [keys.all_tasks, keys.finished],
+                                  ["list", 0, 1000, keys.task_prefix, ""])
+    seeks = _lrange_calls(raw) - before
+    assert len(raw_rows) == 1000
+    assert seeks <= 64, f"{seeks} LRANGE calls in one FETCH_ROWS call of 1000 tasks"
