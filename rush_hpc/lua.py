@@ -165,8 +165,9 @@ local function finished_row(id, index, finished)
 end
 -- true when the task is finished and its row names this worker (worker_json: its id as JSON)
 local function finished_by(key, id, finished, worker_json)
-  local task = redis.call('HMGET', key, 'state', 'row')
+  local task = redis.call('HMGET', key, 'state', 'row', 'worker_id')
   if task[1] ~= 'finished' then return false end
+  if not task[2] then return task[3] ~= false and cjson.encode(task[3]) == worker_json end  -- the old layout
   local row = finished_row(id, task[2], finished)
   if row == nil then return false end
   row = string.gsub(row, ',%[[%d,]*%]%]$', ']')  -- the positions of signed pickles, if any
@@ -195,13 +196,16 @@ local function inline(value, position, pickled)
   return 'null'
 end
 local PICKLE_FIELDS = {'xs', 'ys', 'xs_extra', 'ys_extra'}
-local function finish(running, finished, held, prefix, worker_id, first)
+local function finish(running, finished, held, prefix, worker_id, first, request)
   local discarded, length = {}, false
   local worker_json = cjson.encode(worker_id)
   for i = first, #ARGV, 3 do
     local id = ARGV[i]
     local key = prefix .. id
-    if redis.call('SREM', held, id) == 1 then
+    if request and redis.call('SISMEMBER', held, id) == 1 and redis.call('HGET', key, 'pop_request') == request then
+      -- popped by an earlier run of this very call (a re-send): not finished now, returned again by pop()
+      discarded[#discarded + 1] = id
+    elseif redis.call('SREM', held, id) == 1 then
       redis.call('SREM', running, id)
       local task = redis.call('HMGET', key, 'xs', 'xs_extra')
       local values = {task[1], ARGV[i + 1], task[2], ARGV[i + 2]}
@@ -318,7 +322,7 @@ return pop(KEYS[1], KEYS[2], KEYS[3], KEYS[5], ARGV[1], ARGV[2], ARGV[3], true)
 FINISH_AND_POP = _REQUIRE_RUNNING + _FINISHED_ROW + _FINISH + _POP + """
 local refused = require_running(KEYS[3])
 if refused then return refused end
-local discarded, length = finish(KEYS[1], KEYS[2], KEYS[4], ARGV[1], ARGV[2], 5)
+local discarded, length = finish(KEYS[1], KEYS[2], KEYS[4], ARGV[1], ARGV[2], 5, ARGV[3])
 local scan = not (ARGV[4] == '1' and length)
 local popped = pop(KEYS[5], KEYS[6], KEYS[1], KEYS[4], ARGV[1], ARGV[2], ARGV[3], scan)
 return {length or redis.call('LLEN', KEYS[2]), discarded, popped}
@@ -442,16 +446,19 @@ return state
 # workers pop from meanwhile, or of the running set). The state filter runs here, so rows of other
 # states never travel. Each row is one JSON string; the client joins them into one document to parse
 # (fast), and parses them one by one only when that fails (a malformed value written by someone else).
-# A finished task's row is its row of the finished list, read as it is (the task hash keeps only its
-# index); rows with near indices are read with one LRANGE (tasks finish roughly in creation order).
-# KEYS[1] the list the ids come from, KEYS[2] the finished list
-# ARGV[1] 'list' or 'ids', ARGV[2] start index ('list'), ARGV[3] chunk size, ARGV[4] task key prefix,
-# ARGV[5] comma-separated states to keep ('' keeps all), ARGV[6...] the ids ('ids')
+# A finished task's row is its row of the finished list (the task hash keeps only its index): this
+# script returns the marker '#<index>#<id>' for it, and the client reads the rows of all markers of a
+# fetch in a few range reads of the finished list. Reading them here, one seek per task, held Redis
+# for a time that grew with the list (~0.5 ms per seek at 1M rows) when tasks finished out of order.
+# KEYS[1] the list the ids come from, KEYS[2] the finished list (unused: kept for Redis Cluster routing)
+# ARGV[1] 'list', 'ids', or 'ids-from-hash' (ids; rows built from the hashes, no markers: for
+# markers whose row did not check out), ARGV[2] start index ('list'), ARGV[3] chunk size, ARGV[4] task
+# key prefix, ARGV[5] comma-separated states to keep ('' keeps all), ARGV[6...] the ids ('ids...')
 # returns {rows, refs, next}: rows are '[id, xs, ys, xs_extra, ys_extra, condition, worker_id, state]'
-# with JSON-tagged values inlined (tag stripped) and null for missing ones; signed pickles are not
-# inlined (null) and listed in refs as flat pairs (0-based row, 1-based value index) for the client
-# to read and verify itself (a finished row lists them as its own 9th element instead); next is the
-# next start index, '0' when done.
+# with JSON-tagged values inlined (tag stripped) and null for missing ones, or markers; signed pickles
+# are not inlined (null) and listed in refs as flat pairs (0-based row, 1-based value index) for the
+# client to read and verify itself (a finished row lists them as its own 9th element instead); next
+# is the next start index, '0' when done.
 FETCH_ROWS = _FINISHED_ROW + """
 local ids, next_position
 local count = tonumber(ARGV[3])
@@ -463,12 +470,13 @@ else
   ids = {unpack(ARGV, 6)}
   next_position = '0'
 end
+local from_rows = ARGV[1] ~= 'ids-from-hash'  -- 'ids-from-hash': rows built from the hashes only
 local keep = nil
 if ARGV[5] ~= '' then
   keep = {}
   for state in string.gmatch(ARGV[5], '([^,]+)') do keep[state] = true end
 end
-local rows, refs, pending = {}, {}, {}
+local rows, refs = {}, {}
 local function build(id, v, position)  -- a row from the task hash; position: 0-based
   local row = {cjson.encode(id)}
   for j = 1, 5 do
@@ -491,35 +499,13 @@ for _, id in ipairs(ids) do
   local v = redis.call('HMGET', ARGV[4] .. id, 'xs', 'ys', 'xs_extra', 'ys_extra', 'condition',
                        'worker_id', 'state', 'row')
   if keep == nil or (v[7] and keep[v[7]]) then
-    local index = v[7] == 'finished' and row_index(v[8])
-    if index then
-      rows[#rows + 1] = false  -- read below from the finished list
-      pending[#pending + 1] = {#rows, tonumber(index), id, v}
+    local index = from_rows and v[7] == 'finished' and row_index(v[8])
+    if index then  -- the client reads it from the finished list, all markers of a fetch at once
+      rows[#rows + 1] = '#' .. index .. '#' .. id
     else
       rows[#rows + 1] = build(id, v, #rows)
     end
   end
-end
-table.sort(pending, function(a, b) return a[2] < b[2] end)
-local i = 1
-while i <= #pending do
-  local j = i  -- one LRANGE for a run of near indices (gaps of at most 64 rows, at most 4096 rows)
-  while j < #pending and pending[j + 1][2] - pending[j][2] <= 64 and pending[j + 1][2] - pending[i][2] < 4096 do
-    j = j + 1
-  end
-  local first = pending[i][2]
-  local range = redis.call('LRANGE', KEYS[2], string.format('%d', first), string.format('%d', pending[j][2]))
-  for k = i, j do
-    local p = pending[k]
-    local row = range[p[2] - first + 1]
-    local head = '[' .. cjson.encode(p[3]) .. ','
-    if row and string.sub(row, 1, #head) == head then
-      rows[p[1]] = row
-    else  -- no such row (the list was changed behind our back): what the hash holds
-      rows[p[1]] = build(p[3], p[4], p[1] - 1)
-    end
-  end
-  i = j + 1
 end
 return {rows, refs, next_position}
 """

@@ -164,6 +164,26 @@ def _key_list(keys: str | Iterable[str]) -> list[str]:
     return [keys] if isinstance(keys, str) else list(keys)
 
 
+def _append_rows(raw: list[bytes], refs: list[Any], chunk: Sequence[bytes], chunk_refs: Sequence[Any] | None) -> None:
+    """Add one FETCH_ROWS chunk to a fetch: its refs' row positions shifted by the rows before it."""
+    offset = len(raw)
+    raw.extend(chunk)
+    for i in range(0, len(chunk_refs or ()), 2):
+        refs += [int(chunk_refs[i]) + offset, chunk_refs[i + 1]]  # type: ignore[index]
+
+
+def _merge_indices(indices: Sequence[int], *, gap: int, longest: int) -> list[tuple[int, int]]:
+    """Sorted list indices as ``(start, end)`` ranges to read: indices less than ``gap`` apart share
+    a range (reading a few rows too many costs less than another seek), no range longer than ``longest``."""
+    ranges: list[tuple[int, int]] = []
+    for index in indices:
+        if ranges and index - ranges[-1][1] < gap and index - ranges[-1][0] < longest:
+            ranges[-1] = (ranges[-1][0], index)
+        else:
+            ranges.append((index, index))
+    return ranges
+
+
 class RushNetwork:
     """A connection to one network; the base of ``Rush`` (controller) and ``RushWorker``."""
 
@@ -357,15 +377,18 @@ class RushNetwork:
         Each chunk is one FETCH_ROWS call, so Redis is never blocked for long; the state filter runs
         in Redis. A row that cannot be decoded is reported (with its key) and skipped.
         """
-        rows: list[dict[str, Any]] = []
+        raw: list[bytes] = []
+        refs: list[Any] = []
         position: Any = 0
         state_filter = ",".join(states) if states is not None else ""
         while True:
-            raw, refs, position = self._script(
+            chunk, chunk_refs, position = self._script(
                 "FETCH_ROWS", [collection, self.keys.finished], [kind, position, FETCH_CHUNK, self.keys.task_prefix, state_filter])
-            rows += self._rows(raw, refs, with_state=states is not None)
+            _append_rows(raw, refs, chunk, chunk_refs)
             if position in (b"0", "0", 0):
-                return rows
+                break
+        self._read_finished_rows(raw, refs)
+        return self._rows(raw, refs, with_state=states is not None)
 
     def _fetch_snapshot(self, collection: str, kind: str, states: Sequence[str] | None = None
                         ) -> list[dict[str, Any]]:
@@ -373,13 +396,53 @@ class RushNetwork:
         set): its ids in one read (a consistent snapshot: no task missed or repeated), then the rows
         by id in chunks. A task that moved on meanwhile is shown in its new state, or left out."""
         ids = self.redis.lrange(collection, 0, -1) if kind == "list" else sorted(self.redis.smembers(collection))
-        rows: list[dict[str, Any]] = []
+        raw: list[bytes] = []
+        refs: list[Any] = []
         state_filter = ",".join(states) if states is not None else ""
         for first in range(0, len(ids), FETCH_CHUNK):
-            raw, refs, _ = self._script("FETCH_ROWS", [collection, self.keys.finished], ["ids", 0, FETCH_CHUNK, self.keys.task_prefix,
-                                                                     state_filter, *ids[first:first + FETCH_CHUNK]])
-            rows += self._rows(raw, refs, with_state=states is not None)
-        return rows
+            chunk, chunk_refs, _ = self._script("FETCH_ROWS", [collection, self.keys.finished], [
+                "ids", 0, FETCH_CHUNK, self.keys.task_prefix, state_filter, *ids[first:first + FETCH_CHUNK]])
+            _append_rows(raw, refs, chunk, chunk_refs)
+        self._read_finished_rows(raw, refs)
+        return self._rows(raw, refs, with_state=states is not None)
+
+    def _read_finished_rows(self, raw: list[bytes], refs: list[Any]) -> None:
+        """Replace FETCH_ROWS' markers of finished tasks (``#<index>#<id>``) by their rows of the
+        finished list, in place: the indices of a whole fetch sorted and read as few ranges (at most
+        ``FINISHED_CHUNK`` rows each, near indices merged), in pipelines of a few commands, so that no
+        command holds Redis long. A row that does not begin with its task's id (the list or the hash
+        was changed by someone else) is built from the task's hash instead."""
+        markers: list[tuple[int, int, bytes]] = []  # (position in raw, index in the finished list, id)
+        for position, value in enumerate(raw):
+            if value[:1] == b"#":
+                index_text, _, marked_id = value[1:].partition(b"#")
+                markers.append((position, int(index_text), marked_id))
+        if not markers:
+            return
+        found: dict[int, bytes] = {}
+        ranges = _merge_indices(sorted({index for _, index, _ in markers}), gap=512, longest=FINISHED_CHUNK)
+        for first in range(0, len(ranges), 16):  # 16 range reads per round trip
+            pipe = self.redis.pipeline(transaction=False)
+            for start, end in ranges[first:first + 16]:
+                pipe.lrange(self.keys.finished, start, end)
+            for (start, _), rows in zip(ranges[first:first + 16], pipe.execute()):
+                found.update(enumerate(rows, start))
+        missing: list[tuple[int, bytes]] = []
+        for position, index, task_id in markers:
+            row = found.get(index)
+            head = b"[" + json.dumps(task_id.decode(errors="replace")).encode() + b","
+            if row is not None and row.startswith(head):
+                raw[position] = row
+            else:
+                missing.append((position, task_id))
+        for first in range(0, len(missing), FETCH_CHUNK):
+            part = missing[first:first + FETCH_CHUNK]
+            rebuilt, rebuilt_refs, _ = self._script("FETCH_ROWS", [self.keys.all_tasks, self.keys.finished], [
+                "ids-from-hash", 0, len(part), self.keys.task_prefix, "", *(task_id for _, task_id in part)])
+            for (position, _), row in zip(part, rebuilt):
+                raw[position] = row
+            for i in range(0, len(rebuilt_refs or ()), 2):
+                refs += [part[int(rebuilt_refs[i])][0], rebuilt_refs[i + 1]]
 
     def _rows(self, raw: list[bytes], refs: list[Any] | None, *, with_state: bool) -> list[dict[str, Any]]:
         """FETCH_ROWS rows as dicts: the values' columns, worker_id, (state,) keys.

@@ -158,8 +158,6 @@ def test_pop_request_prefixes_differ_between_forked_workers(redis_config, networ
 
 
 # -- old data ---------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="FINDING 2: a re-sent finish of a task finished by the previous "
-                   "layout (hash with worker_id, no row) is reported discarded instead of done")
 def test_resent_finish_of_a_task_finished_by_the_previous_layout_is_a_repeat(rush, worker, raw, caplog):
     key = worker.push_running_tasks([{"x": 1}])[0]
     worker.push_results([key], [{"y": 2}])
@@ -171,8 +169,6 @@ def test_resent_finish_of_a_task_finished_by_the_previous_layout_is_a_repeat(rus
 
 
 # -- finish_and_pop: the skipped search, with a key the worker does not hold yet ----------------------
-@pytest.mark.xfail(strict=True, reason="FINDING 3: a re-sent finish_and_pop whose repeat finishes a task "
-                   "that the first execution popped skips the search and pops a second task")
 def test_resent_finish_and_pop_never_pops_two_tasks_for_one_request(rush, proxied):
     proxy, worker = proxied
     queued = rush.push_tasks([{"x": i} for i in range(5)])
@@ -227,9 +223,6 @@ def _lrange_calls(raw) -> int:
     return int(raw.info("commandstats").get("cmdstat_lrange", {}).get("calls", 0))
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING 1: FETCH_ROWS seeks into the finished list once per task "
-                   "whose row is > 64 rows from the previous one; each seek walks the quicklist (O(list "
-                   "length)): at 1M tasks finished in random order one call holds Redis ~110-250 ms")
 def test_one_fetch_call_makes_a_bounded_number_of_list_seeks(rush, worker, raw):
     """Tasks finished far apart in the finished list (here 65 rows apart; in random finish order at
     100k+ tasks nearly every task): the work of one FETCH_ROWS call must not grow with the list."""
