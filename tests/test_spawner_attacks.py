@@ -280,3 +280,41 @@ def test_a_worker_exits_like_an_interpreter(rush, monkeypatch, tmp_path, fork):
     assert handle.process.wait(30) == 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(ids[0])) == \
         [f"{ids[0]}.atexit", f"{ids[0]}.thread"]
+
+
+# -- FINDING 8: a stop signal that reaches a group while it is still forking ---------------------
+@pytest.mark.xfail(strict=True, reason="FINDING 8: SIGTERM to a group parent while it forks reaches only the "
+                   "children forked so far (at SIG_DFL: they die unregistered); the later ones never get it, "
+                   "run on, and the group never exits")
+def test_sigterm_during_a_groups_start_reaches_every_worker(rush, tmp_path):
+    rush.store_worker_loop(wl_until_terminated, **FAST)
+    ids = [f"early-{i}" for i in range(16)]
+    credentials = tmp_path / "credentials.json"
+    from rush_hpc.credentials import write_credentials
+
+    write_credentials(str(credentials), rush.config, SECRET)
+    env = {**os.environ, "RUSH_HPC_CREDENTIALS": str(credentials), "PYTHONPATH": os.pathsep.join(sys.path)}
+    parent = subprocess.Popen([sys.executable, "-m", "rush_hpc", "worker", "--network", rush.network,
+                               "--worker-id", ",".join(ids), "--log-dir", str(tmp_path)], env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    group = psutil.Process(parent.pid)
+    try:
+        wait_until(group.children, 30, poll=0.0005, what="the first worker to be forked")
+        os.kill(parent.pid, signal.SIGSTOP)  # hold it mid-start (deterministic: the rest are not forked yet)
+        forked = len(group.children())
+        os.kill(parent.pid, signal.SIGTERM)  # e.g. `kill <group>` / scancel right after the start
+        os.kill(parent.pid, signal.SIGCONT)
+        assert forked < len(ids)
+        assert parent.wait(15) == 0  # every worker got SIGTERM and ended (terminated) ...
+        assert rush.worker_ids(state="running") == []  # ... none runs on
+    finally:
+        for child in group.children() if parent.poll() is None else []:
+            child.kill()
+        for pid in [int(p) for p in rush.worker_info.get("pid", [])]:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if parent.poll() is None:
+            parent.kill()
+        parent.wait()
