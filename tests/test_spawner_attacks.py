@@ -318,3 +318,35 @@ def test_sigterm_during_a_groups_start_reaches_every_worker(rush, tmp_path):
         if parent.poll() is None:
             parent.kill()
         parent.wait()
+
+
+def test_two_threads_starting_at_once_share_one_fork_server_and_leave_no_zombie(rush):
+    """adapt() and the main thread may start workers at the same moment (first use: both want to
+    start the fork server)."""
+    import threading
+
+    spawner.stop_templates()
+    started: list[list[str]] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            started.append(rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=2, **FAST))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and len(started) == 2
+    ids = started[0] + started[1]
+    rush.wait_for_workers(worker_ids=ids, timeout=60)
+    servers = [p for p in psutil.Process().children() if "--fork-server" in p.cmdline()]
+    assert len(servers) == 1
+    handles = [rush._supervisor.handles[w] for w in ids]
+    assert {h.process.template.process.pid for h in handles} == {servers[0].pid}
+    rush.stop_workers(type="terminate")
+    assert all(h.process.wait(30) == 0 for h in handles)
+    assert not [c for c in servers[0].children() if c.status() == psutil.STATUS_ZOMBIE]
