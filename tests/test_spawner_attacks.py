@@ -350,3 +350,43 @@ def test_two_threads_starting_at_once_share_one_fork_server_and_leave_no_zombie(
     rush.stop_workers(type="terminate")
     assert all(h.process.wait(30) == 0 for h in handles)
     assert not [c for c in servers[0].children() if c.status() == psutil.STATUS_ZOMBIE]
+
+
+# -- FINDING 9: the pid checks take a group parent for any of its workers ------------------------
+@pytest.mark.xfail(strict=True, reason="FINDING 9: is_our_worker / SshHandle._match accept the group parent "
+                   "(its command line holds every --worker-id): a record naming it (forged, or the SSH start's "
+                   "fallback 'pid <id> $group') makes kill() SIGKILL the parent and leaves the worker running")
+def test_a_group_parent_does_not_pass_for_one_of_its_workers(rush, tmp_path):
+    from rush_hpc.launchers.base import HandleContext
+    from rush_hpc.launchers.local import LocalHandle
+
+    rush.store_worker_loop(wl_until_terminated, **FAST)
+    ids = ["pg-a", "pg-b"]
+    credentials = tmp_path / "credentials.json"
+    from rush_hpc.credentials import write_credentials
+
+    write_credentials(str(credentials), rush.config, SECRET)
+    env = {**os.environ, "RUSH_HPC_CREDENTIALS": str(credentials), "PYTHONPATH": os.pathsep.join(sys.path)}
+    parent = subprocess.Popen([sys.executable, "-m", "rush_hpc", "worker", "--network", rush.network,
+                               "--worker-id", "pg-a", "--worker-id", "pg-b", "--log-dir", str(tmp_path)], env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        rush.wait_for_workers(worker_ids=ids, timeout=60)
+        worker_pid = int(rush.worker_info.set_index("worker_id").loc["pg-a", "pid"])
+        # a record of worker pg-a that names the group's pid instead of its own
+        forged = LocalHandle.from_info("pg-a", {"launcher": "local", "host": __import__("socket").gethostname(),
+                                                "pid": str(parent.pid)}, HandleContext())
+        assert not is_our_worker(parent.pid, "pg-a")
+        forged.kill()
+        assert parent.poll() is None and psutil.pid_exists(worker_pid)
+    finally:
+        for child in psutil.Process(parent.pid).children() if parent.poll() is None else []:
+            child.kill()
+        for pid in [int(p) for p in rush.worker_info.get("pid", [])]:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if parent.poll() is None:
+            parent.kill()
+        parent.wait()
