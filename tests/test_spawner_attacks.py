@@ -390,3 +390,55 @@ def test_a_group_parent_does_not_pass_for_one_of_its_workers(rush, tmp_path):
         if parent.poll() is None:
             parent.kill()
         parent.wait()
+
+
+# -- FINDING 10: a trusted forked worker that changed its process title cannot be killed ---------
+def _retitled_busy(rush):
+    import time
+
+    from rush_hpc.spawner import set_cmdline
+
+    set_cmdline(["trainer: epoch 1"])  # what setproctitle (used by many frameworks) does
+    while True:  # a loop that never looks at rush.terminated
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("fork", [
+    pytest.param("0", id="interpreter"),
+    pytest.param("1", id="forked", marks=pytest.mark.xfail(
+        strict=True, reason="FINDING 10: LocalHandle.kill of a forked worker (trusted handle) signals only if "
+        "its command line still reads '--worker-id <id>': a worker whose loop set its process title survives "
+        "stop_workers(type='kill') (the Popen path kills it)")),
+])
+def test_kill_reaches_a_worker_that_set_its_process_title(rush, monkeypatch, fork):
+    monkeypatch.setenv(spawner.FORK_ENV, fork)
+    ids = rush.start_local_workers(worker_loop=_retitled_busy, n_workers=1, heartbeat_period=None,
+                                   heartbeat_expire=None)
+    rush.wait_for_workers(worker_ids=ids, timeout=60)
+    handle = rush._supervisor.handles[ids[0]]
+    wait_until(lambda: "trainer" in " ".join(psutil.Process(handle.pid).cmdline()), 10, what="the new title")
+    try:
+        rush.stop_workers(type="kill", worker_ids=ids)
+        assert rush.worker_ids(state="killed") == ids
+        assert handle.process.wait(5) == -signal.SIGKILL
+    finally:
+        try:
+            os.killpg(handle.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_record_naming_the_fork_server_never_gets_it_killed(rush):
+    from rush_hpc.launchers.base import HandleContext
+    from rush_hpc.launchers.local import LocalHandle
+
+    ids = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=1, **FAST)
+    rush.wait_for_workers(worker_ids=ids, timeout=60)
+    server = rush._supervisor.handles[ids[0]].process.template
+    forged = LocalHandle.from_info(ids[0], {"launcher": "local", "host": __import__("socket").gethostname(),
+                                            "pid": str(server.process.pid)}, HandleContext())
+    assert forged.gone() is not None  # not this worker
+    forged.kill()
+    time.sleep(0.2)
+    assert server.alive and server.process.poll() is None
+    rush.stop_workers(type="terminate")
