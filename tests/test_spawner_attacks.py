@@ -442,3 +442,28 @@ def test_a_record_naming_the_fork_server_never_gets_it_killed(rush):
     time.sleep(0.2)
     assert server.alive and server.process.poll() is None
     rush.stop_workers(type="terminate")
+
+
+# -- FINDING 11: what a python= wrapper sets up is dropped in forked workers ---------------------
+def _report_wrapper_env(rush):
+    import os
+
+    xs = {"wrapped": os.environ.get("RUSH_TEST_WRAPPED", "")}
+    rush.push_results(rush.push_running_tasks([xs]), [{"y": 1}])
+
+
+@pytest.mark.parametrize("fork", [
+    pytest.param("0", id="interpreter"),
+    pytest.param("1", id="forked", marks=pytest.mark.xfail(
+        strict=True, reason="FINDING 11: python= a wrapper (module load / conda / container exec, then exec python): "
+        "the fork server runs inside the wrapper's environment, but _enter replaces os.environ by the "
+        "controller's, so forked workers lose what the wrapper set (PATH, LD_LIBRARY_PATH, ...)")),
+])
+def test_a_python_wrapper_sets_up_the_workers_environment(rush, monkeypatch, tmp_path, fork):
+    monkeypatch.setenv(spawner.FORK_ENV, fork)
+    wrapper = tmp_path / "python-wrapper"
+    wrapper.write_text(f"#!/bin/sh\nexport RUSH_TEST_WRAPPED=1\nexec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    ids = rush.start_local_workers(worker_loop=_report_wrapper_env, n_workers=1, python=str(wrapper), **FAST)
+    wait_until(lambda: rush.worker_ids(state="terminated") == ids, 30, what="the worker to end")
+    assert rush.fetch_finished_tasks().iloc[0]["wrapped"] == "1"
