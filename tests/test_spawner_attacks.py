@@ -467,3 +467,29 @@ def test_a_python_wrapper_sets_up_the_workers_environment(rush, monkeypatch, tmp
     ids = rush.start_local_workers(worker_loop=_report_wrapper_env, n_workers=1, python=str(wrapper), **FAST)
     wait_until(lambda: rush.worker_ids(state="terminated") == ids, 30, what="the worker to end")
     assert rush.fetch_finished_tasks().iloc[0]["wrapped"] == "1"
+
+
+def test_a_forked_controller_gets_its_own_fork_server_and_the_parents_keeps_working(rush):
+    first = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=1, **FAST)
+    parent_server = rush._supervisor.handles[first[0]].process.template
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a copy of the controller (multiprocessing with fork, a daemonised script)
+        code = 1
+        try:
+            os.close(read)
+            ids = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=1, **FAST)
+            server = rush._supervisor.handles[ids[0]].process.template.process.pid
+            os.write(write, f"{ids[0]} {server}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child_worker, child_server = pipe.read().split()
+    assert os.waitpid(pid, 0)[1] == 0
+    assert int(child_server) != parent_server.process.pid
+    more = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=1, **FAST)
+    assert rush._supervisor.handles[more[0]].process.template is parent_server
+    rush.wait_for_workers(worker_ids=[*first, child_worker, *more], timeout=60)
+    rush.stop_workers(type="terminate")
