@@ -1,6 +1,6 @@
 """Review attacks on the fork server, worker groups and workers_per_job (issue 14, start goal).
 
-Real processes and Redis. Tests marked ``xfail(strict=True, reason="FINDING n: ...")`` fail on the
+Real processes and Redis. Tests under a ``FINDING n`` heading failed on the
 reviewed main; the others check what was found sound.
 """
 
@@ -44,8 +44,6 @@ def _bare_env() -> dict[str, str]:
 
 
 # -- FINDING 1: a reply that comes after the 60 s timeout is taken for the next request -------
-@pytest.mark.xfail(strict=True, reason="FINDING 1: a late fork reply (fork server stopped past the reply "
-                   "timeout) is popped by the NEXT fork request, which gets the old request's worker ids/pids")
 def test_a_late_reply_is_not_taken_for_the_next_request(monkeypatch, tmp_path):
     _cap_reply_timeout(monkeypatch, 2.0)
     template = spawner.Template(sys.executable, _bare_env())
@@ -81,9 +79,6 @@ def _set_last_pid(pid: int) -> bool:
         return False
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING 2: Template.exit_codes keeps the exit status of an ended "
-                   "worker under its pid; a later worker forked with the same (reused) pid counts as exited "
-                   "at once and a healthy worker is declared lost")
 def test_a_reused_pid_does_not_inherit_an_old_exit_status(rush):
     if not _set_last_pid(int(Path("/proc/sys/kernel/ns_last_pid").read_text())):
         pytest.skip("needs root to choose the next pid (/proc/sys/kernel/ns_last_pid)")
@@ -110,8 +105,6 @@ def test_a_reused_pid_does_not_inherit_an_old_exit_status(rush):
 
 
 # -- FINDING 3: a shared SLURM job whose other workers ended normally is never cancelled ---------
-@pytest.mark.xfail(strict=True, reason="FINDING 3: JobShare counts only workers killed/lost through the "
-                   "controller; after a sibling TERMINATED normally, the last worker's loss never scancels the job")
 def test_a_shared_job_is_cancelled_when_its_last_running_worker_is_lost(rush, monkeypatch):
     from unit.fakes import install
 
@@ -136,8 +129,6 @@ def test_a_shared_job_is_cancelled_when_its_last_running_worker_is_lost(rush, mo
 
 
 # -- FINDING 4: workers_per_job x a string cpus_per_worker ------------------------------------
-@pytest.mark.xfail(strict=True, reason="FINDING 4: cpus_per_worker='2' with workers_per_job=4: sbatch asks for "
-                   "2 CPUs for 4 workers, submitit for '2222' CPUs (str * int)")
 def test_workers_per_job_with_cpus_per_worker_given_as_text():
     from rush_hpc import ConfigError
     from rush_hpc.launchers.sbatch import SbatchLauncher
@@ -162,9 +153,6 @@ def _hash_of_abc(rush):
     rush.push_results(rush.push_running_tasks([xs]), [{"y": 1}])
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING 5: variables read at interpreter start (PYTHONHASHSEED, "
-                   "PYTHONWARNINGS, LD_LIBRARY_PATH, ...) set by the controller after the fork server started are "
-                   "in os.environ of the forked worker but not in effect (README: 'gets the controller's environment')")
 def test_a_later_start_honours_interpreter_variables(rush, monkeypatch):
     spawner.stop_templates()  # a fork server started now, with the environment of this moment
     first = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=1, **FAST)
@@ -181,9 +169,6 @@ def test_a_later_start_honours_interpreter_variables(rush, monkeypatch):
 
 
 # -- FINDING 6: one stray stdout line of the fork server's interpreter -------------------------
-@pytest.mark.xfail(strict=True, reason="FINDING 6: a line that is not JSON on the fork server's stdout (a "
-                   "sitecustomize / .pth that prints) kills the reader thread; 'alive' stays True and the ready "
-                   "line is never read (60 s stall at the first start; after 'ready': no exit status is read again)")
 def test_a_banner_on_the_fork_servers_stdout_is_skipped(monkeypatch, tmp_path):
     _cap_reply_timeout(monkeypatch, 10.0)
     (tmp_path / "sitecustomize.py").write_text("print('welcome to the cluster')\n")
@@ -268,9 +253,7 @@ def _leaves_things_for_exit(rush):
 
 @pytest.mark.parametrize("fork", [
     pytest.param("0", id="interpreter"),
-    pytest.param("1", id="forked", marks=pytest.mark.xfail(
-        strict=True, reason="FINDING 7: run_child ends a forked worker with os._exit: the loop's atexit handlers, "
-        "and its non-daemon threads (what `python -m rush_hpc worker` runs / waits for at exit) are skipped")),
+    pytest.param("1", id="forked"),
 ])
 def test_a_worker_exits_like_an_interpreter(rush, monkeypatch, tmp_path, fork):
     monkeypatch.setenv(spawner.FORK_ENV, fork)
@@ -283,9 +266,6 @@ def test_a_worker_exits_like_an_interpreter(rush, monkeypatch, tmp_path, fork):
 
 
 # -- FINDING 8: a stop signal that reaches a group while it is still forking ---------------------
-@pytest.mark.xfail(strict=True, reason="FINDING 8: SIGTERM to a group parent while it forks reaches only the "
-                   "children forked so far (at SIG_DFL: they die unregistered); the later ones never get it, "
-                   "run on, and the group never exits")
 def test_sigterm_during_a_groups_start_reaches_every_worker(rush, tmp_path):
     rush.store_worker_loop(wl_until_terminated, **FAST)
     ids = [f"early-{i}" for i in range(16)]
@@ -353,9 +333,6 @@ def test_two_threads_starting_at_once_share_one_fork_server_and_leave_no_zombie(
 
 
 # -- FINDING 9: the pid checks take a group parent for any of its workers ------------------------
-@pytest.mark.xfail(strict=True, reason="FINDING 9: is_our_worker / SshHandle._match accept the group parent "
-                   "(its command line holds every --worker-id): a record naming it (forged, or the SSH start's "
-                   "fallback 'pid <id> $group') makes kill() SIGKILL the parent and leaves the worker running")
 def test_a_group_parent_does_not_pass_for_one_of_its_workers(rush, tmp_path):
     from rush_hpc.launchers.base import HandleContext
     from rush_hpc.launchers.local import LocalHandle
@@ -405,10 +382,7 @@ def _retitled_busy(rush):
 
 @pytest.mark.parametrize("fork", [
     pytest.param("0", id="interpreter"),
-    pytest.param("1", id="forked", marks=pytest.mark.xfail(
-        strict=True, reason="FINDING 10: LocalHandle.kill of a forked worker (trusted handle) signals only if "
-        "its command line still reads '--worker-id <id>': a worker whose loop set its process title survives "
-        "stop_workers(type='kill') (the Popen path kills it)")),
+    pytest.param("1", id="forked"),
 ])
 def test_kill_reaches_a_worker_that_set_its_process_title(rush, monkeypatch, fork):
     monkeypatch.setenv(spawner.FORK_ENV, fork)
@@ -454,10 +428,7 @@ def _report_wrapper_env(rush):
 
 @pytest.mark.parametrize("fork", [
     pytest.param("0", id="interpreter"),
-    pytest.param("1", id="forked", marks=pytest.mark.xfail(
-        strict=True, reason="FINDING 11: python= a wrapper (module load / conda / container exec, then exec python): "
-        "the fork server runs inside the wrapper's environment, but _enter replaces os.environ by the "
-        "controller's, so forked workers lose what the wrapper set (PATH, LD_LIBRARY_PATH, ...)")),
+    pytest.param("1", id="forked"),
 ])
 def test_a_python_wrapper_sets_up_the_workers_environment(rush, monkeypatch, tmp_path, fork):
     monkeypatch.setenv(spawner.FORK_ENV, fork)

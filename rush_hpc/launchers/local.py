@@ -120,9 +120,10 @@ class LocalHandle(Handle):
     def kill(self) -> None:
         if self.process is not None and not getattr(self.process, "orphaned", False):
             # a forked worker is reaped by its fork server, which may not have reported it yet:
-            # check that the pid is still this worker (never signal a reused pid)
+            # check that the pid is still this very process (pid + start time: never signal a reused
+            # pid; not its title, which the loop may have changed)
             if self.process.poll() is None and (isinstance(self.process, subprocess.Popen)
-                                                or is_our_worker(self.pid, self.worker_id)):
+                                                or self.process.is_running()):
                 _killpg(self.pid)  # the worker leads its own session (start_new_session / setsid)
             try:
                 self.process.wait(10)
