@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -203,3 +204,42 @@ def test_a_sigkilled_controller_with_embedded_redis_leaves_no_worker_or_fork_ser
             return True
 
     wait_until(lambda: all(gone(p) for p in pids), 15, poll=0.1, what="workers and fork server to exit")
+
+
+def test_pid_checks_match_the_exact_worker_id_and_network_never_a_group_title():
+    """The local check (psutil) and the SSH one (a shell ``case`` on ``ps`` output, run here by
+    /bin/sh) on real processes showing a worker's and a group's command line."""
+    from rush_hpc.launchers.ssh import SshHandle
+
+    class Launcher:
+        network = "net-1"
+
+    processes = []
+
+    def shown(argv: list[str]) -> int:  # a process that shows argv, as a forked worker / group does
+        code = "import json, sys, time; from rush_hpc.spawner import set_cmdline; " \
+               "set_cmdline(json.loads(sys.argv[1])); time.sleep(30)"
+        process = subprocess.Popen([sys.executable, "-c", code, json.dumps(argv), "." * 400])
+        processes.append(process)
+        wait_until(lambda: [a for a in psutil.Process(process.pid).cmdline() if a] == argv, 10, what="the title")
+        return process.pid
+
+    worker = shown(spawner.worker_argv(sys.executable, "net-1", "ab-1"))
+    group = shown([sys.executable, "-m", "rush_hpc", "worker", "--network", "net-1", "--group", "2"])
+
+    def ssh_match(pid: int, worker_id: str, network: str) -> bool:
+        handle = SshHandle.__new__(SshHandle)
+        handle.pid, handle.worker_id, handle.ssh = pid, worker_id, Launcher()
+        Launcher.network = network
+        return subprocess.run(["/bin/sh", "-c", handle._match()]).returncode == 0
+
+    try:
+        for match in (lambda p, w, n: is_our_worker(p, w, n), ssh_match):
+            assert match(worker, "ab-1", "net-1")
+            assert not match(worker, "ab", "net-1") and not match(worker, "b-1", "net-1")
+            assert not match(worker, "ab-1", "net-") and not match(worker, "ab-1", "net-12")
+            assert not match(group, "ab-1", "net-1") and not match(group, "2", "net-1")
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()

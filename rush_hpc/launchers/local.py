@@ -32,8 +32,9 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def is_our_worker(pid: int, worker_id: str) -> bool:
-    """True if ``pid`` is a live process of this user running ``rush_hpc worker --worker-id <id>``.
+def is_our_worker(pid: int, worker_id: str, network: str | None = None) -> bool:
+    """True if ``pid`` is a live process of this user running ``rush_hpc worker --worker-id <id>``
+    (of ``network``, when given).
 
     What a pid read from Redis must pass before it is signalled: a Redis writer could name pid 1,
     another user's process or a reused pid.
@@ -45,12 +46,17 @@ def is_our_worker(pid: int, worker_id: str) -> bool:
         argv = process.cmdline()
     except psutil.Error:
         return False
-    return worker_argv_matches(argv, worker_id)
+    return worker_argv_matches(argv, worker_id, network)
 
 
-def worker_argv_matches(argv: Sequence[str], worker_id: str) -> bool:
-    """Whether a command line is ``... -m rush_hpc worker ... --worker-id <worker_id>``."""
+def worker_argv_matches(argv: Sequence[str], worker_id: str, network: str | None = None) -> bool:
+    """Whether a command line is ``... -m rush_hpc worker ... --worker-id <worker_id>`` (and
+    ``--network <network>``, when given). A group's interpreter shows ``--group <n>`` instead of
+    its workers' ids (``spawner.run_group``): it never passes for one of them."""
     argv = list(argv)
+    if network is not None and not any(argv[i] == "--network" and argv[i + 1] == network
+                                       for i in range(len(argv) - 1)):
+        return False
     for i in range(len(argv) - 1):
         if argv[i] == "--worker-id" and argv[i + 1] == worker_id:
             return "rush_hpc" in argv and "worker" in argv
@@ -89,9 +95,10 @@ class LocalHandle(Handle):
 
     def __init__(self, worker_id: str, pid: int, *, host: str | None = None,
                  process: subprocess.Popen[bytes] | spawner.ForkedProcess | None = None, stdout: Path | None = None,
-                 stderr: Path | None = None, trusted: bool = True) -> None:
+                 stderr: Path | None = None, trusted: bool = True, network: str | None = None) -> None:
         super().__init__(worker_id, trusted=trusted)
         self.pid, self.host = pid, host or socket.gethostname()
+        self.network = network  # when known: the pid checks match ``--network`` too
         self.process, self.stdout, self.stderr = process, stdout, stderr
 
     def to_info(self) -> dict[str, str]:
@@ -104,7 +111,8 @@ class LocalHandle(Handle):
     def from_info(cls, worker_id: str, info: WorkerInfo, context: HandleContext) -> LocalHandle:
         if info.get("host") != socket.gethostname():
             raise InvalidInfo(f"local worker of another host ({info.get('host')!r})")
-        return cls(worker_id, valid_pid(info.get("pid")), trusted=False)  # no paths: never read from Redis
+        return cls(worker_id, valid_pid(info.get("pid")), trusted=False,  # no paths: never read from Redis
+                   network=context.network)
 
     def gone(self) -> str | None:
         if self.process is not None:
@@ -113,7 +121,7 @@ class LocalHandle(Handle):
                 return f"process {self.pid} {describe_exit(code)}"
             if not getattr(self.process, "orphaned", False):
                 return None  # else its fork server is gone: ask the system
-        if not is_our_worker(self.pid, self.worker_id):
+        if not is_our_worker(self.pid, self.worker_id, self.network):
             return f"process {self.pid} is gone"
         return None
 
@@ -130,7 +138,7 @@ class LocalHandle(Handle):
             except subprocess.TimeoutExpired:
                 if isinstance(self.process, subprocess.Popen):
                     raise
-        elif is_our_worker(self.pid, self.worker_id):
+        elif is_our_worker(self.pid, self.worker_id, self.network):
             try:
                 leader = os.getpgid(self.pid) == self.pid
             except ProcessLookupError:
@@ -204,7 +212,8 @@ class LocalLauncher(Launcher):
             with open(stdout, "wb") as out, open(stderr, "wb") as err:
                 process = subprocess.Popen(command.argv(worker_id), env=env, stdin=subprocess.DEVNULL,
                                            stdout=out, stderr=err, start_new_session=True, cwd=os.getcwd())
-            handle = LocalHandle(worker_id, process.pid, process=process, stdout=stdout, stderr=stderr)
+            handle = LocalHandle(worker_id, process.pid, process=process, stdout=stdout, stderr=stderr,
+                                 network=command.network)
             self.handles[worker_id] = handle
             handles.append(handle)
         return handles
@@ -226,7 +235,8 @@ class LocalLauncher(Launcher):
         handles: list[Handle] = []
         for worker_id, process in processes.items():
             stdout, stderr = files[worker_id]
-            handle = LocalHandle(worker_id, process.pid, process=process, stdout=stdout, stderr=stderr)
+            handle = LocalHandle(worker_id, process.pid, process=process, stdout=stdout, stderr=stderr,
+                                 network=command.network)
             self.handles[worker_id] = handle
             handles.append(handle)
         if error is None:
