@@ -243,3 +243,56 @@ def test_pid_checks_match_the_exact_worker_id_and_network_never_a_group_title():
         for process in processes:
             process.kill()
             process.wait()
+
+
+def _retitled(rush):
+    import time
+
+    from rush_hpc.spawner import set_cmdline
+
+    set_cmdline(["trainer: epoch 1"])  # what setproctitle does
+    while not rush.terminated:
+        time.sleep(0.05)
+
+
+def test_a_retitled_worker_of_a_killed_fork_server_stays_checkable_and_killable(rush):
+    """Without its fork server, a forked worker is recognised by pid + start time, not by title."""
+    ids = rush.start_local_workers(worker_loop=_retitled, n_workers=1, **FAST)
+    rush.wait_for_workers(worker_ids=ids, timeout=60)
+    (handle,) = _handles(rush, ids)
+    wait_until(lambda: "trainer" in " ".join(psutil.Process(handle.pid).cmdline()), 10, what="the new title")
+    template = handle.process.template
+    template.process.kill()
+    wait_until(lambda: not template.alive, 10, what="the fork server to be gone")
+    assert handle.process.orphaned and handle.gone() is None
+    assert rush.detect_lost_workers() == []
+    rush.stop_workers(type="kill", worker_ids=ids)
+    wait_until(lambda: not psutil.pid_exists(handle.pid) or psutil.Process(handle.pid).status() == "zombie", 10,
+               what="the worker to die")
+    assert "is gone" in (handle.gone() or "")
+
+
+def test_a_later_start_gets_the_controllers_umask_and_removed_variables(rush, monkeypatch):
+    spawner.stop_templates()  # a fork server started now, with this environment and umask
+    monkeypatch.setenv("RUSH_TEST_LATER_GONE", "first")
+    first = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=1, **FAST)
+    rush.wait_for_workers(worker_ids=first, timeout=60)
+    monkeypatch.delenv("RUSH_TEST_LATER_GONE")
+    old = os.umask(0o027)
+
+    def report(rush):
+        import os
+
+        mask = os.umask(0)
+        xs = {"gone": os.environ.get("RUSH_TEST_LATER_GONE", "-"), "umask": mask}
+        rush.push_results(rush.push_running_tasks([xs]), [{"y": 1}])
+
+    try:
+        ids = rush.start_local_workers(worker_loop=report, n_workers=1, **FAST)
+    finally:
+        os.umask(old)
+    wait_until(lambda: ids[0] in rush.worker_ids(state="terminated"), 30, what="the worker to end")
+    assert rush._supervisor.handles[ids[0]].process.template is rush._supervisor.handles[first[0]].process.template
+    row = rush.fetch_finished_tasks().iloc[0]
+    rush.stop_workers(type="terminate", worker_ids=first)
+    assert (row["gone"], int(row["umask"])) == ("-", 0o027)

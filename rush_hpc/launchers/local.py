@@ -121,9 +121,17 @@ class LocalHandle(Handle):
                 return f"process {self.pid} {describe_exit(code)}"
             if not getattr(self.process, "orphaned", False):
                 return None  # else its fork server is gone: ask the system
-        if not is_our_worker(self.pid, self.worker_id, self.network):
+        if not self._is_this_worker():
             return f"process {self.pid} is gone"
         return None
+
+    def _is_this_worker(self) -> bool:
+        """Whether ``pid`` still runs this worker: for a forked one, the process the fork server
+        forked (pid + start time, whatever title its loop set); else a process of this user
+        showing this worker's command line."""
+        if isinstance(self.process, spawner.ForkedProcess) and self.process.started is not None:
+            return self.process.is_running() and pid_alive(self.pid)
+        return is_our_worker(self.pid, self.worker_id, self.network)
 
     def kill(self) -> None:
         if self.process is not None and not getattr(self.process, "orphaned", False):
@@ -131,14 +139,14 @@ class LocalHandle(Handle):
             # check that the pid is still this very process (pid + start time: never signal a reused
             # pid; not its title, which the loop may have changed)
             if self.process.poll() is None and (isinstance(self.process, subprocess.Popen)
-                                                or self.process.is_running()):
+                                                or self._is_this_worker()):
                 _killpg(self.pid)  # the worker leads its own session (start_new_session / setsid)
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 if isinstance(self.process, subprocess.Popen):
                     raise
-        elif is_our_worker(self.pid, self.worker_id, self.network):
+        elif self._is_this_worker():
             try:
                 leader = os.getpgid(self.pid) == self.pid
             except ProcessLookupError:
