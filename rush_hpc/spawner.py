@@ -7,19 +7,25 @@ inherits the imported modules and costs a few milliseconds. Two users of the sam
 * **groups** (``python -m rush_hpc worker --network N --worker-id A --worker-id B ...``): SSH hosts
   and SLURM jobs start ONE interpreter per host / job that forks its workers (``run_group``). The
   parent forwards the stop signals (SIGTERM, SIGINT, SIGUSR1, SIGUSR2: the walltime signal that
-  ``#SBATCH --signal=B:USR2@...`` sends to the batch shell only) to its children, reaps them and
-  exits when all have ended.
+  ``#SBATCH --signal=B:USR2@...`` sends to the batch shell only) to its children (held while it
+  forks, then sent to all), reaps them and exits when all have ended. It shows ``... worker
+  --network N --group <n>``: no pid check for one of its workers matches it.
 * **the fork server** (``Template``): for local workers, one pre-imported template process per
   interpreter path and controller process (as multiprocessing's forkserver); the controller asks
-  it over a pipe to fork workers with the environment, working directory and import path it
-  would have given a fresh interpreter. It reports each child's pid and exit status back, and
-  exits when the controller's end of the pipe closes (the workers live on, as started ones do).
+  it over a pipe to fork workers with the environment, working directory, import path and umask
+  it would have given a fresh interpreter (the environment as changes to the one the fork server
+  started with, so what a ``python=`` wrapper set stays; variables read at interpreter start get
+  a fork server of their own). It reports each child's pid, start time and exit status back
+  (requests and replies carry an id: a late reply is never taken for the next one), and exits
+  when the controller's end of the pipe closes (the workers live on, as started ones do).
 
 Every child leads its own session (``os.setsid``: killing one worker's process group never kills
 a sibling) and shows the command line of a single worker, ``python -m rush_hpc worker --network N
 --worker-id <id>`` (rewritten in place on Linux, see ``set_cmdline``), so the pid checks of the
 launchers (a pid from Redis must run this very worker) stay what they were. Before forking, the
-parent opens no Redis connection and starts no thread: children share nothing but modules.
+parent opens no Redis connection and starts no thread: children share nothing but modules. A
+child ends as an interpreter does (non-daemon threads joined, its own atexit handlers run; the
+parent's were cleared at fork), then ``os._exit``.
 """
 
 from __future__ import annotations
