@@ -473,6 +473,7 @@ class Template:
         self._lock = threading.Lock()
         self._request = 0  # the id of the request whose reply ``_reply`` waits for (0: the ready line)
         self.alive = True
+        self.stalled = False  # a request went unanswered: the next start gets a new fork server
         self.room = 0
         self._reader = threading.Thread(target=self._read, name=f"rush-fork-server-{self.process.pid}",
                                         daemon=True)
@@ -565,10 +566,11 @@ class Template:
             try:
                 self.process.stdin.write((json.dumps(request) + "\n").encode())
                 self.process.stdin.flush()
-            except OSError as error:
+            except (OSError, ValueError) as error:  # ValueError: another thread stopped it (closed pipe)
                 return {}, f"the fork server is gone: {error}"
             reply = self._reply(timeout=60)
         if reply is None:
+            self.stalled = True
             return None, "the fork server did not answer within 60 s"
         return reply["processes"], reply.get("error")
 
@@ -621,12 +623,12 @@ def template(python: str, env: Mapping[str, str]) -> Template | None:
         if current is not None and current.owner != os.getpid():
             current = None  # inherited through a fork of this process: its pipe is the parent's
             _TEMPLATES.clear()
-        if current is not None and current.alive:
+        if current is not None and current.alive and not current.stalled:
             return current
         if key in _TEMPLATES and current is None:
             return None  # failed before: do not pay for a broken interpreter again
         if current is not None:
-            current.stop()  # it died (killed): reap it, start another
+            current.stop()  # it died (killed) or stalled: stop and reap it, start another
         try:
             current = Template(python, env)
         except OSError as error:

@@ -296,3 +296,24 @@ def test_a_later_start_gets_the_controllers_umask_and_removed_variables(rush, mo
     row = rush.fetch_finished_tasks().iloc[0]
     rush.stop_workers(type="terminate", worker_ids=first)
     assert (row["gone"], int(row["umask"])) == ("-", 0o027)
+
+
+def test_a_fork_server_that_did_not_answer_is_replaced_at_the_next_start(monkeypatch, tmp_path):
+    original = spawner.Template._reply
+    monkeypatch.setattr(spawner.Template, "_reply", lambda self, timeout: original(self, min(timeout, 2.0)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUSH_HPC")}  # children exit at once
+    spawner.stop_templates()
+    first = spawner.template(sys.executable, env)
+    assert first is not None and spawner.template(sys.executable, env) is first
+    out = str(tmp_path / "w.out")
+    os.kill(first.process.pid, signal.SIGSTOP)  # frozen past the reply timeout
+    try:
+        assert first.fork("net", [("w", out, out)], env, str(tmp_path), [])[0] is None
+    finally:
+        os.kill(first.process.pid, signal.SIGCONT)
+    try:
+        second = spawner.template(sys.executable, env)
+        assert second is not None and second is not first and second.alive
+        assert first.process.poll() is not None  # stopped and reaped
+    finally:
+        spawner.stop_templates()
