@@ -7,19 +7,25 @@ inherits the imported modules and costs a few milliseconds. Two users of the sam
 * **groups** (``python -m rush_hpc worker --network N --worker-id A --worker-id B ...``): SSH hosts
   and SLURM jobs start ONE interpreter per host / job that forks its workers (``run_group``). The
   parent forwards the stop signals (SIGTERM, SIGINT, SIGUSR1, SIGUSR2: the walltime signal that
-  ``#SBATCH --signal=B:USR2@...`` sends to the batch shell only) to its children, reaps them and
-  exits when all have ended.
+  ``#SBATCH --signal=B:USR2@...`` sends to the batch shell only) to its children (held while it
+  forks, then sent to all), reaps them and exits when all have ended. It shows ``... worker
+  --network N --group <n>``: no pid check for one of its workers matches it.
 * **the fork server** (``Template``): for local workers, one pre-imported template process per
   interpreter path and controller process (as multiprocessing's forkserver); the controller asks
-  it over a pipe to fork workers with the environment, working directory and import path it
-  would have given a fresh interpreter. It reports each child's pid and exit status back, and
-  exits when the controller's end of the pipe closes (the workers live on, as started ones do).
+  it over a pipe to fork workers with the environment, working directory, import path and umask
+  it would have given a fresh interpreter (the environment as changes to the one the fork server
+  started with, so what a ``python=`` wrapper set stays; variables read at interpreter start get
+  a fork server of their own). It reports each child's pid, start time and exit status back
+  (requests and replies carry an id: a late reply is never taken for the next one), and exits
+  when the controller's end of the pipe closes (the workers live on, as started ones do).
 
 Every child leads its own session (``os.setsid``: killing one worker's process group never kills
 a sibling) and shows the command line of a single worker, ``python -m rush_hpc worker --network N
 --worker-id <id>`` (rewritten in place on Linux, see ``set_cmdline``), so the pid checks of the
 launchers (a pid from Redis must run this very worker) stay what they were. Before forking, the
-parent opens no Redis connection and starts no thread: children share nothing but modules.
+parent opens no Redis connection and starts no thread: children share nothing but modules. A
+child ends as an interpreter does (non-daemon threads joined, its own atexit handlers run; the
+parent's were cleared at fork), then ``os._exit``.
 """
 
 from __future__ import annotations
@@ -90,13 +96,16 @@ def run_child(python: str, network: str, worker_id: str, output: str | None = No
               prepare: Callable[[], None] | None = None) -> NoReturn:
     """In a freshly forked child: own session, default signals, own command line and output
     files (then it closes ``ready``: its pid passes the launchers' checks), then the same code
-    path as ``rush_hpc worker``; never returns."""
+    path as ``rush_hpc worker``, and the end of an interpreter (``_exit_like_an_interpreter``);
+    never returns."""
     code = 1
     try:
+        atexit._clear()  # the parent's exit handlers are the parent's (a fresh interpreter has none)
         os.setsid()
         for signum in (*FORWARDED, signal.SIGCHLD):  # as in a fresh interpreter (SIGPIPE stays ignored)
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # a group parent blocks them while it forks
         if output is not None:
             _redirect(output, errors or output)
         if prepare is not None:
@@ -109,18 +118,42 @@ def run_child(python: str, network: str, worker_id: str, output: str | None = No
 
         main(network, worker_id)
     except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
+        code = _exit_status(exit_.code)
     except BaseException:  # noqa: BLE001 - a child never returns into its parent's code
         import traceback
 
         traceback.print_exc()
     finally:
+        _exit_like_an_interpreter(code)
+
+
+def _exit_status(value: object) -> int:
+    """``sys.exit(value)`` as an interpreter's exit status (None: 0; text: printed, 1)."""
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value & 0xFF
+    print(value, file=sys.stderr)
+    return 1
+
+
+def _exit_like_an_interpreter(code: int) -> NoReturn:
+    """End a forked worker as ``python -m rush_hpc worker`` would end: wait for the loop's
+    non-daemon threads, run the atexit handlers it registered, flush, then ``os._exit`` (never
+    the parent's cleanup: its atexit list was cleared at fork)."""
+    try:
+        try:
+            threading._shutdown()  # type: ignore[attr-defined]  # what Py_FinalizeEx calls first
+        except BaseException:  # noqa: BLE001 - e.g. Ctrl-C while waiting: exit anyway
+            pass
+        atexit._run_exitfuncs()  # prints the errors of handlers that raise, as at exit
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except Exception:  # noqa: BLE001, S110 - exiting anyway
                 pass
+    finally:
         os._exit(code)
 
 
@@ -205,9 +238,13 @@ def run_group(network: str, worker_ids: Sequence[str], *, log_dir: str | None = 
     """
     preload()  # once, here, for every child
     python = sys.orig_argv[0] if getattr(sys, "orig_argv", None) else sys.executable
+    # this process names no worker: a pid check for one of them must never match it
+    set_cmdline([python, "-m", "rush_hpc", "worker", "--network", network, "--group", str(len(worker_ids))])
     children: dict[int, str] = {}
     for signum in FORWARDED:
         signal.signal(signum, lambda signum, frame: _forward(children, signum))
+    # a stop signal that comes while we fork waits until every worker is forked, then reaches all
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     read, write = os.pipe()
     code = 0
     for worker_id in worker_ids:
@@ -219,6 +256,7 @@ def run_group(network: str, worker_ids: Sequence[str], *, log_dir: str | None = 
         except OSError as error:
             print(f"rush-hpc: cannot fork worker {worker_id}: {error}", file=sys.stderr, flush=True)
             code = 1
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # the handler runs now: `children` is complete
     wait_ready(read, write)
     if pid_file:
         temporary = f"{pid_file}.tmp"
@@ -265,8 +303,9 @@ def serve() -> int:
     """The template process: import everything once, then fork workers on request.
 
     Requests (stdin) and events (stdout) are JSON lines; the first event is ``{"ready": room}``.
-    A request ``{"python", "network", "workers": [[id, out, err], ...], "env", "cwd", "path"}``
-    is answered with ``{"pids": {id: pid}}``; each child's end with ``{"exit": [pid, code]}``.
+    A request ``{"id", "python", "network", "workers": [[id, out, err], ...], "env", "unset", "cwd",
+    "path", "umask"}`` is answered with ``{"id", "pids": {id: pid}, "started": {id: start ticks}}``;
+    each child's end with ``{"exit": [pid, code]}`` (always after the reply that named the pid).
     """
     preload()  # the point of the template
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the controller's
@@ -316,6 +355,7 @@ def _reap() -> None:
 
 def _fork_request(request: dict[str, Any], base_path: list[str]) -> dict[str, Any]:
     pids: dict[str, int] = {}
+    started: dict[str, int | None] = {}
     read, write = os.pipe()
     try:
         for worker_id, output, errors in request["workers"]:
@@ -325,17 +365,25 @@ def _fork_request(request: dict[str, Any], base_path: list[str]) -> dict[str, An
                 run_child(request["python"], request["network"], worker_id, output, errors, write,
                           lambda: _enter(request, base_path))
             pids[worker_id] = pid
+            started[worker_id] = start_ticks(pid)  # not reaped before this reply is sent: still this child
     except Exception as error:  # noqa: BLE001 - reported to the controller with what did start
-        return {"pids": pids, "error": f"{type(error).__name__}: {error}"}
+        return {"id": request.get("id"), "pids": pids, "started": started,
+                "error": f"{type(error).__name__}: {error}"}
     finally:
         wait_ready(read, write)
-    return {"pids": pids}
+    return {"id": request.get("id"), "pids": pids, "started": started}
 
 
 def _enter(request: dict[str, Any], base_path: list[str]) -> None:
-    """Give the child what a fresh interpreter started by the controller would have."""
-    os.environ.clear()
+    """Give the child what a fresh interpreter started by the controller would have: the
+    controller's changes to the environment the fork server started with, on top of the fork
+    server's own (which keeps what a ``python=`` wrapper set), its working directory, import path
+    and umask."""
+    for name in request.get("unset", ()):
+        os.environ.pop(name, None)
     os.environ.update(request["env"])
+    if request.get("umask") is not None:
+        os.umask(int(request["umask"]))
     os.chdir(request["cwd"])
     sys.path[:] = [request["cwd"], *request["path"], *base_path]
     import importlib
@@ -350,10 +398,12 @@ def _send(event: dict[str, Any]) -> None:
 
 
 class ForkedProcess:
-    """A worker forked by a ``Template``: the parts of ``Popen`` the local handles use."""
+    """A worker forked by a ``Template``: the parts of ``Popen`` the local handles use. Its exit
+    status is set by the template's reader (the fork server reports it), never looked up by pid:
+    a pid may be reused by a later worker."""
 
-    def __init__(self, template: Template, pid: int) -> None:
-        self.template, self.pid = template, pid
+    def __init__(self, template: Template, pid: int, started: int | None = None) -> None:
+        self.template, self.pid, self.started = template, pid, started
         self.returncode: int | None = None
 
     @property
@@ -362,9 +412,12 @@ class ForkedProcess:
         return self.returncode is None and not self.template.alive
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            self.returncode = self.template.exit_codes.get(self.pid)
         return self.returncode
+
+    def is_running(self) -> bool:
+        """Still this very process (pid and start time as the fork server saw them at fork),
+        whatever command line it shows now (a loop may set its own process title)."""
+        return self.returncode is None and self.started is not None and start_ticks(self.pid) == self.started
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -380,20 +433,47 @@ class ForkedProcess:
         return self.returncode
 
 
+def start_ticks(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22): with the
+    pid, what identifies one process for its whole life (a reused pid starts later)."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+#: environment variables an interpreter reads once, at start (a forked child keeps the fork
+#: server's): a start whose values differ gets a fork server of its own
+INTERPRETER_VARIABLES = ("PYTHONHASHSEED", "PYTHONWARNINGS", "PYTHONOPTIMIZE", "PYTHONDONTWRITEBYTECODE",
+                         "PYTHONMALLOC", "PYTHONUTF8", "PYTHONIOENCODING", "PYTHONHOME", "PYTHONNOUSERSITE",
+                         "PYTHONUSERBASE", "PYTHONDEVMODE", "PYTHONFAULTHANDLER", "PYTHONTRACEMALLOC",
+                         "PYTHONSAFEPATH", "PYTHONPLATLIBDIR", "PYTHONINTMAXSTRDIGITS", "LD_LIBRARY_PATH",
+                         "LD_PRELOAD", "MALLOC_ARENA_MAX")
+
+
+def interpreter_key(env: Mapping[str, str]) -> tuple[tuple[str, str | None], ...]:
+    """What of ``env`` a fork server fixes at its start (see ``INTERPRETER_VARIABLES``)."""
+    return tuple((name, env.get(name)) for name in INTERPRETER_VARIABLES)
+
+
 class Template:
     """The controller's side of one fork server (see ``serve``)."""
 
     def __init__(self, python: str, env: Mapping[str, str]) -> None:
         self.python = python
+        self.env = dict(env)  # what the fork server started with: later requests send changes to it
         self.owner = os.getpid()  # a forked copy of the controller must not share this pipe
         self.process = subprocess.Popen([python, "-m", "rush_hpc", "worker", "--fork-server", _ROOM],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, env=dict(env), start_new_session=True)
-        self.exit_codes: dict[int, int] = {}
+                                        stderr=subprocess.DEVNULL, env=self.env, start_new_session=True)
         self.changed = threading.Condition()
+        self._running: dict[int, ForkedProcess] = {}  # forked, exit not reported yet (by pid, while it lives)
         self._replies: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        self._request = 0  # the id of the request whose reply ``_reply`` waits for (0: the ready line)
         self.alive = True
+        self.stalled = False  # a request went unanswered: the next start gets a new fork server
         self.room = 0
         self._reader = threading.Thread(target=self._read, name=f"rush-fork-server-{self.process.pid}",
                                         daemon=True)
@@ -403,29 +483,62 @@ class Template:
 
     def _read(self) -> None:
         assert self.process.stdout is not None
-        for line in self.process.stdout:
-            event = json.loads(line)
+        try:
+            for line in self.process.stdout:
+                try:
+                    event = json.loads(line)
+                    if not isinstance(event, dict):
+                        raise ValueError("not an object")
+                    self._event(event)
+                except (ValueError, TypeError, KeyError, IndexError):
+                    # a sitecustomize / .pth that prints: not ours, skip it
+                    logger.debug("fork server %s: skipped a line: %r", self.process.pid, line[:200])
+        finally:
+            self.process.stdout.close()
             with self.changed:
-                if "exit" in event:
-                    self.exit_codes[int(event["exit"][0])] = int(event["exit"][1])
-                else:
-                    self._replies.append(event)
+                self.alive = False
                 self.changed.notify_all()
-        self.process.stdout.close()
+            self.process.wait()
+
+    def _event(self, event: dict[str, Any]) -> None:
         with self.changed:
-            self.alive = False
+            if "exit" in event:
+                pid, code = int(event["exit"][0]), int(event["exit"][1])
+                process = self._running.pop(pid, None)
+                if process is not None:
+                    process.returncode = code
+            elif "pids" in event:
+                # a reused pid now names this new process (the old one's exit came before: the
+                # fork server reaped it, only then could the pid be reused)
+                started = event.get("started") or {}
+                processes = {}
+                for worker_id, pid in dict(event["pids"]).items():
+                    process = ForkedProcess(self, int(pid), started.get(worker_id))
+                    self._running[process.pid] = processes[worker_id] = process
+                event["processes"] = processes
+                self._replies.append(event)
+            elif "ready" in event:
+                self._replies.append(event)
+            else:
+                raise ValueError("unknown event")
             self.changed.notify_all()
-        self.process.wait()
 
     def _reply(self, timeout: float) -> dict[str, Any] | None:
+        """The reply to the current request; replies to earlier requests (late: their caller gave
+        up waiting) are dropped."""
         deadline = time.monotonic() + timeout
         with self.changed:
-            while not self._replies:
+            while True:
+                while self._replies:
+                    reply = self._replies.pop(0)
+                    if reply.get("id", 0) == self._request:
+                        return reply
+                    logger.warning("fork server %s: dropped a late reply (request %s)", self.process.pid,
+                                   reply.get("id"))
                 left = deadline - time.monotonic()
                 if not self.alive or left <= 0:
                     return None
                 self.changed.wait(left)
-            return self._replies.pop(0)
 
     def fits(self, network: str, worker_ids: Sequence[str]) -> bool:
         """Whether every child can show its own worker command line (else: start interpreters)."""
@@ -437,21 +550,29 @@ class Template:
              cwd: str, path: Sequence[str]) -> tuple[dict[str, ForkedProcess] | None, str | None]:
         """Fork ``workers`` (id, stdout path, stderr path); returns their processes and an error
         (fork failed part way: the returned ones did start). None instead of processes: no answer
-        came, so some workers may run."""
-        request = {"python": self.python, "network": network, "workers": [list(w) for w in workers],
-                   "env": dict(env), "cwd": cwd, "path": list(path)}
+        came, so some workers may run.
+
+        The environment goes as changes to the one the fork server started with, applied to the
+        fork server's own: what a ``python=`` wrapper set up (module load, conda, a container)
+        stays, as it would in an interpreter that wrapper starts."""
+        changed = {k: v for k, v in env.items() if self.env.get(k) != v}
+        removed = [k for k in self.env if k not in env]
         with self._lock:
+            self._request += 1
+            request = {"id": self._request, "python": self.python, "network": network,
+                       "workers": [list(w) for w in workers], "env": changed, "unset": removed, "cwd": cwd,
+                       "path": list(path), "umask": _umask()}
             assert self.process.stdin is not None
             try:
                 self.process.stdin.write((json.dumps(request) + "\n").encode())
                 self.process.stdin.flush()
-            except OSError as error:
+            except (OSError, ValueError) as error:  # ValueError: another thread stopped it (closed pipe)
                 return {}, f"the fork server is gone: {error}"
             reply = self._reply(timeout=60)
         if reply is None:
+            self.stalled = True
             return None, "the fork server did not answer within 60 s"
-        processes = {w: ForkedProcess(self, int(pid)) for w, pid in reply.get("pids", {}).items()}
-        return processes, reply.get("error")
+        return reply["processes"], reply.get("error")
 
     def stop(self) -> None:
         """Close the pipe: the template exits (its workers do not)."""
@@ -468,7 +589,20 @@ class Template:
         self._reader.join(5)
 
 
-_TEMPLATES: dict[str, Template | None] = {}
+def _umask() -> int | None:
+    """This process's umask, from ``/proc/self/status`` (``os.umask`` would change it for a moment,
+    for every thread)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+_TEMPLATES: dict[tuple[str, tuple[tuple[str, str | None], ...]], Template | None] = {}
 _TEMPLATES_LOCK = threading.Lock()
 
 
@@ -479,19 +613,22 @@ def enabled() -> bool:
 
 
 def template(python: str, env: Mapping[str, str]) -> Template | None:
-    """This process's fork server for ``python``, started at first use (the first start pays one
-    import); None if it cannot run (then workers start as interpreters of their own)."""
+    """This process's fork server for ``python`` and the interpreter variables of ``env`` (see
+    ``INTERPRETER_VARIABLES``), started at first use (the first start pays one import); None if
+    it cannot run (then workers start as interpreters of their own). Older fork servers stay:
+    they report the exits of the workers they forked."""
+    key = (python, interpreter_key(env))
     with _TEMPLATES_LOCK:
-        current = _TEMPLATES.get(python)
+        current = _TEMPLATES.get(key)
         if current is not None and current.owner != os.getpid():
             current = None  # inherited through a fork of this process: its pipe is the parent's
             _TEMPLATES.clear()
-        if current is not None and current.alive:
+        if current is not None and current.alive and not current.stalled:
             return current
-        if python in _TEMPLATES and current is None:
+        if key in _TEMPLATES and current is None:
             return None  # failed before: do not pay for a broken interpreter again
         if current is not None:
-            current.stop()  # it died (killed): reap it, start another
+            current.stop()  # it died (killed) or stalled: stop and reap it, start another
         try:
             current = Template(python, env)
         except OSError as error:
@@ -501,7 +638,7 @@ def template(python: str, env: Mapping[str, str]) -> Template | None:
             current.stop()
             logger.info("the fork server for %s did not start: starting interpreters", python)
             current = None
-        _TEMPLATES[python] = current
+        _TEMPLATES[key] = current
         return current
 
 

@@ -21,7 +21,7 @@ import redis
 from . import defaults
 from .exceptions import ConfigError, RushTimeoutError, WorkerStartError
 from .launchers.base import Handle, HandleContext, handle_from_info, handle_type
-from .states import ACTIVE, WorkerState, allowed_previous, set_worker_state
+from .states import ACTIVE, TERMINAL, WorkerState, allowed_previous, set_worker_state
 
 if TYPE_CHECKING:
     from .network import RushNetwork
@@ -269,6 +269,7 @@ class Supervisor:
         """Cancel what is left of lost workers where that frees resources (SLURM jobs, requeued ones too)."""
         for kind, handles in self._grouped(infos).items():
             if kind.kill_when_lost:
+                self._note_ended_siblings(handles)
                 kind.kill_all(handles)
                 self._record_kill(kind, handles)
 
@@ -345,6 +346,7 @@ class Supervisor:
         for kind, handles in self._grouped({w: hashes[w] for w in killed}, without).items():
             force = [h for h in handles if h.worker_id in pending or kind.always_force_kill]
             if force:
+                self._note_ended_siblings(force)
                 kind.kill_all(force)
                 self._record_kill(kind, force)
         self.not_force_killed = [w for w in without if w in pending]
@@ -353,6 +355,19 @@ class Supervisor:
                            len(self.not_force_killed), self.not_force_killed[:5])
         logger.info("killed %d worker(s) of network %s", len(killed), network.network)
         return killed
+
+    def _note_ended_siblings(self, handles: Sequence[Handle]) -> None:
+        """Tell the job share of each handle (a SLURM job running several workers) which of its
+        workers are in a final state now (terminated ones too), so that the job is cancelled
+        once none of them runs (``launchers.slurm.cancellable``)."""
+        shares = [share for share in (getattr(h, "share", None) for h in handles) if share is not None]
+        siblings = sorted({w for share in shares for w in share.worker_ids})
+        if not siblings:
+            return
+        final = {state.value for state in TERMINAL}
+        ended = {w for w, h in self.worker_hashes(siblings).items() if h.get("state") in final}
+        for share in shares:
+            share.ended.update(ended.intersection(share.worker_ids))
 
     def _record_kill(self, kind: type[Handle], handles: Sequence[Handle]) -> None:
         if kind.kill_record:

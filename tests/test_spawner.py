@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -203,3 +204,116 @@ def test_a_sigkilled_controller_with_embedded_redis_leaves_no_worker_or_fork_ser
             return True
 
     wait_until(lambda: all(gone(p) for p in pids), 15, poll=0.1, what="workers and fork server to exit")
+
+
+def test_pid_checks_match_the_exact_worker_id_and_network_never_a_group_title():
+    """The local check (psutil) and the SSH one (a shell ``case`` on ``ps`` output, run here by
+    /bin/sh) on real processes showing a worker's and a group's command line."""
+    from rush_hpc.launchers.ssh import SshHandle
+
+    class Launcher:
+        network = "net-1"
+
+    processes = []
+
+    def shown(argv: list[str]) -> int:  # a process that shows argv, as a forked worker / group does
+        code = "import json, sys, time; from rush_hpc.spawner import set_cmdline; " \
+               "set_cmdline(json.loads(sys.argv[1])); time.sleep(30)"
+        process = subprocess.Popen([sys.executable, "-c", code, json.dumps(argv), "." * 400])
+        processes.append(process)
+        wait_until(lambda: [a for a in psutil.Process(process.pid).cmdline() if a] == argv, 10, what="the title")
+        return process.pid
+
+    worker = shown(spawner.worker_argv(sys.executable, "net-1", "ab-1"))
+    group = shown([sys.executable, "-m", "rush_hpc", "worker", "--network", "net-1", "--group", "2"])
+
+    def ssh_match(pid: int, worker_id: str, network: str) -> bool:
+        handle = SshHandle.__new__(SshHandle)
+        handle.pid, handle.worker_id, handle.ssh = pid, worker_id, Launcher()
+        Launcher.network = network
+        return subprocess.run(["/bin/sh", "-c", handle._match()]).returncode == 0
+
+    try:
+        for match in (lambda p, w, n: is_our_worker(p, w, n), ssh_match):
+            assert match(worker, "ab-1", "net-1")
+            assert not match(worker, "ab", "net-1") and not match(worker, "b-1", "net-1")
+            assert not match(worker, "ab-1", "net-") and not match(worker, "ab-1", "net-12")
+            assert not match(group, "ab-1", "net-1") and not match(group, "2", "net-1")
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+def _retitled(rush):
+    import time
+
+    from rush_hpc.spawner import set_cmdline
+
+    set_cmdline(["trainer: epoch 1"])  # what setproctitle does
+    while not rush.terminated:
+        time.sleep(0.05)
+
+
+def test_a_retitled_worker_of_a_killed_fork_server_stays_checkable_and_killable(rush):
+    """Without its fork server, a forked worker is recognised by pid + start time, not by title."""
+    ids = rush.start_local_workers(worker_loop=_retitled, n_workers=1, **FAST)
+    rush.wait_for_workers(worker_ids=ids, timeout=60)
+    (handle,) = _handles(rush, ids)
+    wait_until(lambda: "trainer" in " ".join(psutil.Process(handle.pid).cmdline()), 10, what="the new title")
+    template = handle.process.template
+    template.process.kill()
+    wait_until(lambda: not template.alive, 10, what="the fork server to be gone")
+    assert handle.process.orphaned and handle.gone() is None
+    assert rush.detect_lost_workers() == []
+    rush.stop_workers(type="kill", worker_ids=ids)
+    wait_until(lambda: not psutil.pid_exists(handle.pid) or psutil.Process(handle.pid).status() == "zombie", 10,
+               what="the worker to die")
+    assert "is gone" in (handle.gone() or "")
+
+
+def test_a_later_start_gets_the_controllers_umask_and_removed_variables(rush, monkeypatch):
+    spawner.stop_templates()  # a fork server started now, with this environment and umask
+    monkeypatch.setenv("RUSH_TEST_LATER_GONE", "first")
+    first = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=1, **FAST)
+    rush.wait_for_workers(worker_ids=first, timeout=60)
+    monkeypatch.delenv("RUSH_TEST_LATER_GONE")
+    old = os.umask(0o027)
+
+    def report(rush):
+        import os
+
+        mask = os.umask(0)
+        xs = {"gone": os.environ.get("RUSH_TEST_LATER_GONE", "-"), "umask": mask}
+        rush.push_results(rush.push_running_tasks([xs]), [{"y": 1}])
+
+    try:
+        ids = rush.start_local_workers(worker_loop=report, n_workers=1, **FAST)
+    finally:
+        os.umask(old)
+    wait_until(lambda: ids[0] in rush.worker_ids(state="terminated"), 30, what="the worker to end")
+    assert rush._supervisor.handles[ids[0]].process.template is rush._supervisor.handles[first[0]].process.template
+    row = rush.fetch_finished_tasks().iloc[0]
+    rush.stop_workers(type="terminate", worker_ids=first)
+    assert (row["gone"], int(row["umask"])) == ("-", 0o027)
+
+
+def test_a_fork_server_that_did_not_answer_is_replaced_at_the_next_start(monkeypatch, tmp_path):
+    original = spawner.Template._reply
+    monkeypatch.setattr(spawner.Template, "_reply", lambda self, timeout: original(self, min(timeout, 2.0)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUSH_HPC")}  # children exit at once
+    spawner.stop_templates()
+    first = spawner.template(sys.executable, env)
+    assert first is not None and spawner.template(sys.executable, env) is first
+    out = str(tmp_path / "w.out")
+    os.kill(first.process.pid, signal.SIGSTOP)  # frozen past the reply timeout
+    try:
+        assert first.fork("net", [("w", out, out)], env, str(tmp_path), [])[0] is None
+    finally:
+        os.kill(first.process.pid, signal.SIGCONT)
+    try:
+        second = spawner.template(sys.executable, env)
+        assert second is not None and second is not first and second.alive
+        assert first.process.poll() is not None  # stopped and reaped
+    finally:
+        spawner.stop_templates()

@@ -32,8 +32,9 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def is_our_worker(pid: int, worker_id: str) -> bool:
-    """True if ``pid`` is a live process of this user running ``rush_hpc worker --worker-id <id>``.
+def is_our_worker(pid: int, worker_id: str, network: str | None = None) -> bool:
+    """True if ``pid`` is a live process of this user running ``rush_hpc worker --worker-id <id>``
+    (of ``network``, when given).
 
     What a pid read from Redis must pass before it is signalled: a Redis writer could name pid 1,
     another user's process or a reused pid.
@@ -45,12 +46,17 @@ def is_our_worker(pid: int, worker_id: str) -> bool:
         argv = process.cmdline()
     except psutil.Error:
         return False
-    return worker_argv_matches(argv, worker_id)
+    return worker_argv_matches(argv, worker_id, network)
 
 
-def worker_argv_matches(argv: Sequence[str], worker_id: str) -> bool:
-    """Whether a command line is ``... -m rush_hpc worker ... --worker-id <worker_id>``."""
+def worker_argv_matches(argv: Sequence[str], worker_id: str, network: str | None = None) -> bool:
+    """Whether a command line is ``... -m rush_hpc worker ... --worker-id <worker_id>`` (and
+    ``--network <network>``, when given). A group's interpreter shows ``--group <n>`` instead of
+    its workers' ids (``spawner.run_group``): it never passes for one of them."""
     argv = list(argv)
+    if network is not None and not any(argv[i] == "--network" and argv[i + 1] == network
+                                       for i in range(len(argv) - 1)):
+        return False
     for i in range(len(argv) - 1):
         if argv[i] == "--worker-id" and argv[i + 1] == worker_id:
             return "rush_hpc" in argv and "worker" in argv
@@ -89,9 +95,10 @@ class LocalHandle(Handle):
 
     def __init__(self, worker_id: str, pid: int, *, host: str | None = None,
                  process: subprocess.Popen[bytes] | spawner.ForkedProcess | None = None, stdout: Path | None = None,
-                 stderr: Path | None = None, trusted: bool = True) -> None:
+                 stderr: Path | None = None, trusted: bool = True, network: str | None = None) -> None:
         super().__init__(worker_id, trusted=trusted)
         self.pid, self.host = pid, host or socket.gethostname()
+        self.network = network  # when known: the pid checks match ``--network`` too
         self.process, self.stdout, self.stderr = process, stdout, stderr
 
     def to_info(self) -> dict[str, str]:
@@ -104,7 +111,8 @@ class LocalHandle(Handle):
     def from_info(cls, worker_id: str, info: WorkerInfo, context: HandleContext) -> LocalHandle:
         if info.get("host") != socket.gethostname():
             raise InvalidInfo(f"local worker of another host ({info.get('host')!r})")
-        return cls(worker_id, valid_pid(info.get("pid")), trusted=False)  # no paths: never read from Redis
+        return cls(worker_id, valid_pid(info.get("pid")), trusted=False,  # no paths: never read from Redis
+                   network=context.network)
 
     def gone(self) -> str | None:
         if self.process is not None:
@@ -113,23 +121,32 @@ class LocalHandle(Handle):
                 return f"process {self.pid} {describe_exit(code)}"
             if not getattr(self.process, "orphaned", False):
                 return None  # else its fork server is gone: ask the system
-        if not is_our_worker(self.pid, self.worker_id):
+        if not self._is_this_worker():
             return f"process {self.pid} is gone"
         return None
+
+    def _is_this_worker(self) -> bool:
+        """Whether ``pid`` still runs this worker: for a forked one, the process the fork server
+        forked (pid + start time, whatever title its loop set); else a process of this user
+        showing this worker's command line."""
+        if isinstance(self.process, spawner.ForkedProcess) and self.process.started is not None:
+            return self.process.is_running() and pid_alive(self.pid)
+        return is_our_worker(self.pid, self.worker_id, self.network)
 
     def kill(self) -> None:
         if self.process is not None and not getattr(self.process, "orphaned", False):
             # a forked worker is reaped by its fork server, which may not have reported it yet:
-            # check that the pid is still this worker (never signal a reused pid)
+            # check that the pid is still this very process (pid + start time: never signal a reused
+            # pid; not its title, which the loop may have changed)
             if self.process.poll() is None and (isinstance(self.process, subprocess.Popen)
-                                                or is_our_worker(self.pid, self.worker_id)):
+                                                or self._is_this_worker()):
                 _killpg(self.pid)  # the worker leads its own session (start_new_session / setsid)
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 if isinstance(self.process, subprocess.Popen):
                     raise
-        elif is_our_worker(self.pid, self.worker_id):
+        elif self._is_this_worker():
             try:
                 leader = os.getpgid(self.pid) == self.pid
             except ProcessLookupError:
@@ -203,7 +220,8 @@ class LocalLauncher(Launcher):
             with open(stdout, "wb") as out, open(stderr, "wb") as err:
                 process = subprocess.Popen(command.argv(worker_id), env=env, stdin=subprocess.DEVNULL,
                                            stdout=out, stderr=err, start_new_session=True, cwd=os.getcwd())
-            handle = LocalHandle(worker_id, process.pid, process=process, stdout=stdout, stderr=stderr)
+            handle = LocalHandle(worker_id, process.pid, process=process, stdout=stdout, stderr=stderr,
+                                 network=command.network)
             self.handles[worker_id] = handle
             handles.append(handle)
         return handles
@@ -225,7 +243,8 @@ class LocalLauncher(Launcher):
         handles: list[Handle] = []
         for worker_id, process in processes.items():
             stdout, stderr = files[worker_id]
-            handle = LocalHandle(worker_id, process.pid, process=process, stdout=stdout, stderr=stderr)
+            handle = LocalHandle(worker_id, process.pid, process=process, stdout=stdout, stderr=stderr,
+                                 network=command.network)
             self.handles[worker_id] = handle
             handles.append(handle)
         if error is None:

@@ -22,7 +22,8 @@ from ..exceptions import CommandError, ConfigError, LaunchError
 from ..spawner import job_groups
 from .base import DIRECTIVE_NAME, JOB_ID, Handle, Launcher, WorkerCommand, call, check_line, check_name, check_no_nul
 from .login import LoginNode
-from .slurm import JobShare, SbatchHandle, check_workers_per_job, job_comment, time_to_minutes
+from .slurm import (JobShare, SbatchHandle, check_cpus_per_worker, check_workers_per_job, job_comment,
+                    time_to_minutes)
 
 DEFAULTS: dict[str, Any] = {
     "template": None, "job_name": defaults.SLURM_JOB_NAME, "partition": None, "time": defaults.SLURM_TIME,
@@ -77,6 +78,8 @@ class SbatchLauncher(Launcher):
         validate_options(options, self.log_dir)
         self.options = {**DEFAULTS, **options}
         check_workers_per_job(self.options["workers_per_job"])
+        if self.options["cpus_per_worker"] is not None:  # None: no --cpus-per-task line
+            self.options["cpus_per_worker"] = check_cpus_per_worker(self.options["cpus_per_worker"])
         # on a login node: the cluster's python3 (after the setup lines, e.g. a venv's activate)
         self.python = self.options["python"] or ("python3" if login is not None else sys.executable)
         template = self.options["template"]
@@ -90,8 +93,7 @@ class SbatchLauncher(Launcher):
         o = self.options
         minutes = time_to_minutes(o["time"])
         array = f"0-{n_jobs - 1}" + (f"%{o['max_parallel']}" if o["max_parallel"] else "")
-        cpus = o["cpus_per_worker"] * o["workers_per_job"] if isinstance(o["cpus_per_worker"], int) \
-            else o["cpus_per_worker"]
+        cpus = None if o["cpus_per_worker"] is None else o["cpus_per_worker"] * o["workers_per_job"]
         directives: dict[str, Any] = {
             "job-name": o["job_name"], "array": array, "cpus-per-task": cpus,
             "output": str(self.log_dir / f"rush-{batch_id}-%a.out"),

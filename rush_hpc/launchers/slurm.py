@@ -199,8 +199,10 @@ def ours(handles: Sequence[SlurmHandle]) -> list[SlurmHandle]:
 
 class JobShare:
     """The workers of one SLURM job that runs several (``workers_per_job``): cancelling the job
-    kills all of them, so it is cancelled only once every one of them ended (killed or lost through
-    this controller). Until then a lost or killed one is ended by its own heartbeat child."""
+    kills all of them, so it is cancelled only once every one of them ended. ``ended`` holds the
+    ones known to have ended: killed or lost through this handle, and those the supervisor found
+    in a final state (terminated, failed, killed, lost) before it cancels. Until then a lost or
+    killed one is ended by its own heartbeat child."""
 
     def __init__(self, worker_ids: Sequence[str]) -> None:
         self.worker_ids = tuple(worker_ids)
@@ -368,6 +370,16 @@ def run_submitit_worker(network: str, worker_id: str | Sequence[str], environmen
     return run_worker(network, worker_id, config, secret)
 
 
+def check_cpus_per_worker(value: Any) -> int:
+    """``cpus_per_worker``: a positive int (a job asks for it times ``workers_per_job``); a
+    string of digits is taken as that number."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"cpus_per_worker must be a positive integer, got {value!r}")
+    return value
+
+
 def check_workers_per_job(value: Any) -> int:
     """``workers_per_job``: a positive int (each job gets that many times ``cpus_per_worker``)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -400,6 +412,7 @@ class SubmititLauncher(Launcher):
                  workers_per_job: int = 1, **submitit_parameters: Any) -> None:
         super().__init__()
         self.workers_per_job = check_workers_per_job(workers_per_job)
+        cpus_per_worker = check_cpus_per_worker(cpus_per_worker)
         check_line("log_dir", str(log_dir))
         self.log_dir = Path(log_dir)
         self.python = check_line("python", python or sys.executable)

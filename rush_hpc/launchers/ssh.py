@@ -295,9 +295,13 @@ class SshHandle(Handle):
         raise InvalidInfo(f"host {info.get('host')!r} is not one of this controller's ssh hosts")
 
     def _match(self) -> str:
-        """Shell test: is ``pid`` still this worker (not a zombie, not a reused pid)?"""
-        needle = shlex.quote(f"--worker-id {self.worker_id}")
-        return f"ps -o args= -p {int(self.pid)} 2>/dev/null | grep -qF -- {needle}"
+        """Shell test: is ``pid`` still this worker (not a zombie, not a reused pid)? Its command
+        line must read ``... -m rush_hpc worker --network N --worker-id ID`` with these very
+        values (never the group's interpreter, which shows ``--group <n>``; never ``ID2``). ``-ww``: ps
+        cuts the line at 80 columns when its output is not a terminal."""
+        network, worker_id = shlex.quote(self.ssh.network), shlex.quote(self.worker_id)
+        return (f'case " $(ps -ww -o args= -p {int(self.pid)} 2>/dev/null) " in '
+                f'*" -m rush_hpc worker --network "{network}" --worker-id "{worker_id}" "*) true ;; *) false ;; esac')
 
     @classmethod
     def _by_host(cls, handles: Sequence[Handle]) -> list[tuple[SSHLauncher, HostSpec, list[SshHandle]]]:

@@ -147,7 +147,8 @@ def test_the_remote_kill_checks_the_command_line_first(monkeypatch):
     monkeypatch.setattr(launcher, "_exec", lambda connection, script, **kw: scripts.append(script) or (0, "", ""))
     SshHandle.kill_all([SshHandle(WID, launcher, launcher.hosts[0], 4242, trusted=False)])
     (script,) = scripts
-    assert f"ps -o args= -p 4242 2>/dev/null | grep -qF -- '--worker-id {WID}'" in script
+    assert "ps -ww -o args= -p 4242 2>/dev/null" in script
+    assert f'*" -m rush_hpc worker --network "{launcher.network}" --worker-id "{WID}" "*) true' in script
     assert "then kill -KILL -- -4242" in script
 
 
