@@ -19,7 +19,7 @@ def _main() -> None:
         parser.add_argument("--room", default=None, help=argparse.SUPPRESS)
         options = parser.parse_args(args[1:])
         if options.fork_server:
-            from .spawner import serve
+            from .forkserver import serve
 
             sys.exit(serve())
         if not options.network:

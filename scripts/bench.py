@@ -313,20 +313,20 @@ def time_local_start(config: RedisConfig, n_workers: int) -> float:
 
 
 def bench_local_workers(config: RedisConfig, n_total: int) -> None:
-    from rush_hpc import spawner
+    from rush_hpc import forkserver
 
-    spawner.stop_templates()
+    forkserver.stop_templates()
     cold = time_local_start(config, 4)
     row("start_local_workers(4), the first of a process (starts the fork server: one import)", f"{cold:.3f} s")
     for n, target in ((4, "<= 0.25 s"), (64, "<= 1.5 s")):
         starts = [time_local_start(config, n) for _ in range(3)]
         row(f"start_local_workers({n}) until all registered", f"{statistics.median(starts):.3f} s (median of 3; "
             f"min {min(starts):.3f}; forked by the fork server)", target)
-    os.environ[spawner.FORK_ENV] = "0"
+    os.environ[forkserver.FORK_ENV] = "0"
     try:
         single = {n: time_local_start(config, n) for n in (4, 64)}
     finally:
-        del os.environ[spawner.FORK_ENV]
+        del os.environ[forkserver.FORK_ENV]
     row("start_local_workers(4 / 64), one interpreter per worker (RUSH_HPC_FORK_SERVER=0)",
         f"{single[4]:.3f} s / {single[64]:.3f} s")
     rush = rush_hpc.rsh(network=f"bench-{uuid.uuid4().hex[:8]}", config=config, secret=SECRET)

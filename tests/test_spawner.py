@@ -14,7 +14,7 @@ import cloudpickle
 import psutil
 import pytest
 
-from rush_hpc import spawner
+from rush_hpc import forkserver, spawner
 from rush_hpc.credentials import write_credentials
 from rush_hpc.launchers.local import LocalHandle, is_our_worker
 
@@ -33,7 +33,7 @@ def test_forked_local_workers_register_each_with_its_own_process(rush, n):
     ids = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=n, **FAST)
     rush.wait_for_workers(worker_ids=ids, timeout=60)
     handles = _handles(rush, ids)
-    assert all(isinstance(h.process, spawner.ForkedProcess) for h in handles)
+    assert all(isinstance(h.process, forkserver.ForkedProcess) for h in handles)
     pids = [h.pid for h in handles]
     assert len(set(pids)) == n
     info = rush.worker_info.set_index("worker_id")
@@ -95,7 +95,7 @@ def test_workers_outlive_a_killed_fork_server_and_stay_checkable(rush):
 
 
 def test_fork_server_off_starts_one_interpreter_per_worker(rush, monkeypatch):
-    monkeypatch.setenv(spawner.FORK_ENV, "0")
+    monkeypatch.setenv(forkserver.FORK_ENV, "0")
     ids = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=2, **FAST)
     rush.wait_for_workers(worker_ids=ids, timeout=60)
     assert all(isinstance(h.process, subprocess.Popen) for h in _handles(rush, ids))
@@ -273,7 +273,7 @@ def test_a_retitled_worker_of_a_killed_fork_server_stays_checkable_and_killable(
 
 
 def test_a_later_start_gets_the_controllers_umask_and_removed_variables(rush, monkeypatch):
-    spawner.stop_templates()  # a fork server started now, with this environment and umask
+    forkserver.stop_templates()  # a fork server started now, with this environment and umask
     monkeypatch.setenv("RUSH_TEST_LATER_GONE", "first")
     first = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=1, **FAST)
     rush.wait_for_workers(worker_ids=first, timeout=60)
@@ -299,12 +299,12 @@ def test_a_later_start_gets_the_controllers_umask_and_removed_variables(rush, mo
 
 
 def test_a_fork_server_that_did_not_answer_is_replaced_at_the_next_start(monkeypatch, tmp_path):
-    original = spawner.Template._reply
-    monkeypatch.setattr(spawner.Template, "_reply", lambda self, timeout: original(self, min(timeout, 2.0)))
+    original = forkserver.Template._reply
+    monkeypatch.setattr(forkserver.Template, "_reply", lambda self, timeout: original(self, min(timeout, 2.0)))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUSH_HPC")}  # children exit at once
-    spawner.stop_templates()
-    first = spawner.template(sys.executable, env)
-    assert first is not None and spawner.template(sys.executable, env) is first
+    forkserver.stop_templates()
+    first = forkserver.template(sys.executable, env)
+    assert first is not None and forkserver.template(sys.executable, env) is first
     out = str(tmp_path / "w.out")
     os.kill(first.process.pid, signal.SIGSTOP)  # frozen past the reply timeout
     try:
@@ -312,8 +312,8 @@ def test_a_fork_server_that_did_not_answer_is_replaced_at_the_next_start(monkeyp
     finally:
         os.kill(first.process.pid, signal.SIGCONT)
     try:
-        second = spawner.template(sys.executable, env)
+        second = forkserver.template(sys.executable, env)
         assert second is not None and second is not first and second.alive
         assert first.process.poll() is not None  # stopped and reaped
     finally:
-        spawner.stop_templates()
+        forkserver.stop_templates()

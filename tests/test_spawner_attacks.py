@@ -17,7 +17,7 @@ import cloudpickle
 import psutil
 import pytest
 
-from rush_hpc import spawner
+from rush_hpc import forkserver
 from rush_hpc.launchers.local import is_our_worker
 from rush_hpc.launchers.slurm import JobShare, SlurmHandle
 
@@ -29,12 +29,12 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests are not imp
 
 def _cap_reply_timeout(monkeypatch, seconds: float) -> None:
     """The fork server's 60 s reply timeout, shortened so a test can wait it out."""
-    original = spawner.Template._reply
+    original = forkserver.Template._reply
 
     def _reply(self, timeout: float):
         return original(self, min(timeout, seconds))
 
-    monkeypatch.setattr(spawner.Template, "_reply", _reply)
+    monkeypatch.setattr(forkserver.Template, "_reply", _reply)
 
 
 def _bare_env() -> dict[str, str]:
@@ -46,7 +46,7 @@ def _bare_env() -> dict[str, str]:
 # -- FINDING 1: a reply that comes after the 60 s timeout is taken for the next request -------
 def test_a_late_reply_is_not_taken_for_the_next_request(monkeypatch, tmp_path):
     _cap_reply_timeout(monkeypatch, 2.0)
-    template = spawner.Template(sys.executable, _bare_env())
+    template = forkserver.Template(sys.executable, _bare_env())
     try:
         assert template.room > 0
         out = str(tmp_path / "w.out")
@@ -154,7 +154,7 @@ def _hash_of_abc(rush):
 
 
 def test_a_later_start_honours_interpreter_variables(rush, monkeypatch):
-    spawner.stop_templates()  # a fork server started now, with the environment of this moment
+    forkserver.stop_templates()  # a fork server started now, with the environment of this moment
     first = rush.start_local_workers(worker_loop=wl_until_terminated, n_workers=1, **FAST)
     rush.wait_for_workers(worker_ids=first, timeout=60)
     monkeypatch.setenv("PYTHONHASHSEED", "0")  # e.g. for reproducible set order
@@ -173,7 +173,7 @@ def test_a_banner_on_the_fork_servers_stdout_is_skipped(monkeypatch, tmp_path):
     _cap_reply_timeout(monkeypatch, 10.0)
     (tmp_path / "sitecustomize.py").write_text("print('welcome to the cluster')\n")
     env = {**_bare_env(), "PYTHONPATH": str(tmp_path)}
-    template = spawner.Template(sys.executable, env)
+    template = forkserver.Template(sys.executable, env)
     try:
         assert template.room > 0 or not template.alive  # read past the banner, or know it is broken
     finally:
@@ -256,7 +256,7 @@ def _leaves_things_for_exit(rush):
     pytest.param("1", id="forked"),
 ])
 def test_a_worker_exits_like_an_interpreter(rush, monkeypatch, tmp_path, fork):
-    monkeypatch.setenv(spawner.FORK_ENV, fork)
+    monkeypatch.setenv(forkserver.FORK_ENV, fork)
     monkeypatch.setenv("RUSH_TEST_EXIT_DIR", str(tmp_path))
     ids = rush.start_local_workers(worker_loop=_leaves_things_for_exit, n_workers=1, **FAST)
     handle = rush._supervisor.handles[ids[0]]
@@ -305,7 +305,7 @@ def test_two_threads_starting_at_once_share_one_fork_server_and_leave_no_zombie(
     start the fork server)."""
     import threading
 
-    spawner.stop_templates()
+    forkserver.stop_templates()
     started: list[list[str]] = []
     errors: list[BaseException] = []
 
@@ -385,7 +385,7 @@ def _retitled_busy(rush):
     pytest.param("1", id="forked"),
 ])
 def test_kill_reaches_a_worker_that_set_its_process_title(rush, monkeypatch, fork):
-    monkeypatch.setenv(spawner.FORK_ENV, fork)
+    monkeypatch.setenv(forkserver.FORK_ENV, fork)
     ids = rush.start_local_workers(worker_loop=_retitled_busy, n_workers=1, heartbeat_period=None,
                                    heartbeat_expire=None)
     rush.wait_for_workers(worker_ids=ids, timeout=60)
@@ -431,7 +431,7 @@ def _report_wrapper_env(rush):
     pytest.param("1", id="forked"),
 ])
 def test_a_python_wrapper_sets_up_the_workers_environment(rush, monkeypatch, tmp_path, fork):
-    monkeypatch.setenv(spawner.FORK_ENV, fork)
+    monkeypatch.setenv(forkserver.FORK_ENV, fork)
     wrapper = tmp_path / "python-wrapper"
     wrapper.write_text(f"#!/bin/sh\nexport RUSH_TEST_WRAPPED=1\nexec {sys.executable} \"$@\"\n")
     wrapper.chmod(0o755)

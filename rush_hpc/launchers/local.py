@@ -1,4 +1,4 @@
-"""Workers as local processes: forked by this process's fork server (``spawner.Template``: one
+"""Workers as local processes: forked by this process's fork server (``forkserver.Template``: one
 import for all workers), or, where that is impossible, one interpreter each (``Popen``). psutil
 checks liveness; the fork server / Popen reaps them and reports their exit status."""
 
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import psutil
 
-from .. import defaults, spawner
+from .. import defaults, forkserver
 from ..exceptions import LaunchError
 from .base import (Handle, HandleContext, InvalidInfo, Launcher, WorkerCommand, WorkerInfo, read_tail,
                    valid_pid)
@@ -94,7 +94,7 @@ class LocalHandle(Handle):
     always_force_kill = True  # the whole process group goes, children of the loop included
 
     def __init__(self, worker_id: str, pid: int, *, host: str | None = None,
-                 process: subprocess.Popen[bytes] | spawner.ForkedProcess | None = None, stdout: Path | None = None,
+                 process: subprocess.Popen[bytes] | forkserver.ForkedProcess | None = None, stdout: Path | None = None,
                  stderr: Path | None = None, trusted: bool = True, network: str | None = None) -> None:
         super().__init__(worker_id, trusted=trusted)
         self.pid, self.host = pid, host or socket.gethostname()
@@ -129,7 +129,7 @@ class LocalHandle(Handle):
         """Whether ``pid`` still runs this worker: for a forked one, the process the fork server
         forked (pid + start time, whatever title its loop set); else a process of this user
         showing this worker's command line."""
-        if isinstance(self.process, spawner.ForkedProcess) and self.process.started is not None:
+        if isinstance(self.process, forkserver.ForkedProcess) and self.process.started is not None:
             return self.process.is_running() and pid_alive(self.pid)
         return is_our_worker(self.pid, self.worker_id, self.network)
 
@@ -198,7 +198,7 @@ class LocalLauncher(Launcher):
         super().__init__()
         self.log_dir = Path(log_dir)
         self.python = python or sys.executable
-        self.fork = spawner.enabled() if fork is None else fork and spawner.enabled()
+        self.fork = forkserver.enabled() if fork is None else fork and forkserver.enabled()
 
     def environment(self, command: WorkerCommand) -> dict[str, str]:
         env = {**os.environ, **command.environment()}
@@ -228,7 +228,7 @@ class LocalLauncher(Launcher):
 
     def _fork(self, worker_ids: Sequence[str], command: WorkerCommand, env: dict[str, str]) -> list[Handle] | None:
         """Ask the fork server for the workers; None: it cannot (start interpreters instead)."""
-        template = spawner.template(command.python, env)
+        template = forkserver.template(command.python, env)
         if template is None or not template.fits(command.network, worker_ids):
             return None
         files = {w: (self.log_dir / f"{w}.out", self.log_dir / f"{w}.err") for w in worker_ids}
