@@ -164,6 +164,19 @@ def _key_list(keys: str | Iterable[str]) -> list[str]:
     return [keys] if isinstance(keys, str) else list(keys)
 
 
+def _float(value: str) -> float:
+    """A number from Redis text (0.0 if it is none)."""
+    try:
+        return float(value)
+    except ValueError:
+        return 0.0
+
+
+def _recent(epoch: str, seconds: float) -> bool:
+    """``epoch`` (seconds, text from Redis) lies within the last ``seconds``."""
+    return abs(time.time() - _float(epoch)) < seconds
+
+
 def _append_rows(raw: list[bytes], refs: list[Any], chunk: Sequence[bytes], chunk_refs: Sequence[Any] | None) -> None:
     """Add one FETCH_ROWS chunk to a fetch: its refs' row positions shifted by the rows before it."""
     offset = len(raw)
@@ -621,11 +634,18 @@ class RushNetwork:
         pipe.scard(self.keys.worker_state_set("running"))
         pipe.scard(self.keys.worker_state_set("launched"))
         pipe.scard(self.keys.workers)
-        running_workers, starting_workers, ever = pipe.execute()
+        pipe.hmget(self.keys.adapt, "status", "updated_at", "interval", "error")
+        running_workers, starting_workers, ever, adapt = pipe.execute()
         if running_workers or starting_workers:
             return
+        status, updated_at, interval, error = (text(v) if v is not None else "" for v in adapt)
+        if status == "running" and _recent(updated_at, 3 * min(max(_float(interval), 0.0), 3600.0) + 10):
+            return  # an elastic-workers policy is alive: it starts the next ones (a walltime gap)
         queued = sum(1 for s in pending.values() if s == "queued")
         counts = f"{len(pending)} of {n_waited} task(s) ({queued} queued, {len(pending) - queued} running)"
+        if status == "error" and error:
+            raise NoWorkersError(f"waiting for {counts} but no worker is running or starting, and the elastic "
+                                 f"workers policy has stopped ({error[:500]})")
         if not ever:  # workers started elsewhere (worker_script, a job script) register when they come
             if not self._warned_no_workers:
                 logger.warning("waiting for %s, but no worker has been started on network %s yet", counts,

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+import rush_hpc
+
 from rush_hpc.exceptions import NoWorkersError
 
 from conftest import wait_until
@@ -60,7 +62,8 @@ def test_failing_starts_stop_adapt_with_an_error(rush, tmp_path):
     status = rush.adapt_status()
     assert "3 worker starts failed in a row" in status["error"]
     assert int(status["started"]) <= 12  # a few tries, not a loop
-    with pytest.raises(NoWorkersError):  # every worker it started failed: the wait says so at once
+    # every worker it started failed: the wait says so at once, with the policy's error
+    with pytest.raises(NoWorkersError, match=r"policy has stopped \(adapt stopped: 3 worker starts failed"):
         rush.wait_for_tasks(rush.fetch_tasks()["keys"].tolist(), timeout=30)
 
 
@@ -108,3 +111,22 @@ def test_workers_being_started_are_not_judged_from_their_half_written_record(rus
     release.set()
     starter.join(10)
     assert "not acting on its record" not in caplog.text
+
+
+def test_a_wait_outlives_a_gap_between_workers_while_adapt_runs(rush):
+    """All workers ended (a walltime, a replacement still in the scheduler's queue): while an adapt
+    policy is alive the wait goes on; once it stopped, or its state in Redis went stale, it raises."""
+    import time as clock
+
+    from rush_hpc.states import WorkerState, set_worker_state
+
+    set_worker_state(rush, "w-ended", WorkerState.LAUNCHED, worker_id="w-ended")
+    set_worker_state(rush, "w-ended", WorkerState.RUNNING, (WorkerState.LAUNCHED.value,))
+    set_worker_state(rush, "w-ended", WorkerState.TERMINATED, (WorkerState.RUNNING.value,))
+    keys = rush.push_tasks([{"x": 1}])
+    rush.redis.hset(rush.keys.adapt, mapping={"status": "running", "interval": "1", "updated_at": f"{clock.time():.3f}"})
+    with pytest.raises(rush_hpc.RushTimeoutError):
+        rush.wait_for_tasks(keys, timeout=1.5)  # no NoWorkersError: the policy will start workers
+    rush.redis.hset(rush.keys.adapt, "updated_at", f"{clock.time() - 60:.3f}")  # its controller is gone
+    with pytest.raises(NoWorkersError):
+        rush.wait_for_tasks(keys, timeout=5)
