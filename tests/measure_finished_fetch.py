@@ -1,6 +1,6 @@
-"""Review 3 measurement (not a test): how long one FETCH_ROWS call holds Redis when finished tasks
+"""A measurement (not a test): how long one FETCH_ROWS call holds Redis when finished tasks
 sit far apart in the finished list (finished in random order), and how long a re-sent finish's
-LINDEX costs. Prints SLOWLOG maxima and a concurrent PING probe. Usage: python tests/review3_measure.py N [order]"""
+LINDEX costs. Prints SLOWLOG maxima and a concurrent PING probe. Usage: python tests/measure_finished_fetch.py N [order] [probe seconds]"""
 from __future__ import annotations
 
 import random
