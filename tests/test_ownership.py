@@ -198,7 +198,10 @@ def process_gone(pid: int) -> bool:
         return True
     import psutil
 
-    return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    try:  # a zombie (not reaped yet), or gone meanwhile (a forked worker's fork server reaps it at once)
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def signal_quietly(pid: int, signum: int) -> None:

@@ -347,6 +347,10 @@ def test_adapt_replaces_walltime_ending_jobs_before_they_end(slurm_rush, log_dir
     slurm_rush.adapt(None)
     info = slurm_rush.worker_info
     assert len(info) >= 4  # the first two jobs were replaced
+    first_ids = info.sort_values("started_at").worker_id.iloc[:2].tolist()
+    wait_until(lambda: not set(first_ids) & set(slurm_rush.worker_ids(state=["running", "launched"])), 90,
+               poll=1, what="the first two 1-minute jobs to end")  # the queue may drain before they do
+    info = slurm_rush.worker_info
     first = info.sort_values("started_at").iloc[:2]
     later = info.sort_values("started_at").iloc[2:]
     # ended by their walltime margin, or (idle near their end, no longer taking tasks) asked to
