@@ -6,6 +6,7 @@
   reconnects and re-sends the command (its retry), which is what rush-hpc's scripts must survive.
 * ``pattern = b"..."``: the same, for the reply to the next request that contains ``pattern``.
 * ``down = True``: a dead link: bytes in both directions are swallowed, connections stay open.
+* ``mute = True``: only replies are swallowed (requests get through and run), connections stay open.
 * ``accepted`` counts the connections, so a test can act right after one opens.
 """
 
@@ -24,6 +25,7 @@ class DroppingProxy:
         self.dropped = 0
         self.pattern: bytes | None = None
         self.down = False
+        self.mute = False  # replies swallowed, the connection kept open (a reply lost on its way)
         self.accepted = 0
         self._closed = False
         self._sockets: list[socket.socket] = []
@@ -53,8 +55,8 @@ class DroppingProxy:
                 if not replies and self.pattern is not None and self.pattern in data:
                     self.pattern = None
                     self._armed.set()
-                if self.down:
-                    continue  # a dead link: nothing arrives, nothing is closed
+                if self.down or (replies and self.mute):
+                    continue  # a dead link (or muted replies): nothing arrives, nothing is closed
                 if replies and self._armed.is_set():
                     self._armed.clear()
                     self.dropped += 1

@@ -21,7 +21,7 @@ import redis
 import rush_hpc
 from rush_hpc import RedisAuthError
 
-from conftest import SECRET, start_redis_server, stop, wait_until
+from conftest import SECRET, require_cluster, start_redis_server, stop, wait_until
 from rush_hpc.server import free_port
 from test_workers import FAST, branin, wl_random_search, wl_until_terminated
 
@@ -284,9 +284,7 @@ def test_default_secret_file_is_private(monkeypatch, tmp_path):
 
 # -- credentials files on hostile ground ----------------------------------------------------------
 def _root_or_skip(why: str) -> None:
-    if os.geteuid() != 0:
-        print(f"skipping: {why} needs root (to own a file as another uid)")
-        pytest.skip(f"{why} needs root (to own a file as another uid)")
+    require_cluster("root", os.geteuid() == 0, f"{why} needs root (to own a file as another uid)")
 
 
 def wl_touch_marker(rush):
@@ -522,9 +520,7 @@ class Sshd:
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
-    if os.geteuid() != 0:
-        print("skipping: the throwaway sshd runs as root (privilege separation)")
-        pytest.skip("the throwaway sshd runs as root (privilege separation); run the tests as root")
+    require_cluster("root", os.geteuid() == 0, "the throwaway sshd runs as root (privilege separation)")
     if not Path("/usr/sbin/sshd").exists():
         pytest.fail("/usr/sbin/sshd is missing: install openssh-server (scripts/install-deps does)")
     d = tmp_path_factory.mktemp("sshd")

@@ -42,28 +42,7 @@ class MutingProxy(DroppingProxy):
     """``lose_reply()``: the server's bytes are swallowed for ``delay`` s (the request got through and
     the command ran), then every connection is cut: a reply lost after the command ran, for sure."""
 
-    mute = False
     cuts = 0
-
-    def _pump(self, source, sink, replies):
-        import socket
-
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                if (replies and self.mute) or self.down:
-                    continue
-                sink.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, sink):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
 
     def lose_reply(self, delay: float = 1.5) -> None:
         self.mute = True

@@ -21,7 +21,7 @@ from rush_hpc import forkserver
 from rush_hpc.launchers.local import is_our_worker
 from rush_hpc.launchers.slurm import JobShare, SlurmHandle
 
-from conftest import SECRET, wait_until
+from conftest import SECRET, require_cluster, wait_until
 from loops import FAST, wl_until_terminated
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests are not importable on workers
@@ -80,8 +80,8 @@ def _set_last_pid(pid: int) -> bool:
 
 
 def test_a_reused_pid_does_not_inherit_an_old_exit_status(rush):
-    if not _set_last_pid(int(Path("/proc/sys/kernel/ns_last_pid").read_text())):
-        pytest.skip("needs root to choose the next pid (/proc/sys/kernel/ns_last_pid)")
+    require_cluster("root", _set_last_pid(int(Path("/proc/sys/kernel/ns_last_pid").read_text())),
+                    "choosing the next pid (/proc/sys/kernel/ns_last_pid) needs root")
     first = rush.start_local_workers(worker_loop=_ends_at_once, n_workers=1, **FAST)
     old = rush._supervisor.handles[first[0]]
     assert old.process.wait(30) == 0  # the fork server reported its exit: exit_codes[pid] = 0
@@ -93,7 +93,7 @@ def test_a_reused_pid_does_not_inherit_an_old_exit_status(rush):
             break
         rush.stop_workers(type="kill", worker_ids=ids)
     else:
-        pytest.skip("could not get the same pid again")
+        require_cluster("a reused pid", False, "another process took the pid 20 times in a row")
     try:
         # fails here: "worker ...: process <pid> exited with code 0 before registering" (the old exit code)
         rush.wait_for_workers(worker_ids=ids, timeout=60)

@@ -154,8 +154,7 @@ def test_kill_through_redis_and_by_ssh_when_the_worker_does_not_answer(srush, ss
 
 
 def test_host_whose_link_goes_down_loses_its_workers_and_nothing_is_lost(srush, ssh_env):
-    if LOOPBACK:
-        pytest.skip("needs network namespaces: the loopback fallback cannot take one host's link down")
+    require_cluster("network namespaces", not LOOPBACK, "the loopback fallback cannot take one host's link down")
     keys = srush.push_tasks([{"sleep": 5}] * 2 + [{"sleep": 0.01}] * 20, max_retries=1)
     ids = start(srush, ssh_env, loop=wl_queue, hosts=ssh_env["hosts"][:2], n_workers=1)
     srush.wait_for_workers(worker_ids=ids, timeout=30)
@@ -216,8 +215,7 @@ def test_a_second_controller_never_sshes_to_hosts_from_redis(srush, ssh_env, bri
 def test_a_worker_cut_off_killed_and_reset_is_gone_soon_after_its_link_comes_back(srush, ssh_env):
     """Issue 10: link down, then kill and reset while the worker cannot hear it, then link up: the
     worker must exit within about two heartbeat periods and create nothing in the reset network."""
-    if LOOPBACK:
-        pytest.skip("needs network namespaces: the loopback fallback cannot take one host's link down")
+    require_cluster("network namespaces", not LOOPBACK, "the loopback fallback cannot take one host's link down")
     period = 1.0
     host = ssh_env["hosts"][1]
     srush.push_tasks([{"sleep": 0.05}] * 10000)
