@@ -1,4 +1,4 @@
-"""Task rows (dicts) to pandas frames, and the growing buffer behind the finished-task cache.
+"""Columns of task rows to pandas frames, and the growing buffer behind the finished-task cache.
 
 pandas is imported lazily: workers that never fetch never pay for it.
 """
@@ -103,11 +103,9 @@ def to_local_times(frame: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
     return local
 
 
-def column_names(rows: Iterable[dict[str, Any]], known: Iterable[str] = ()) -> list[str]:
-    """Every key of ``rows`` in order of first appearance, with worker_id / state / keys last."""
-    names = dict.fromkeys(known)
-    for row in rows:
-        names.update(dict.fromkeys(row))
+def column_order(names: Iterable[str]) -> list[str]:
+    """``names`` in their order, with worker_id / state / keys moved last."""
+    names = list(names)
     return [n for n in names if n not in LAST_COLUMNS] + [n for n in LAST_COLUMNS if n in names]
 
 
@@ -130,13 +128,14 @@ def infer_array(values: list[Any]) -> np.ndarray:
     return array
 
 
-def rows_to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+def columns_to_frame(columns: Mapping[str, list[Any]]) -> pd.DataFrame:
+    """A frame of columns (name -> values, equal lengths), each as int64, float64, bool or object."""
     import pandas as pd
 
-    if not rows:
+    if not columns:
         return pd.DataFrame(columns=["worker_id", "keys"])
-    columns = {name: infer_array([r.get(name) for r in rows]) for name in column_names(rows)}
-    return pd.DataFrame({name: pd.Series(array, dtype=array.dtype, copy=False) for name, array in columns.items()},
+    arrays = {name: infer_array(values) for name, values in columns.items()}
+    return pd.DataFrame({name: pd.Series(array, dtype=array.dtype, copy=False) for name, array in arrays.items()},
                         copy=False)
 
 
@@ -174,12 +173,15 @@ class FrameBuffer:
         self.columns: dict[str, np.ndarray] = {}
         self._frame: pd.DataFrame | None = None
 
-    def append(self, rows: list[dict[str, Any]]) -> None:
+    def append(self, columns: Mapping[str, list[Any]]) -> None:
+        """Add rows given as columns (name -> values, equal lengths); a name earlier rows lack is
+        missing there, a name these rows lack is missing in them."""
         import numpy as np
 
-        if not rows:
+        n = len(next(iter(columns.values()))) if columns else 0
+        if not n:
             return
-        start, end = self.n, self.n + len(rows)
+        start, end = self.n, self.n + n
         rebuild = end > self.capacity
         if rebuild:
             self.capacity = max(1024, 2 * self.capacity, end)
@@ -187,9 +189,8 @@ class FrameBuffer:
                 grown = np.empty(self.capacity, dtype=buffer.dtype)
                 grown[:start] = buffer[:start]
                 self.columns[name] = grown
-        names = column_names(rows)
-        for name in names:
-            values = infer_array([r.get(name) for r in rows])
+        for name, column in columns.items():
+            values = infer_array(column)
             if name in self.columns:
                 buffer = self.columns[name]
             else:
@@ -204,7 +205,7 @@ class FrameBuffer:
                 rebuild = True
             buffer[start:end] = values
             self.columns[name] = buffer
-        for name in set(self.columns) - set(names):
+        for name in set(self.columns) - set(columns):
             buffer = self.columns[name]
             dtype = _holding_missing(buffer.dtype)
             if dtype != buffer.dtype:
@@ -218,7 +219,7 @@ class FrameBuffer:
     def _rebuild(self) -> None:
         import pandas as pd
 
-        order = column_names([], known=self.columns)
+        order = column_order(self.columns)
         # explicit dtypes: pandas would otherwise copy object columns of strings into its str dtype,
         # and the frame would stop seeing rows written into the buffers later
         self._frame = pd.DataFrame({name: pd.Series(self.columns[name], dtype=self.columns[name].dtype,

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import json
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence, cast
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, cast
 
 import redis
 
@@ -18,18 +16,18 @@ from .codec import Codec
 from .config import RedisConfig
 from .exceptions import (NoWorkersError, RedisAuthError, RedisUnavailableError, RushTimeoutError,
                          TaskError, UnknownTaskError, WorkerNotRunningError)
-from .frames import FrameBuffer, check_user_columns, rows_to_frame
+from .frames import FrameBuffer, check_user_columns, columns_to_frame
 from .fastpath import FastConnection
 from .fastpath import available as fastpath_available
 from .keys import TASK_STATES, NetworkKeys
 from .outage import OutageRetry
+from .rows import RECORD_WIDTH, VALUE_FIELDS, Record, gc_paused, parse_rows, pickle_refs, records_to_columns
 
 if TYPE_CHECKING:
     import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-_ROW_FIELDS = ("xs", "ys", "xs_extra", "ys_extra", "condition")
 _SCRIPTS = ("CREATE_TASKS", "CREATE_RUNNING_TASKS", "FINISH_TASKS", "FAIL_TASKS", "POP_TASK", "FINISH_AND_POP", "END_WORKER",
             "SWEEP_ORPHANED_TASKS", "SET_WORKER_STATE", "FETCH_ROWS")
 #: task ids per FETCH_ROWS call: a few ms of Redis time each, so other clients are never held up
@@ -50,57 +48,6 @@ def new_task_id() -> str:
     """A task id: 16 URL-safe characters, 96 random bits (half the memory of a uuid4 hex in every list
     and row; collisions stay negligible even at billions of tasks)."""
     return secrets.token_urlsafe(12)
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector (decoding JSON creates no cycles)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _well_formed(record: Any, width: int, with_refs: bool) -> bool:
-    """A row of ``width`` fields whose id is a string; finished rows (``with_refs``) may carry a
-    ``width + 1``-th field: the positions (1..4) of their signed pickles."""
-    if type(record) is not list or not record or type(record[0]) is not str:
-        return False
-    if len(record) == width:
-        return True
-    return (with_refs and len(record) == width + 1 and type(record[-1]) is list
-            and all(type(p) is int and 1 <= p <= 4 for p in record[-1]))
-
-
-def parse_rows(raw: Sequence[bytes], width: int, what: str, *, with_refs: bool = False) -> list[list[Any] | None]:
-    """JSON rows as lists of ``width`` fields (one more: the positions of signed pickles): one
-    ``json.loads`` for all (fast); one by one when that fails, so that a malformed row (non-UTF-8,
-    bad JSON, too deep, wrong length) is reported and left out (None)."""
-    if not raw:
-        return []
-    try:
-        records = json.loads(b"[" + b",".join(raw) + b"]")
-        if all(_well_formed(r, width, with_refs) for r in records):
-            return records
-    except (ValueError, RecursionError):
-        pass
-    parsed: list[list[Any] | None] = []
-    for item in raw:
-        try:
-            record = json.loads(item.decode("utf-8", "replace"))
-            if not _well_formed(record, width, with_refs):
-                raise ValueError(f"expected {width} fields" + (" (and pickle positions)" if with_refs else ""))
-            if not isinstance(record[0], str):
-                raise ValueError("the task id is not a string")
-        except (ValueError, RecursionError) as error:
-            logger.warning("skipping a malformed row of %s (%s): %.200r", what, error, item)
-            parsed.append(None)
-            continue
-        parsed.append(record)
-    return parsed
 
 
 def connect(config: RedisConfig, **client_options: Any) -> redis.Redis:
@@ -382,9 +329,8 @@ class RushNetwork:
                 "finished": finished, "failed": failed, "total": total}
 
     # -- fetching ------------------------------------------------------------------------------
-    def _fetch_rows(self, collection: str, kind: str, states: Sequence[str] | None = None
-                    ) -> list[dict[str, Any]]:
-        """Rows (one dict per task) of an append-only list (all tasks, failed), read in chunks of
+    def _fetch_rows(self, collection: str, kind: str, states: Sequence[str] | None = None) -> list[Record]:
+        """Records (one per task) of an append-only list (all tasks, failed), read in chunks of
         ``FETCH_CHUNK`` ids by index (stable: the list only grows).
 
         Each chunk is one FETCH_ROWS call, so Redis is never blocked for long; the state filter runs
@@ -401,11 +347,10 @@ class RushNetwork:
             if position in (b"0", "0", 0):
                 break
         self._read_finished_rows(raw, refs)
-        return self._rows(raw, refs, with_state=states is not None)
+        return self._records(raw, refs)
 
-    def _fetch_snapshot(self, collection: str, kind: str, states: Sequence[str] | None = None
-                        ) -> list[dict[str, Any]]:
-        """Rows of a list or set that changes while it is read (a queue workers pop from, the running
+    def _fetch_snapshot(self, collection: str, kind: str, states: Sequence[str] | None = None) -> list[Record]:
+        """Records of a list or set that changes while it is read (a queue workers pop from, the running
         set): its ids in one read (a consistent snapshot: no task missed or repeated), then the rows
         by id in chunks. A task that moved on meanwhile is shown in its new state, or left out."""
         ids = self.redis.lrange(collection, 0, -1) if kind == "list" else sorted(self.redis.smembers(collection))
@@ -417,7 +362,7 @@ class RushNetwork:
                 "ids", 0, FETCH_CHUNK, self.keys.task_prefix, state_filter, *ids[first:first + FETCH_CHUNK]])
             _append_rows(raw, refs, chunk, chunk_refs)
         self._read_finished_rows(raw, refs)
-        return self._rows(raw, refs, with_state=states is not None)
+        return self._records(raw, refs)
 
     def _read_finished_rows(self, raw: list[bytes], refs: list[Any]) -> None:
         """Replace FETCH_ROWS' markers of finished tasks (``#<index>#<id>``) by their rows of the
@@ -457,51 +402,39 @@ class RushNetwork:
             for i in range(0, len(rebuilt_refs or ()), 2):
                 refs += [part[int(rebuilt_refs[i])][0], rebuilt_refs[i + 1]]
 
-    def _rows(self, raw: list[bytes], refs: list[Any] | None, *, with_state: bool) -> list[dict[str, Any]]:
-        """FETCH_ROWS rows as dicts: the values' columns, worker_id, (state,) keys.
-
-        The one decoder of task rows. JSON values arrive inlined; signed pickles are read separately
-        and verified before they are unpickled.
-        """
+    def _records(self, raw: list[bytes], refs: list[Any] | None) -> list[Record]:
+        """FETCH_ROWS rows (or rows of the finished list) as well-formed records, their signed
+        pickles read separately and verified before they are unpickled; bad rows reported and left out."""
         with gc_paused():  # decoding makes many small objects and no cycles: the collector only slows it
-            records = parse_rows(raw, 8, "tasks", with_refs=True)
+            records = parse_rows(raw, RECORD_WIDTH, "tasks", with_refs=True)
         # finished rows list their own signed pickles as a 9th element; FETCH_ROWS lists those of the
         # rows it built from task hashes in refs
-        refs = [*(refs or ()), *(n for i, record in enumerate(records) if record is not None and len(record) == 9
-                                 for position in record.pop() for n in (i, int(position)))]
-        if refs:
-            self._resolve_refs(records, refs)
-        rows = []
-        for record in records:
-            if record is None:
-                continue
-            task_id, xs, ys, xs_extra, ys_extra, condition, worker_id, state = record
-            row: dict[str, Any] = {}
-            for values in (xs, ys, xs_extra, ys_extra, condition):
-                if type(values) is dict:
-                    row.update(values)
-            row["worker_id"] = worker_id
-            if with_state:
-                row["state"] = state
-            row["keys"] = task_id
-            rows.append(row)
-        return rows
+        refs = refs or []
+        pairs = [(int(refs[i]), int(refs[i + 1])) for i in range(0, len(refs), 2)] + pickle_refs(records)
+        if pairs:
+            self._resolve_refs(records, pairs)
+        return [r for r in records if r is not None] if None in records else cast(list[Record], records)
 
-    def _resolve_refs(self, records: list[list[Any] | None], refs: list[Any]) -> None:
-        pairs = [(int(refs[i]), int(refs[i + 1])) for i in range(0, len(refs), 2)]
+    def _frame(self, records: list[Record], *, with_state: bool = False) -> pd.DataFrame:
+        with gc_paused():
+            return columns_to_frame(records_to_columns(records, with_state=with_state))
+
+    def _resolve_refs(self, records: list[Record | None], pairs: list[tuple[int, int]]) -> None:
+        """Replace each referenced field (``(record, position)`` pairs) by its signed pickle from the
+        task's hash, decoded; a record whose pickle cannot be decoded is reported and dropped (None)."""
         pairs = [(row, index) for row, index in pairs if records[row] is not None]
         pipe = self.redis.pipeline(transaction=False)
         for row, index in pairs:
-            pipe.hget(self.keys.task(records[row][0]), _ROW_FIELDS[index - 1])  # type: ignore[index]
+            pipe.hget(self.keys.task(records[row][0]), VALUE_FIELDS[index - 1])  # type: ignore[index]
         for (row, index), blob in zip(pairs, pipe.execute()):
             record = records[row]
             if record is None:
                 continue
             try:
-                record[index] = self.codec.decode(blob, f"task {record[0]} {_ROW_FIELDS[index - 1]}")
+                record[index] = self.codec.decode(blob, f"task {record[0]} {VALUE_FIELDS[index - 1]}")
             except Exception as error:  # noqa: BLE001 - one bad value must not break the rest
                 logger.warning("skipping task %s: its %s cannot be decoded: %s", record[0],
-                               _ROW_FIELDS[index - 1], error)
+                               VALUE_FIELDS[index - 1], error)
                 records[row] = None
 
     def fetch_finished_tasks(self) -> pd.DataFrame:
@@ -517,8 +450,9 @@ class RushNetwork:
                                                       self._finished_position + FINISHED_CHUNK - 1))
             if not raw:
                 break
-            rows = self._rows(raw, None, with_state=False)  # raises (Redis away): read these again next time
-            self._finished.append(rows)
+            with gc_paused():
+                records = self._records(raw, None)  # raises (Redis away): read these again next time
+                self._finished.append(records_to_columns(records, with_state=False))
             self._finished_position += len(raw)
             if len(raw) < FINISHED_CHUNK:
                 break
@@ -537,22 +471,22 @@ class RushNetwork:
 
     def fetch_running_tasks(self) -> pd.DataFrame:
         """Tasks a worker holds right now (read from the running set only)."""
-        return rows_to_frame(self._fetch_snapshot(self.keys.running, "set"))
+        return self._frame(self._fetch_snapshot(self.keys.running, "set"))
 
     def fetch_queued_tasks(self) -> pd.DataFrame:
         """Tasks waiting in the shared queue, in the order they will be popped."""
-        return rows_to_frame(self._fetch_snapshot(self.keys.queued, "list"))
+        return self._frame(self._fetch_snapshot(self.keys.queued, "list"))
 
     def fetch_priority_tasks(self) -> pd.DataFrame:
         """Tasks waiting in the workers' priority queues."""
-        rows: list[dict[str, Any]] = []
+        records: list[Record] = []
         for worker_id in sorted(self.redis.smembers(self.keys.priority_workers)):
-            rows += self._fetch_snapshot(self.keys.priority(text(worker_id)), "list")
-        return rows_to_frame(rows)
+            records += self._fetch_snapshot(self.keys.priority(text(worker_id)), "list")
+        return self._frame(records)
 
     def fetch_failed_tasks(self) -> pd.DataFrame:
         """Failed tasks; the condition (e.g. ``message``) becomes columns."""
-        return rows_to_frame(self._fetch_rows(self.keys.failed, "list"))
+        return self._frame(self._fetch_rows(self.keys.failed, "list"))
 
     def fetch_tasks_with_state(self, states: Sequence[str] = TASK_STATES) -> pd.DataFrame:
         """Tasks in any of ``states`` with a ``state`` column, in creation order, no task twice.
@@ -567,19 +501,19 @@ class RushNetwork:
         if unknown:
             raise TaskError(f"unknown task state(s) {sorted(unknown)}; valid: {list(TASK_STATES)}")
         if states == ["running"]:
-            return rows_to_frame(self._fetch_snapshot(self.keys.running, "set", states=states))
+            return self._frame(self._fetch_snapshot(self.keys.running, "set", states=states), with_state=True)
         if states == ["failed"]:
-            return rows_to_frame(self._fetch_rows(self.keys.failed, "list", states=states))
+            return self._frame(self._fetch_rows(self.keys.failed, "list", states=states), with_state=True)
         if states == ["queued"]:
-            rows = self._fetch_snapshot(self.keys.queued, "list", states=states)
+            records = self._fetch_snapshot(self.keys.queued, "list", states=states)
             for worker_id in sorted(self.redis.smembers(self.keys.priority_workers)):
-                rows += self._fetch_snapshot(self.keys.priority(text(worker_id)), "list", states=states)
-            return rows_to_frame(rows)
-        return rows_to_frame(self._fetch_rows(self.keys.all_tasks, "list", states=states))
+                records += self._fetch_snapshot(self.keys.priority(text(worker_id)), "list", states=states)
+            return self._frame(records, with_state=True)
+        return self._frame(self._fetch_rows(self.keys.all_tasks, "list", states=states), with_state=True)
 
     def fetch_tasks(self) -> pd.DataFrame:
         """Every task of the network, in creation order (read in chunks)."""
-        return rows_to_frame(self._fetch_rows(self.keys.all_tasks, "list"))
+        return self._frame(self._fetch_rows(self.keys.all_tasks, "list"))
 
     def task_states(self, keys: str | Iterable[str]) -> dict[str, str]:
         """The state of each task key; raises ``UnknownTaskError`` for keys this network lacks."""

@@ -1,0 +1,186 @@
+"""Task rows as Redis returns them (JSON records) to columns: the one decoder of task rows.
+
+A record is ``[id, xs, ys, xs_extra, ys_extra, condition, worker_id, state]`` (a finished row may
+carry a 9th field: the positions of its signed pickles). Rows are decoded column by column, never
+as one dict per row: a fetch of 100k finished tasks spends its time in ``json.loads``, not in Python
+loops. Records come from Redis, which is untrusted: every shape is checked, and a malformed record
+is reported and left out rather than breaking the fetch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+from types import ModuleType
+from typing import Any, Iterator, Sequence
+
+from .frames import LAST_COLUMNS, column_order
+
+logger = logging.getLogger(__name__)
+
+_orjson: ModuleType | None
+try:
+    import orjson as _orjson
+except ImportError:  # a platform without its wheels: the standard json module decodes everything
+    _orjson = None
+
+#: text with digits as "0", "." kept and everything else a space: a space and 19 zeros is a number
+#: (or a string, an exponent) whose integer part may not fit 64 bits: orjson would make it a float.
+#: (translate + find: ~1 ms per MB; a regular expression takes 10x longer)
+_NUMBER_SHAPE = bytes(ord("0") if chr(c).isdigit() and c < 128 else c if c == ord(".") else ord(" ")
+                      for c in range(256))
+_LONG_INTEGER = b" " + b"0" * 19
+
+#: the value fields of a record, at positions 1..5 (the names of the task hash's fields)
+VALUE_FIELDS = ("xs", "ys", "xs_extra", "ys_extra", "condition")
+RECORD_WIDTH = 8
+_WORKER_ID, _STATE = 6, 7
+
+Record = list[Any]
+Columns = dict[str, list[Any]]
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector (decoding JSON creates many objects and no cycles: the
+    collector would only walk them again and again)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _refs_well_formed(record: Record, width: int) -> bool:
+    """The extra field of a finished row: the positions (1..4: xs, ys and their extras; a finished
+    task has no condition) of its signed pickles."""
+    refs = record[width]
+    return type(refs) is list and all(type(p) is int and 1 <= p <= 4 for p in refs)
+
+
+def _well_formed(record: Any, width: int, with_refs: bool) -> bool:
+    """A row of ``width`` fields whose id is a string; finished rows (``with_refs``) may carry a
+    ``width + 1``-th field: the positions of their signed pickles."""
+    if type(record) is not list or not record or type(record[0]) is not str:
+        return False
+    if len(record) == width:
+        return True
+    return with_refs and len(record) == width + 1 and _refs_well_formed(record, width)
+
+
+def _all_well_formed(records: Any, width: int, with_refs: bool) -> bool:
+    """``_well_formed`` for every record, checked with builtins over whole lists (no Python call
+    per record unless a record carries pickle positions)."""
+    if type(records) is not list or not records or set(map(type, records)) != {list}:
+        return type(records) is list and not records
+    lengths = set(map(len, records))
+    if not lengths <= ({width, width + 1} if with_refs else {width}):
+        return False
+    if set(map(type, [r[0] for r in records])) != {str}:
+        return False
+    return width + 1 not in lengths or all(_refs_well_formed(r, width) for r in records if len(r) > width)
+
+
+def _maybe_long_integer(text: bytes) -> bool:
+    shape = text.translate(_NUMBER_SHAPE)
+    return shape.find(_LONG_INTEGER) >= 0 or shape.startswith(_LONG_INTEGER[1:])
+
+
+def loads_many(text: bytes) -> Any:
+    """Decode one JSON document of many rows: with orjson when it is installed (2-3x faster), with
+    the json module where orjson would differ: text with integers beyond 64 bits (orjson makes them
+    floats) and text orjson refuses but json accepts (NaN, Infinity, 1e400, lone surrogates)."""
+    if _orjson is not None and not _maybe_long_integer(text):
+        try:
+            return _orjson.loads(text)
+        except _orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
+
+
+def parse_rows(raw: Sequence[bytes], width: int, what: str, *, with_refs: bool = False) -> list[Record | None]:
+    """JSON rows as lists of ``width`` fields (one more: the positions of signed pickles): one
+    ``json.loads`` for all (fast); one by one when that fails, so that a malformed row (non-UTF-8,
+    bad JSON, too deep, wrong length) is reported and left out (None)."""
+    if not raw:
+        return []
+    try:
+        records = loads_many(b"[" + b",".join(raw) + b"]")
+        if _all_well_formed(records, width, with_refs):
+            return records
+    except (ValueError, RecursionError):
+        pass
+    parsed: list[Record | None] = []
+    for item in raw:
+        try:
+            record = json.loads(item.decode("utf-8", "replace"))
+            if not _well_formed(record, width, with_refs):
+                raise ValueError(f"expected {width} fields, the first a task id"
+                                 + (" (and pickle positions)" if with_refs else ""))
+        except (ValueError, RecursionError) as error:
+            logger.warning("skipping a malformed row of %s (%s): %.200r", what, error, item)
+            parsed.append(None)
+            continue
+        parsed.append(record)
+    return parsed
+
+
+def pickle_refs(records: Sequence[Record | None]) -> list[tuple[int, int]]:
+    """``(record index, field position)`` of every signed pickle finished rows name in their 9th
+    field; the field is removed (the records are left with ``RECORD_WIDTH`` fields)."""
+    refs: list[tuple[int, int]] = []
+    if RECORD_WIDTH + 1 not in set(map(len, filter(None, records))):
+        return refs
+    for i, record in enumerate(records):
+        if record is not None and len(record) > RECORD_WIDTH:
+            refs += [(i, int(position)) for position in record.pop()]
+    return refs
+
+
+def _same_names(dicts: list[dict[str, Any]]) -> Columns | None:
+    """The columns of dicts that all hold the same names (the common case: one comprehension per
+    column); None if they do not."""
+    first = dicts[0]
+    if set(map(len, dicts)) != {len(first)}:
+        return None
+    try:  # same size and every name of the first present: the same names
+        return {name: [d[name] for d in dicts] for name in first}
+    except KeyError:
+        return None
+
+
+def records_to_columns(records: Sequence[Record], *, with_state: bool) -> Columns:
+    """Well-formed records as columns: the value fields' names in order of first appearance (a
+    later field's value wins, as if each row's dicts were merged in order), then ``worker_id``,
+    ``state`` (with_state), ``keys``. A name some rows lack is None there."""
+    columns: Columns = {}
+    if not records:
+        return columns
+    for position in range(1, len(VALUE_FIELDS) + 1):
+        values = [r[position] for r in records]
+        kinds = set(map(type, values))
+        if dict not in kinds:
+            continue  # None (the usual extra and condition fields) or values that are no dict: no columns
+        uniform = _same_names(values) if kinds == {dict} else None
+        if uniform is not None:
+            columns.update(uniform)
+            continue
+        dicts = [v if type(v) is dict else {} for v in values]
+        for name in dict.fromkeys(name for d in dicts for name in d):
+            earlier = columns.get(name)
+            if earlier is None:
+                columns[name] = [d.get(name) for d in dicts]
+            else:
+                columns[name] = [d[name] if name in d else old for d, old in zip(dicts, earlier)]
+    # a value field named like one of the library's columns (refused when written, but Redis is
+    # untrusted): the library's value wins, and the column moves to its place at the end
+    misplaced = any(name in columns for name in LAST_COLUMNS)
+    columns["worker_id"] = [r[_WORKER_ID] for r in records]
+    if with_state:
+        columns["state"] = [r[_STATE] for r in records]
+    columns["keys"] = [r[0] for r in records]
+    return {name: columns[name] for name in column_order(columns)} if misplaced else columns
