@@ -15,7 +15,6 @@ import random
 import pytest
 import redis
 
-import rush_hpc
 from rush_hpc import network as network_module
 from rush_hpc.rows import VALUE_FIELDS
 
@@ -213,3 +212,27 @@ def test_one_finished_entry_is_at_most_one_row(rush, raw):
                                   b'["b",{"x":2},null,null,null,null,"w","finished"]')
     raw.rpush(rush.keys.finished, json.dumps(["c", {"x": 3}, None, None, None, None, "w", "finished"]))
     assert len(rush.fetch_finished_tasks()) <= 2
+
+
+@pytest.mark.xfail(strict=True, reason="FINDING 4: fetch_finished_tasks keeps the garbage collector off across "
+                   "network I/O (the pickles' pipeline, retried through an outage for up to outage_timeout, 60 s) "
+                   "and the unpickling of user objects; the old code paused it only around json.loads")
+def test_the_collector_runs_while_the_finished_fetch_waits_for_redis(rush, worker, monkeypatch):
+    keys = worker.push_running_tasks([{"x": 1}])
+    worker.push_results(keys, [{"y": (1, "pickled")}])  # its row names a signed pickle: one pipeline
+    real = rush.redis.pipeline
+    seen: list[bool] = []
+
+    def observed_pipeline(*args, **kwargs):
+        pipe = real(*args, **kwargs)
+        execute = pipe.execute
+
+        def observed_execute(*a, **k):
+            seen.append(gc.isenabled())  # where a Redis outage would block, retried for up to 60 s
+            return execute(*a, **k)
+        pipe.execute = observed_execute
+        return pipe
+
+    monkeypatch.setattr(rush.redis, "pipeline", observed_pipeline)
+    assert rush.fetch_finished_tasks()["y"].tolist() == [(1, "pickled")]
+    assert seen and all(seen), seen
