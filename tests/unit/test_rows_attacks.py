@@ -291,3 +291,13 @@ def test_orjson_is_used_and_big_integers_stay_exact():
     assert all(type(v) is int for v in value.values())
     assert infer_array([value["x"], 1]).dtype == np.dtype(object)
     assert not math.isnan(rows_module.loads_many(b"[1e-400]")[0])
+
+
+@pytest.mark.xfail(strict=True, reason="FINDING 5 (pre-existing, infer_array unchanged): an integer beyond the "
+                   "float range in a column that also holds a float or a missing value raises OverflowError: "
+                   "the whole frame fails, not one row")
+@pytest.mark.parametrize("other", [{"y": 0.5}, {"z": 1}])
+def test_a_huge_integer_beside_a_float_or_a_gap_does_not_break_the_frame(other):
+    records = [record("a", other), record("b", {"y": 10 ** 400})]
+    frame = new_frame(records, with_state=False)
+    assert frame.loc[1, "y"] == 10 ** 400
