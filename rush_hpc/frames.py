@@ -120,7 +120,10 @@ def infer_array(values: list[Any]) -> np.ndarray:
         except OverflowError:
             return np.array(values, dtype=object)
     if kinds <= {int, float, _NONE} and kinds - {_NONE}:
-        return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+        try:
+            return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+        except OverflowError:  # an integer beyond the float range: keep the values as they are
+            pass
     if kinds == {bool}:
         return np.array(values, dtype=bool)
     array = np.empty(len(values), dtype=object)

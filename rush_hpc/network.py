@@ -422,7 +422,8 @@ class RushNetwork:
     def _resolve_refs(self, records: list[Record | None], pairs: list[tuple[int, int]]) -> None:
         """Replace each referenced field (``(record, position)`` pairs) by its signed pickle from the
         task's hash, decoded; a record whose pickle cannot be decoded is reported and dropped (None)."""
-        pairs = [(row, index) for row, index in pairs if records[row] is not None]
+        pairs = [(row, index) for row, index in pairs
+                 if 0 <= row < len(records) and 1 <= index <= len(VALUE_FIELDS) and records[row] is not None]
         pipe = self.redis.pipeline(transaction=False)
         for row, index in pairs:
             pipe.hget(self.keys.task(records[row][0]), VALUE_FIELDS[index - 1])  # type: ignore[index]
@@ -450,8 +451,8 @@ class RushNetwork:
                                                       self._finished_position + FINISHED_CHUNK - 1))
             if not raw:
                 break
+            records = self._records(raw, None)  # raises (Redis away): read these again next time
             with gc_paused():
-                records = self._records(raw, None)  # raises (Redis away): read these again next time
                 self._finished.append(records_to_columns(records, with_state=False))
             self._finished_position += len(raw)
             if len(raw) < FINISHED_CHUNK:

@@ -26,12 +26,16 @@ try:
 except ImportError:  # a platform without its wheels: the standard json module decodes everything
     _orjson = None
 
-#: text with digits as "0", "." kept and everything else a space: a space and 19 zeros is a number
-#: (or a string, an exponent) whose integer part may not fit 64 bits: orjson would make it a float.
-#: (translate + find: ~1 ms per MB; a regular expression takes 10x longer)
-_NUMBER_SHAPE = bytes(ord("0") if chr(c).isdigit() and c < 128 else c if c == ord(".") else ord(" ")
-                      for c in range(256))
-_LONG_INTEGER = b" " + b"0" * 19
+#: text with digits as "0", "." and "-" kept, everything else a space. orjson reads an integer exactly
+#: from -2**63 to 2**64 - 1 and makes a float of anything longer: 20 digits (not a fraction's: those
+#: follow a ".") or "-" and 19 digits may be such a number (or a string, an exponent: json reads
+#: those then, just as well). translate + find: ~1 ms per MB; a regular expression takes 10x longer.
+_NUMBER_SHAPE = bytes(ord("0") if ord("0") <= c <= ord("9") else c if c in b".-" else ord(" ") for c in range(256))
+_LONG_POSITIVE, _LONG_NEGATIVE = b" " + b"0" * 20, b"-" + b"0" * 19
+#: a row orjson and json may disagree on by depth: orjson reads 1024 levels, json fewer (its
+#: recursion limit, ~1000 minus the caller's stack). A row of fewer than 2 * _DEEP bytes or with
+#: fewer than _DEEP opening brackets nests less than _DEEP levels; json reads the others.
+_DEEP = 256
 
 #: the value fields of a record, at positions 1..5 (the names of the task hash's fields)
 VALUE_FIELDS = ("xs", "ys", "xs_extra", "ys_extra", "condition")
@@ -85,21 +89,27 @@ def _all_well_formed(records: Any, width: int, with_refs: bool) -> bool:
     return width + 1 not in lengths or all(_refs_well_formed(r, width) for r in records if len(r) > width)
 
 
-def _maybe_long_integer(text: bytes) -> bool:
+def _orjson_reads_like_json(rows: Sequence[bytes], text: bytes) -> bool:
+    """False where orjson might read ``text`` (``rows`` joined) otherwise than json: an integer
+    beyond 64 bits (orjson: a float), a row nested deeper than json reads (orjson: kept)."""
     shape = text.translate(_NUMBER_SHAPE)
-    return shape.find(_LONG_INTEGER) >= 0 or shape.startswith(_LONG_INTEGER[1:])
+    if shape.find(_LONG_POSITIVE) >= 0 or shape.find(_LONG_NEGATIVE) >= 0 or shape.startswith(_LONG_POSITIVE[1:]):
+        return False
+    return not any(r.count(b"[") + r.count(b"{") >= _DEEP for r in rows if len(r) >= 2 * _DEEP)
 
 
-def loads_many(text: bytes) -> Any:
-    """Decode one JSON document of many rows: with orjson when it is installed (2-3x faster), with
-    the json module where orjson would differ: text with integers beyond 64 bits (orjson makes them
-    floats) and text orjson refuses but json accepts (NaN, Infinity, 1e400, lone surrogates)."""
-    if _orjson is not None and not _maybe_long_integer(text):
+def loads_many(rows: Sequence[bytes]) -> list[Any]:
+    """Decode rows (JSON texts) in one call: with orjson when it is installed (2-3x faster), with the
+    json module where orjson could differ (see _orjson_reads_like_json) or refuses what json reads
+    (NaN, Infinity, 1e400, lone surrogates). Raises ValueError or RecursionError as json does; the
+    result may hold more or fewer items than ``rows`` when a row is not one JSON value."""
+    text = b"[" + b",".join(rows) + b"]"
+    if _orjson is not None and _orjson_reads_like_json(rows, text):
         try:
-            return _orjson.loads(text)
+            return _orjson.loads(text)  # type: ignore[no-any-return]
         except _orjson.JSONDecodeError:
             pass
-    return json.loads(text)
+    return json.loads(text)  # type: ignore[no-any-return]
 
 
 def parse_rows(raw: Sequence[bytes], width: int, what: str, *, with_refs: bool = False) -> list[Record | None]:
@@ -109,8 +119,10 @@ def parse_rows(raw: Sequence[bytes], width: int, what: str, *, with_refs: bool =
     if not raw:
         return []
     try:
-        records = loads_many(b"[" + b",".join(raw) + b"]")
-        if _all_well_formed(records, width, with_refs):
+        records = loads_many(raw)
+        # as many records as rows: a row holding two JSON values (or a value that swallows its
+        # neighbours, written into Redis by someone else) must not shift or merge rows
+        if len(records) == len(raw) and _all_well_formed(records, width, with_refs):
             return records
     except (ValueError, RecursionError):
         pass
@@ -154,12 +166,13 @@ def _same_names(dicts: list[dict[str, Any]]) -> Columns | None:
 
 
 def records_to_columns(records: Sequence[Record], *, with_state: bool) -> Columns:
-    """Well-formed records as columns: the value fields' names in order of first appearance (a
-    later field's value wins, as if each row's dicts were merged in order), then ``worker_id``,
-    ``state`` (with_state), ``keys``. A name some rows lack is None there."""
+    """Well-formed records as columns, as if each row's value fields were merged into one dict in
+    order (a later field's value wins): the names in order of first appearance, row by row, then
+    ``worker_id``, ``state`` (with_state), ``keys``. A name some rows lack is None there."""
     columns: Columns = {}
     if not records:
         return columns
+    mixed = False
     for position in range(1, len(VALUE_FIELDS) + 1):
         values = [r[position] for r in records]
         kinds = set(map(type, values))
@@ -169,6 +182,7 @@ def records_to_columns(records: Sequence[Record], *, with_state: bool) -> Column
         if uniform is not None:
             columns.update(uniform)
             continue
+        mixed = True
         dicts = [v if type(v) is dict else {} for v in values]
         for name in dict.fromkeys(name for d in dicts for name in d):
             earlier = columns.get(name)
@@ -176,6 +190,10 @@ def records_to_columns(records: Sequence[Record], *, with_state: bool) -> Column
                 columns[name] = [d.get(name) for d in dicts]
             else:
                 columns[name] = [d[name] if name in d else old for d, old in zip(dicts, earlier)]
+    if mixed:  # field by field gave another order than row by row: the first row with a name places it
+        first_seen = dict.fromkeys(name for r in records for values in r[1:len(VALUE_FIELDS) + 1]
+                                   if type(values) is dict for name in values)
+        columns = {name: columns[name] for name in first_seen}
     # a value field named like one of the library's columns (refused when written, but Redis is
     # untrusted): the library's value wins, and the column moves to its place at the end
     misplaced = any(name in columns for name in LAST_COLUMNS)

@@ -139,7 +139,7 @@ def test_loads_many_reads_like_the_json_module(seed):
     rng = random.Random(seed)
     for _ in range(50):
         text = json.dumps([random_value(rng) for _ in range(rng.randrange(1, 6))]).encode("utf-8", "surrogatepass")
-        assert same(rows.loads_many(text), json.loads(text)), text
+        assert same(rows.loads_many([text]), [json.loads(text)]), text
 
 
 def test_parse_rows_gives_the_same_records_with_and_without_orjson(monkeypatch):
@@ -156,3 +156,15 @@ def test_parse_rows_gives_the_same_records_with_and_without_orjson(monkeypatch):
 def test_a_big_integer_in_a_row_stays_an_integer():
     row = record("t", {"seed": 2**64 + 1}, {"y": 12345678901234567890123})
     assert parse_rows(raw([row]), 8, "tasks") == [row]
+
+
+@pytest.mark.parametrize("row, orjson_reads_it", [
+    (b'[1732612345678901234, -922337203685477580, 0.000316227766016837941234]', True),  # time_ns, fractions
+    (b'[18446744073709551616]', False), (b'[-9223372036854775809]', False),           # beyond 64 bits
+    (b'[' + b'[1],' * 300 + b'1]', False),                                           # may nest deep: json decides
+    (b'[' + b'1,' * 300 + b'1]', True),
+])
+def test_what_orjson_is_trusted_with(row, orjson_reads_it):
+    """orjson reads integers exactly from -2**63 to 2**64 - 1 and 1024 levels deep; text that may
+    leave those bounds goes to json (a false alarm only costs speed)."""
+    assert rows._orjson_reads_like_json([row], b"[" + row + b"]") is orjson_reads_it
