@@ -121,7 +121,8 @@ def infer_array(values: list[Any]) -> np.ndarray:
             return np.array(values, dtype=object)
     if kinds <= {int, float, _NONE} and kinds - {_NONE}:
         try:
-            return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+            return np.array([math.nan if v is None else v for v in values] if _NONE in kinds else values,
+                            dtype=np.float64)
         except OverflowError:  # an integer beyond the float range: keep the values as they are
             pass
     if kinds == {bool}:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ from .fastpath import FastConnection
 from .fastpath import available as fastpath_available
 from .keys import TASK_STATES, NetworkKeys
 from .outage import OutageRetry
-from .rows import RECORD_WIDTH, VALUE_FIELDS, Record, gc_paused, parse_rows, pickle_refs, records_to_columns
+from .rows import RECORD_WIDTH, VALUE_FIELDS, Columns, Record, parse_rows, pickle_refs, records_to_columns
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -142,6 +143,10 @@ def _merge_indices(indices: Sequence[int], *, gap: int, longest: int) -> list[tu
         else:
             ranges.append((index, index))
     return ranges
+
+
+#: rows as Redis returned them (JSON) and the positions of the signed pickles some of them refer to
+RawRows = tuple[list[bytes], list[Any]]
 
 
 class RushNetwork:
@@ -329,12 +334,12 @@ class RushNetwork:
                 "finished": finished, "failed": failed, "total": total}
 
     # -- fetching ------------------------------------------------------------------------------
-    def _fetch_rows(self, collection: str, kind: str, states: Sequence[str] | None = None) -> list[Record]:
-        """Records (one per task) of an append-only list (all tasks, failed), read in chunks of
-        ``FETCH_CHUNK`` ids by index (stable: the list only grows).
+    def _fetch_rows(self, collection: str, kind: str, states: Sequence[str] | None = None) -> RawRows:
+        """The rows (one per task, JSON) of an append-only list (all tasks, failed), read in chunks
+        of ``FETCH_CHUNK`` ids by index (stable: the list only grows), and their pickle references.
 
         Each chunk is one FETCH_ROWS call, so Redis is never blocked for long; the state filter runs
-        in Redis. A row that cannot be decoded is reported (with its key) and skipped.
+        in Redis.
         """
         raw: list[bytes] = []
         refs: list[Any] = []
@@ -347,22 +352,29 @@ class RushNetwork:
             if position in (b"0", "0", 0):
                 break
         self._read_finished_rows(raw, refs)
-        return self._records(raw, refs)
+        return raw, refs
 
-    def _fetch_snapshot(self, collection: str, kind: str, states: Sequence[str] | None = None) -> list[Record]:
-        """Records of a list or set that changes while it is read (a queue workers pop from, the running
-        set): its ids in one read (a consistent snapshot: no task missed or repeated), then the rows
-        by id in chunks. A task that moved on meanwhile is shown in its new state, or left out."""
-        ids = self.redis.lrange(collection, 0, -1) if kind == "list" else sorted(self.redis.smembers(collection))
+    def _fetch_snapshots(self, collections: Sequence[str], kind: str, states: Sequence[str] | None = None
+                         ) -> RawRows:
+        """The rows of lists or sets that change while they are read (a queue workers pop from, the
+        running set): each one's ids in one read (a consistent snapshot: no task missed or repeated),
+        then the rows by id in chunks. A task that moved on meanwhile is shown in its new state, or
+        left out."""
         raw: list[bytes] = []
         refs: list[Any] = []
+        for collection in collections:
+            self._fetch_snapshot(collection, kind, states, raw, refs)
+        self._read_finished_rows(raw, refs)
+        return raw, refs
+
+    def _fetch_snapshot(self, collection: str, kind: str, states: Sequence[str] | None,
+                        raw: list[bytes], refs: list[Any]) -> None:
+        ids = self.redis.lrange(collection, 0, -1) if kind == "list" else sorted(self.redis.smembers(collection))
         state_filter = ",".join(states) if states is not None else ""
         for first in range(0, len(ids), FETCH_CHUNK):
             chunk, chunk_refs, _ = self._script("FETCH_ROWS", [collection, self.keys.finished], [
                 "ids", 0, FETCH_CHUNK, self.keys.task_prefix, state_filter, *ids[first:first + FETCH_CHUNK]])
             _append_rows(raw, refs, chunk, chunk_refs)
-        self._read_finished_rows(raw, refs)
-        return self._records(raw, refs)
 
     def _read_finished_rows(self, raw: list[bytes], refs: list[Any]) -> None:
         """Replace FETCH_ROWS' markers of finished tasks (``#<index>#<id>``) by their rows of the
@@ -402,22 +414,35 @@ class RushNetwork:
             for i in range(0, len(rebuilt_refs or ()), 2):
                 refs += [part[int(rebuilt_refs[i])][0], rebuilt_refs[i + 1]]
 
-    def _records(self, raw: list[bytes], refs: list[Any] | None) -> list[Record]:
-        """FETCH_ROWS rows (or rows of the finished list) as well-formed records, their signed
-        pickles read separately and verified before they are unpickled; bad rows reported and left out."""
-        with gc_paused():  # decoding makes many small objects and no cycles: the collector only slows it
-            records = parse_rows(raw, RECORD_WIDTH, "tasks", with_refs=True)
-        # finished rows list their own signed pickles as a 9th element; FETCH_ROWS lists those of the
-        # rows it built from task hashes in refs
-        refs = refs or []
-        pairs = [(int(refs[i]), int(refs[i + 1])) for i in range(0, len(refs), 2)] + pickle_refs(records)
-        if pairs:
-            self._resolve_refs(records, pairs)
-        return [r for r in records if r is not None] if None in records else cast(list[Record], records)
+    def _columns(self, raw: list[bytes], refs: Sequence[Any] = (), *, with_state: bool = False) -> Columns:
+        """Rows (FETCH_ROWS rows or rows of the finished list) as columns, their signed pickles read
+        separately and verified before they are unpickled; bad rows reported and left out.
 
-    def _frame(self, records: list[Record], *, with_state: bool = False) -> pd.DataFrame:
-        with gc_paused():
-            return columns_to_frame(records_to_columns(records, with_state=with_state))
+        Decoding makes many objects and no cycles: the cyclic collector is paused until they are
+        gone again (resumed only while signed pickles are read: that waits for Redis, runs user code).
+        """
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            records = parse_rows(raw, RECORD_WIDTH, "tasks", with_refs=True)
+            # finished rows list their own signed pickles as a 9th element; FETCH_ROWS lists those of
+            # the rows it built from task hashes in refs
+            pairs = [(int(refs[i]), int(refs[i + 1])) for i in range(0, len(refs), 2)] + pickle_refs(records)
+            if pairs:
+                if collecting:
+                    gc.enable()
+                self._resolve_refs(records, pairs)
+                gc.disable()
+            columns = records_to_columns([r for r in records if r is not None] if None in records
+                                         else cast(list[Record], records), with_state=with_state)
+            del records  # freed before the collector runs again: it has nothing to walk
+            return columns
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _frame(self, rows: RawRows, *, with_state: bool = False) -> pd.DataFrame:
+        return columns_to_frame(self._columns(*rows, with_state=with_state))
 
     def _resolve_refs(self, records: list[Record | None], pairs: list[tuple[int, int]]) -> None:
         """Replace each referenced field (``(record, position)`` pairs) by its signed pickle from the
@@ -451,9 +476,8 @@ class RushNetwork:
                                                       self._finished_position + FINISHED_CHUNK - 1))
             if not raw:
                 break
-            records = self._records(raw, None)  # raises (Redis away): read these again next time
-            with gc_paused():
-                self._finished.append(records_to_columns(records, with_state=False))
+            columns = self._columns(raw)  # raises (Redis away): read these again next time
+            self._finished.append(columns)
             self._finished_position += len(raw)
             if len(raw) < FINISHED_CHUNK:
                 break
@@ -472,18 +496,18 @@ class RushNetwork:
 
     def fetch_running_tasks(self) -> pd.DataFrame:
         """Tasks a worker holds right now (read from the running set only)."""
-        return self._frame(self._fetch_snapshot(self.keys.running, "set"))
+        return self._frame(self._fetch_snapshots([self.keys.running], "set"))
 
     def fetch_queued_tasks(self) -> pd.DataFrame:
         """Tasks waiting in the shared queue, in the order they will be popped."""
-        return self._frame(self._fetch_snapshot(self.keys.queued, "list"))
+        return self._frame(self._fetch_snapshots([self.keys.queued], "list"))
 
     def fetch_priority_tasks(self) -> pd.DataFrame:
         """Tasks waiting in the workers' priority queues."""
-        records: list[Record] = []
-        for worker_id in sorted(self.redis.smembers(self.keys.priority_workers)):
-            records += self._fetch_snapshot(self.keys.priority(text(worker_id)), "list")
-        return self._frame(records)
+        return self._frame(self._fetch_snapshots(self._priority_queues(), "list"))
+
+    def _priority_queues(self) -> list[str]:
+        return [self.keys.priority(text(worker_id)) for worker_id in sorted(self.redis.smembers(self.keys.priority_workers))]
 
     def fetch_failed_tasks(self) -> pd.DataFrame:
         """Failed tasks; the condition (e.g. ``message``) becomes columns."""
@@ -502,14 +526,12 @@ class RushNetwork:
         if unknown:
             raise TaskError(f"unknown task state(s) {sorted(unknown)}; valid: {list(TASK_STATES)}")
         if states == ["running"]:
-            return self._frame(self._fetch_snapshot(self.keys.running, "set", states=states), with_state=True)
+            return self._frame(self._fetch_snapshots([self.keys.running], "set", states=states), with_state=True)
         if states == ["failed"]:
             return self._frame(self._fetch_rows(self.keys.failed, "list", states=states), with_state=True)
         if states == ["queued"]:
-            records = self._fetch_snapshot(self.keys.queued, "list", states=states)
-            for worker_id in sorted(self.redis.smembers(self.keys.priority_workers)):
-                records += self._fetch_snapshot(self.keys.priority(text(worker_id)), "list", states=states)
-            return self._frame(records, with_state=True)
+            queues = [self.keys.queued, *self._priority_queues()]
+            return self._frame(self._fetch_snapshots(queues, "list", states=states), with_state=True)
         return self._frame(self._fetch_rows(self.keys.all_tasks, "list", states=states), with_state=True)
 
     def fetch_tasks(self) -> pd.DataFrame:

@@ -9,12 +9,10 @@ is reported and left out rather than breaking the fetch.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import logging
 from types import ModuleType
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from .frames import LAST_COLUMNS, column_order
 
@@ -44,19 +42,6 @@ _WORKER_ID, _STATE = 6, 7
 
 Record = list[Any]
 Columns = dict[str, list[Any]]
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector (decoding JSON creates many objects and no cycles: the
-    collector would only walk them again and again)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _refs_well_formed(record: Record, width: int) -> bool:
@@ -95,7 +80,8 @@ def _orjson_reads_like_json(rows: Sequence[bytes], text: bytes) -> bool:
     shape = text.translate(_NUMBER_SHAPE)
     if shape.find(_LONG_POSITIVE) >= 0 or shape.find(_LONG_NEGATIVE) >= 0 or shape.startswith(_LONG_POSITIVE[1:]):
         return False
-    return not any(r.count(b"[") + r.count(b"{") >= _DEEP for r in rows if len(r) >= 2 * _DEEP)
+    return max(map(len, rows)) < 2 * _DEEP or not any(
+        r.count(b"[") + r.count(b"{") >= _DEEP for r in rows if len(r) >= 2 * _DEEP)
 
 
 def loads_many(rows: Sequence[bytes]) -> list[Any]:

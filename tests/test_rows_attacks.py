@@ -61,6 +61,19 @@ class OldFinishedCache:
         return self.buffer.frame()
 
 
+def spy_on_decoded_records(monkeypatch) -> list:
+    """The well-formed records (pickles resolved) each decode of a fetch turns into columns."""
+    seen: list = []
+    to_columns = network_module.records_to_columns
+
+    def spy(records, **kwargs):
+        seen.append(copy.deepcopy(records))
+        return to_columns(records, **kwargs)
+
+    monkeypatch.setattr(network_module, "records_to_columns", spy)
+    return seen
+
+
 def _random_xs(rng: random.Random, i: int) -> dict:
     xs = {"x": rng.choice([i, i + 0.5, None, "s", True])}
     if rng.random() < 0.4:
@@ -100,7 +113,7 @@ def test_finished_cache_equals_the_old_one_chunk_by_chunk(rush, worker, monkeypa
 
 @pytest.mark.parametrize("fetch", ["fetch_tasks", "fetch_tasks_with_state", "fetch_failed_tasks",
                                    "fetch_priority_tasks", "fetch_queued_tasks", "fetch_running_tasks"])
-def test_every_fetch_equals_the_old_decoding_of_its_records(rush, worker, fetch):
+def test_every_fetch_equals_the_old_decoding_of_its_records(rush, worker, fetch, monkeypatch):
     """Mixed rows in every state (pickles, extras, conditions): each fetch_* equals the old
     dict-per-row decoding of the records it decoded."""
     rng = random.Random(fetch)
@@ -109,15 +122,7 @@ def test_every_fetch_equals_the_old_decoding_of_its_records(rush, worker, fetch)
     worker.fail_tasks(running[6:9], [{"message": "boom", "code": i} for i in range(3)])
     rush.push_tasks([_random_xs(rng, i) for i in range(5)], extra=[{"e": 1}, {}, {"e": (1, 2)}, {"f": 0}, {}])
     rush.push_priority_tasks([_random_xs(rng, i) for i in range(4)], priority=[worker.worker_id] * 4)
-    seen: list = []
-    decode = rush._records
-
-    def spy(raw, refs):
-        records = decode(raw, refs)
-        seen.append(copy.deepcopy(records))
-        return records
-
-    rush._records = spy
+    seen = spy_on_decoded_records(monkeypatch)
     frame = getattr(rush, fetch)()
     records = [r for batch in seen for r in batch]
     expected = old_rows_to_frame(old_rows(records, with_state=fetch == "fetch_tasks_with_state"))
@@ -171,6 +176,17 @@ def test_redis_gone_mid_fetch_leaves_the_collector_on_and_the_cache_whole(rush, 
     assert gc.isenabled()
     assert list(frame["keys"]) == keys
     assert [v for v in frame["y"]] == [(i, "pickled") for i in range(8)]
+
+
+def test_a_caller_that_disabled_the_collector_keeps_it_disabled(rush, worker):
+    keys = worker.push_running_tasks([{"x": 1}, {"x": 2}])
+    worker.push_results(keys, [{"y": (1, "pickled")}, {"y": 2}])  # one row with a signed pickle
+    gc.disable()
+    try:
+        assert len(rush.fetch_finished_tasks()) == 2 and len(rush.fetch_tasks()) == 2
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def _crafted_tasks(rush, raw) -> tuple[list[str], str]:
@@ -252,7 +268,7 @@ def test_a_too_deep_row_does_not_poison_the_finished_frame(rush, worker, raw):
 
 
 @pytest.mark.parametrize("states", [["running"], ["failed"], ["queued"], ["finished", "failed"], ["finished"]])
-def test_every_state_branch_equals_the_old_decoding(rush, worker, raw, states):
+def test_every_state_branch_equals_the_old_decoding(rush, worker, raw, states, monkeypatch):
     rng = random.Random(str(states))
     running = worker.push_running_tasks([_random_xs(rng, i) for i in range(10)])
     worker.push_results(running[:4], [_random_ys(rng, i) for i in range(4)])
@@ -261,15 +277,7 @@ def test_every_state_branch_equals_the_old_decoding(rush, worker, raw, states):
     raw.hset(rush.keys.task(running[4]), "condition", b'j{"message":"x","state":"forged","keys":"k","worker_id":1}')
     rush.push_tasks([_random_xs(rng, i) for i in range(3)])
     rush.push_priority_tasks([_random_xs(rng, i) for i in range(2)], priority=[worker.worker_id] * 2)
-    seen: list = []
-    decode = rush._records
-
-    def spy(raw_rows, refs):
-        records = decode(raw_rows, refs)
-        seen.append(copy.deepcopy(records))
-        return records
-
-    rush._records = spy
+    seen = spy_on_decoded_records(monkeypatch)
     frame = rush.fetch_tasks_with_state(states)
     records = [r for batch in seen for r in batch]
     assert len(frame) == len(records) > 0 and set(frame["state"]) <= set(states)

@@ -7,7 +7,6 @@ adversarial rows; the FINDINGs named in tests failed before their fixes.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import random
@@ -19,7 +18,7 @@ import pytest
 
 from rush_hpc import rows as rows_module
 from rush_hpc.frames import LAST_COLUMNS, FrameBuffer, columns_to_frame, infer_array
-from rush_hpc.rows import RECORD_WIDTH, gc_paused, parse_rows, pickle_refs, records_to_columns
+from rush_hpc.rows import RECORD_WIDTH, parse_rows, pickle_refs, records_to_columns
 
 
 # -- the reference: 8287769^ ------------------------------------------------------------------------
@@ -200,21 +199,6 @@ def test_pickle_refs_strip_the_ninth_field_like_the_old_code():
     assert all(r is None or len(r) == RECORD_WIDTH for r in records)
 
 
-def test_the_collector_is_enabled_again_when_decoding_raises():
-    assert gc.isenabled()
-    with pytest.raises(ZeroDivisionError), gc_paused(), gc_paused():
-        raise ZeroDivisionError
-    assert gc.isenabled()
-    gc.disable()
-    try:
-        with gc_paused():
-            pass
-        assert not gc.isenabled()  # a caller that disabled it keeps it disabled
-    finally:
-        gc.enable()
-
-
-# -- FINDINGs ----------------------------------------------------------------------------------------
 def test_column_order_is_the_order_of_first_appearance_as_before():
     # a conditional search space: b exists only in some rows; y is the result
     records = [record("t0", {"a": 1}, {"y": 0.5}), record("t1", {"a": 2, "b": 3}, {"y": 0.25})]
