@@ -4,7 +4,12 @@ The FINDINGs are strict xfails: they fail on the code they were found in."""
 
 from __future__ import annotations
 
+import gc
+import threading
+
 import pytest
+
+from rush_hpc import network as network_module
 
 #: what follows the xs field in the FETCH_ROWS row of a queued task
 _QUEUED_TAIL = b',null,null,null,null,null,"queued"]'
@@ -38,3 +43,66 @@ def test_the_swallowed_row_is_well_formed_alone(rush, raw):
     assert len(rows) == 3
     assert rush._frame(([rows[1]], []))["keys"].tolist() == [b]
     assert [len(rush._frame(([row], []))) for row in (rows[0], rows[2])] == [0, 0]
+
+
+@pytest.fixture
+def collector_restored():
+    """The test may leave the collector off (the finding): switch it on again for the tests after it."""
+    yield
+    gc.enable()
+
+
+@pytest.mark.xfail(strict=True, reason="FINDING 2: a fetch that began while another thread's fetch had "
+                   "paused the collector disables it after reading its signed pickles, and nothing enables it again")
+def test_two_threads_fetching_leave_the_collector_on(rush, worker, monkeypatch, collector_restored):
+    """Two fetches in two threads (two networks' controllers, a monitor thread beside the main loop):
+    T1 pauses the collector to decode; T2 starts meanwhile (it sees the collector off: it will not
+    switch it on) and waits for its signed pickles while T1 ends (T1 switches the collector on).
+    _columns then disables it unconditionally after _resolve_refs; with the old gc_paused (only
+    around parse_rows) the collector ended on."""
+    keys = worker.push_running_tasks([{"x": 1}])
+    worker.push_results(keys, [{"y": (1, "pickled")}])  # a signed pickle: T2's decode reads Redis
+    assert gc.isenabled()
+    t1_decoding, t2_waits_for_redis = threading.Event(), threading.Event()
+    to_columns = network_module.records_to_columns
+
+    def slow_to_columns(records, **kwargs):
+        if threading.current_thread() is t1:  # inside T1's paused decode
+            t1_decoding.set()
+            t2_waits_for_redis.wait(10)
+        return to_columns(records, **kwargs)
+
+    monkeypatch.setattr(network_module, "records_to_columns", slow_to_columns)
+    real_pipeline = worker.redis.pipeline
+
+    def pipeline(*args, **kwargs):
+        pipe = real_pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        def execute_after_t1(*a, **k):  # T2 reads its pickles: T1 ends meanwhile
+            t2_waits_for_redis.set()
+            t1.join(10)
+            return execute(*a, **k)
+        pipe.execute = execute_after_t1
+        return pipe
+
+    monkeypatch.setattr(worker.redis, "pipeline", pipeline)
+    t1 = threading.Thread(target=rush.fetch_tasks)
+    t1.start()
+    assert t1_decoding.wait(10)
+    assert not gc.isenabled()  # T1 decodes
+    assert worker.fetch_finished_tasks()["y"].tolist() == [(1, "pickled")]  # T2
+    assert not t1.is_alive()
+    assert gc.isenabled()
+
+
+def test_a_fetch_after_a_caller_enabled_the_collector_meanwhile_leaves_it_as_found(rush, worker, collector_restored):
+    """Single-threaded regression guard: the collector is restored as the caller left it."""
+    keys = worker.push_running_tasks([{"x": 1}])
+    worker.push_results(keys, [{"y": (1, "pickled")}])
+    for enabled in (True, False, True):
+        (gc.enable if enabled else gc.disable)()
+        for fetch in (rush.fetch_finished_tasks, rush.fetch_tasks, rush.fetch_failed_tasks,
+                      rush.fetch_queued_tasks, rush.fetch_running_tasks, rush.fetch_priority_tasks):
+            fetch()
+            assert gc.isenabled() is enabled, fetch
