@@ -9,7 +9,10 @@ import threading
 
 import pytest
 
+import rush_hpc
 from rush_hpc import network as network_module
+
+from conftest import SECRET
 
 #: what follows the xs field in the FETCH_ROWS row of a queued task
 _QUEUED_TAIL = b',null,null,null,null,null,"queued"]'
@@ -106,3 +109,39 @@ def test_a_fetch_after_a_caller_enabled_the_collector_meanwhile_leaves_it_as_fou
                       rush.fetch_queued_tasks, rush.fetch_running_tasks, rush.fetch_priority_tasks):
             fetch()
             assert gc.isenabled() is enabled, fetch
+
+
+@pytest.fixture
+def two_more_workers(redis_config, network, rush):
+    made = []
+    for _ in range(2):
+        w = rush_hpc.RushWorker(network=network, config=redis_config, secret=SECRET)
+        w.register(launcher="in-process")
+        made.append(w)
+    yield made
+    for w in made:
+        w.close()
+
+
+def test_several_queues_in_one_decode_keep_each_task_and_its_pickles(rush, raw, two_more_workers):
+    """b08ce85 decodes the shared queue and every priority queue in one go: pickle positions of rows
+    in later queues must still point at their own rows, a bad pickle drop only its own task."""
+    w1, w2 = sorted(two_more_workers, key=lambda w: w.worker_id)
+    shared = rush.push_tasks([{"x": ("s", 0)}, {"x": 1}, {"x": ("s", 2)}])
+    p1 = rush.push_priority_tasks([{"x": 10}, {"x": ("p1", 11)}], priority=[w1.worker_id] * 2)
+    p2 = rush.push_priority_tasks([{"x": ("p2", 20)}, {"x": 21}, {"x": ("p2", 22)}],
+                                  priority=[w2.worker_id] * 3)
+    raw.hset(rush.keys.task(p2[2]), "xs", b"p" + b"0" * 64 + b"forged")  # a pickle without the secret
+    x_of = dict(zip(shared + p1 + p2, [("s", 0), 1, ("s", 2), 10, ("p1", 11), ("p2", 20), 21]))
+
+    queued = rush.fetch_queued_tasks()
+    assert queued["keys"].tolist() == shared
+    assert queued["x"].tolist() == [x_of[k] for k in shared]
+    priority = rush.fetch_priority_tasks()
+    assert priority["keys"].tolist() == p1 + p2[:2]
+    assert priority["x"].tolist() == [x_of[k] for k in p1 + p2[:2]]
+    with_state = rush.fetch_tasks_with_state(["queued"])
+    assert with_state["keys"].tolist() == shared + p1 + p2[:2]
+    assert with_state["x"].tolist() == [x_of[k] for k in shared + p1 + p2[:2]]
+    assert set(with_state["state"]) == {"queued"}
+    assert rush.fetch_tasks()["keys"].tolist() == shared + p1 + p2[:2]
