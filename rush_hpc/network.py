@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -22,7 +21,7 @@ from .fastpath import FastConnection
 from .fastpath import available as fastpath_available
 from .keys import TASK_STATES, NetworkKeys
 from .outage import OutageRetry
-from .rows import RECORD_WIDTH, VALUE_FIELDS, Columns, Record, parse_rows, pickle_refs, records_to_columns
+from .rows import RECORD_WIDTH, VALUE_FIELDS, Columns, Record, collector_paused, parse_rows, pickle_refs, records_to_columns
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -418,28 +417,26 @@ class RushNetwork:
         """Rows (FETCH_ROWS rows or rows of the finished list) as columns, their signed pickles read
         separately and verified before they are unpickled; bad rows reported and left out.
 
-        Decoding makes many objects and no cycles: the cyclic collector is paused until they are
-        gone again (resumed only while signed pickles are read: that waits for Redis, runs user code).
+        The cyclic collector is paused until the decoded rows are freed again, except while signed
+        pickles are read (that waits for Redis and runs user code).
         """
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with collector_paused():
             records = parse_rows(raw, RECORD_WIDTH, "tasks", with_refs=True)
             # finished rows list their own signed pickles as a 9th element; FETCH_ROWS lists those of
             # the rows it built from task hashes in refs
             pairs = [(int(refs[i]), int(refs[i + 1])) for i in range(0, len(refs), 2)] + pickle_refs(records)
-            if pairs:
-                if collecting:
-                    gc.enable()
-                self._resolve_refs(records, pairs)
-                gc.disable()
-            columns = records_to_columns([r for r in records if r is not None] if None in records
-                                         else cast(list[Record], records), with_state=with_state)
-            del records  # freed before the collector runs again: it has nothing to walk
-            return columns
-        finally:
-            if collecting:
-                gc.enable()
+            if not pairs:
+                return self._records_to_columns(records, with_state)
+        self._resolve_refs(records, pairs)
+        with collector_paused():
+            return self._records_to_columns(records, with_state)
+
+    @staticmethod
+    def _records_to_columns(records: list[Record | None], with_state: bool) -> Columns:
+        columns = records_to_columns([r for r in records if r is not None] if None in records
+                                     else cast(list[Record], records), with_state=with_state)
+        records.clear()  # freed now, while the collector is paused: it has nothing to walk
+        return columns
 
     def _frame(self, rows: RawRows, *, with_state: bool = False) -> pd.DataFrame:
         return columns_to_frame(self._columns(*rows, with_state=with_state))

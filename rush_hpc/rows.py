@@ -9,10 +9,13 @@ is reported and left out rather than breaking the fetch.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
+import threading
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .frames import LAST_COLUMNS, column_order
 
@@ -42,6 +45,32 @@ _WORKER_ID, _STATE = 6, 7
 
 Record = list[Any]
 Columns = dict[str, list[Any]]
+
+
+_pause_lock = threading.Lock()
+_pauses = 0
+_collecting_before = True
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while decoded rows exist: they are many objects and no
+    cycles, and a collection over them only costs time. Nested and concurrent pauses (threads that
+    fetch at once) share one pause: the first one in stops the collector, the last one out restores
+    what the first found (a caller that disabled the collector keeps it disabled)."""
+    global _pauses, _collecting_before
+    with _pause_lock:
+        if _pauses == 0:
+            _collecting_before = gc.isenabled()
+            gc.disable()
+        _pauses += 1
+    try:
+        yield
+    finally:
+        with _pause_lock:
+            _pauses -= 1
+            if _pauses == 0 and _collecting_before:
+                gc.enable()
 
 
 def _refs_well_formed(record: Record, width: int) -> bool:
@@ -74,41 +103,57 @@ def _all_well_formed(records: Any, width: int, with_refs: bool) -> bool:
     return width + 1 not in lengths or all(_refs_well_formed(r, width) for r in records if len(r) > width)
 
 
-def _orjson_reads_like_json(rows: Sequence[bytes], text: bytes) -> bool:
-    """False where orjson might read ``text`` (``rows`` joined) otherwise than json: an integer
-    beyond 64 bits (orjson: a float), a row nested deeper than json reads (orjson: kept)."""
-    shape = text.translate(_NUMBER_SHAPE)
+def _orjson_reads_like_json(rows: Sequence[bytes]) -> bool:
+    """False where orjson might read a row otherwise than json: an integer beyond 64 bits (orjson:
+    a float), a row nested deeper than json reads (orjson: kept).
+
+    json's own depth limit depends on the caller's stack (Python's recursion limit minus the frames
+    in use): called from a very deep stack, json refuses shallower rows that orjson reads. Such a
+    row is kept, not reported; nothing else about it differs.
+    """
+    shape = b" ".join(rows).translate(_NUMBER_SHAPE)
     if shape.find(_LONG_POSITIVE) >= 0 or shape.find(_LONG_NEGATIVE) >= 0 or shape.startswith(_LONG_POSITIVE[1:]):
         return False
     return max(map(len, rows)) < 2 * _DEEP or not any(
         r.count(b"[") + r.count(b"{") >= _DEEP for r in rows if len(r) >= 2 * _DEEP)
 
 
+_JSON_DECODER = json.JSONDecoder()
+
+
+def _json_loads(row: bytes) -> Any:
+    """json's reading of one row, as ``json.loads`` reads UTF-8 bytes, without its guess of
+    UTF-16/32 from the first bytes (a row is UTF-8 or malformed)."""
+    return _JSON_DECODER.decode(row.decode("utf-8", "surrogatepass"))
+
+
 def loads_many(rows: Sequence[bytes]) -> list[Any]:
-    """Decode rows (JSON texts) in one call: with orjson when it is installed (2-3x faster), with the
-    json module where orjson could differ (see _orjson_reads_like_json) or refuses what json reads
-    (NaN, Infinity, 1e400, lone surrogates). Raises ValueError or RecursionError as json does; the
-    result may hold more or fewer items than ``rows`` when a row is not one JSON value."""
-    text = b"[" + b",".join(rows) + b"]"
-    if _orjson is not None and _orjson_reads_like_json(rows, text):
+    """Decode each row (a JSON text) on its own: with orjson when it is installed (2-3x faster),
+    with the json module where orjson could differ (see _orjson_reads_like_json) or refuses what
+    json reads (NaN, Infinity, 1e400, lone surrogates). Raises ValueError or RecursionError as json
+    does when a row is malformed.
+
+    Each row alone, never the rows joined into one document: values written into Redis by someone
+    else could then open a bracket in one row and close it in a later one, swallowing the rows
+    between them into one well-formed record (as many records as rows, and a real task gone).
+    """
+    if _orjson is not None and _orjson_reads_like_json(rows):
         try:
-            return _orjson.loads(text)  # type: ignore[no-any-return]
+            return list(map(_orjson.loads, rows))
         except _orjson.JSONDecodeError:
             pass
-    return json.loads(text)  # type: ignore[no-any-return]
+    return list(map(_json_loads, rows))
 
 
 def parse_rows(raw: Sequence[bytes], width: int, what: str, *, with_refs: bool = False) -> list[Record | None]:
-    """JSON rows as lists of ``width`` fields (one more: the positions of signed pickles): one
-    ``json.loads`` for all (fast); one by one when that fails, so that a malformed row (non-UTF-8,
-    bad JSON, too deep, wrong length) is reported and left out (None)."""
+    """JSON rows as lists of ``width`` fields (one more: the positions of signed pickles): decoded
+    in one pass (fast); when a row is malformed (non-UTF-8, bad JSON, too deep, wrong shape), one
+    by one again, so that each malformed row is reported and left out (None)."""
     if not raw:
         return []
     try:
         records = loads_many(raw)
-        # as many records as rows: a row holding two JSON values (or a value that swallows its
-        # neighbours, written into Redis by someone else) must not shift or merge rows
-        if len(records) == len(raw) and _all_well_formed(records, width, with_refs):
+        if _all_well_formed(records, width, with_refs):
             return records
     except (ValueError, RecursionError):
         pass

@@ -1,6 +1,6 @@
 """Second review of the fetch decoding (35eaa8b, b08ce85): rows forged in Redis against fetch_*.
 
-The FINDINGs are strict xfails: they fail on the code they were found in."""
+The FINDINGs named in tests failed before their fixes."""
 
 from __future__ import annotations
 
@@ -29,8 +29,6 @@ def _swallowing_tasks(rush, raw) -> tuple[str, str, str]:
     return a, b, c
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING 1: two forged rows around a legitimate one hide it "
-                   "silently (the joined decode reads it inside a forged record; count and shape match)")
 @pytest.mark.parametrize("fetch", ["fetch_tasks", "fetch_queued_tasks", "fetch_tasks_with_state"])
 def test_forged_rows_cannot_swallow_the_row_between_them(rush, raw, fetch):
     _, b, _ = _swallowing_tasks(rush, raw)
@@ -55,8 +53,6 @@ def collector_restored():
     gc.enable()
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING 2: a fetch that began while another thread's fetch had "
-                   "paused the collector disables it after reading its signed pickles, and nothing enables it again")
 def test_two_threads_fetching_leave_the_collector_on(rush, worker, monkeypatch, collector_restored):
     """Two fetches in two threads (two networks' controllers, a monitor thread beside the main loop):
     T1 pauses the collector to decode; T2 starts meanwhile (it sees the collector off: it will not

