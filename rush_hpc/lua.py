@@ -202,12 +202,19 @@ local function finish(running, finished, held, prefix, worker_id, first, request
   for i = first, #ARGV, 3 do
     local id = ARGV[i]
     local key = prefix .. id
-    if request and redis.call('SISMEMBER', held, id) == 1 and redis.call('HGET', key, 'pop_request') == request then
-      -- popped by an earlier run of this very call (a re-send): not finished now, returned again by pop()
-      discarded[#discarded + 1] = id
-    elseif redis.call('SREM', held, id) == 1 then
+    local task = nil
+    if redis.call('SREM', held, id) == 1 then
+      task = redis.call('HMGET', key, 'xs', 'xs_extra', 'pop_request')
+      if request and task[3] == request then
+        -- popped by an earlier run of this very call (a re-send): still held, not finished now,
+        -- returned again by pop()
+        redis.call('SADD', held, id)
+        discarded[#discarded + 1] = id
+        task = false
+      end
+    end
+    if task then
       redis.call('SREM', running, id)
-      local task = redis.call('HMGET', key, 'xs', 'xs_extra')
       local values = {task[1], ARGV[i + 1], task[2], ARGV[i + 2]}
       local pickled = {}
       local row = {cjson.encode(id), inline(values[1], 1, pickled), inline(values[2], 2, pickled),
@@ -226,8 +233,8 @@ local function finish(running, finished, held, prefix, worker_id, first, request
         end
         redis.call('HSET', key, unpack(fields))
       end
-    elseif not finished_by(key, id, finished, worker_json) then  -- else: a re-sent call, already done
-      discarded[#discarded + 1] = id
+    elseif task == nil and not finished_by(key, id, finished, worker_json) then
+      discarded[#discarded + 1] = id  -- (finished by this worker: a re-sent call, already done)
     end
   end
   return discarded, length
