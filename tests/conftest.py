@@ -107,6 +107,20 @@ def worker(redis_config: RedisConfig, network: str, rush):
 
 
 @pytest.fixture
+def proxied_worker(redis_config: RedisConfig, network: str, rush):
+    """A registered worker whose connection runs through a DroppingProxy (lost replies, re-sent
+    commands), and the proxy; both closed afterwards."""
+    from faults import DroppingProxy
+
+    proxy = DroppingProxy(redis_config.port)
+    w = rush_hpc.RushWorker(network, config=RedisConfig(port=proxy.port), secret=SECRET)
+    w.register()
+    yield w, proxy
+    w.close()
+    proxy.close()
+
+
+@pytest.fixture
 def raw(redis_config: RedisConfig) -> redis.Redis:
     return redis_config.client()
 

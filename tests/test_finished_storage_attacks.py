@@ -13,10 +13,8 @@ import random
 import pytest
 
 import rush_hpc
-from rush_hpc.config import RedisConfig
 
 from conftest import SECRET
-from faults import DroppingProxy
 from test_cluster import cluster_ports  # noqa: F401 - the module-scoped fixture
 
 
@@ -31,17 +29,6 @@ def _finish_again(worker, key: str, ys: bytes, ys_extra: bytes = b"") -> list:
     return worker._script("FINISH_TASKS", [keys.running, keys.finished, keys.worker(worker.worker_id),
                                            keys.held_tasks(worker.worker_id)],
                           [keys.task_prefix, worker.worker_id, key, ys, ys_extra])
-
-
-@pytest.fixture
-def proxied(redis_config, network, rush):
-    """A registered worker whose connection runs through a DroppingProxy; both closed afterwards."""
-    proxy = DroppingProxy(redis_config.port)
-    worker = rush_hpc.RushWorker(network, config=RedisConfig(port=proxy.port), secret=SECRET)
-    worker.register()
-    yield proxy, worker
-    worker.close()
-    proxy.close()
 
 
 def _agree(rush) -> None:
@@ -72,8 +59,8 @@ def test_finished_then_worker_lost_keeps_the_task_finished_and_readable(rush, wo
     _agree(rush)
 
 
-def test_resent_finish_with_a_pickle_after_a_lost_reply_counts_once(rush, proxied, caplog):
-    proxy, worker = proxied
+def test_resent_finish_with_a_pickle_after_a_lost_reply_counts_once(rush, proxied_worker, caplog):
+    worker, proxy = proxied_worker
     keys = worker.push_running_tasks([{"x": 1}, {"x": 2}])
     worker.push_results(keys[:1], [{"y": 0}])  # loads the script
     proxy.drop_next_reply()
@@ -120,9 +107,9 @@ def test_rows_appended_by_someone_else_do_not_shift_the_index_of_real_rows(rush,
 
 
 # -- finish_and_pop and pop request ids -------------------------------------------------------------
-def test_finish_and_pop_resent_pops_one_task_per_request(rush, proxied):
+def test_finish_and_pop_resent_pops_one_task_per_request(rush, proxied_worker):
     """Several lost replies in a row: every repeat of one request returns the task it popped first."""
-    proxy, worker = proxied
+    worker, proxy = proxied_worker
     rush.push_tasks([{"x": i} for i in range(20)])
     task = worker.pop_task()
     worker.finish_and_pop(worker.push_running_tasks([{"warm": 1}]), [{"y": 0}])  # loads the scripts
@@ -169,8 +156,8 @@ def test_resent_finish_of_a_task_finished_by_the_previous_layout_is_a_repeat(rus
 
 
 # -- finish_and_pop: the skipped search, with a key the worker does not hold yet ----------------------
-def test_resent_finish_and_pop_never_pops_two_tasks_for_one_request(rush, proxied):
-    proxy, worker = proxied
+def test_resent_finish_and_pop_never_pops_two_tasks_for_one_request(rush, proxied_worker):
+    worker, proxy = proxied_worker
     queued = rush.push_tasks([{"x": i} for i in range(5)])
     held = worker.pop_task()  # queued[0]
     worker.finish_and_pop(worker.push_running_tasks([{"warm": 1}]), [{"y": 0}])  # pops queued[1]

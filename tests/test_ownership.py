@@ -14,11 +14,9 @@ import time
 import pytest
 
 import rush_hpc
-from rush_hpc.config import RedisConfig
 from rush_hpc.exceptions import NoWorkersError, WorkerNotRunningError
 
 from conftest import SECRET, wait_until
-from faults import DroppingProxy
 
 FAST = {"heartbeat_period": 0.2, "heartbeat_expire": 1.0}
 
@@ -127,18 +125,8 @@ def test_the_sweep_releases_tasks_of_workers_that_are_not_running(rush, worker, 
 
 
 # -- re-sent commands (a reply dropped on the wire) ---------------------------------------------------
-@pytest.fixture
-def proxied(redis_config, network, rush):
-    proxy = DroppingProxy(redis_config.port)
-    worker = rush_hpc.RushWorker(network, config=RedisConfig(port=proxy.port), secret=SECRET)
-    worker.register()
-    yield worker, proxy
-    worker.close()
-    proxy.close()
-
-
-def test_every_task_call_survives_a_dropped_reply(rush, proxied):
-    worker, proxy = proxied
+def test_every_task_call_survives_a_dropped_reply(rush, proxied_worker):
+    worker, proxy = proxied_worker
     worker.push_running_tasks([{"warm": 1}])  # load the scripts before dropping anything
     worker.push_results(worker.push_running_tasks([{"warm": 2}]), [{"y": 0}])
     worker.push_failed(worker.push_running_tasks([{"warm": 3}]))

@@ -200,17 +200,36 @@ def test_forked_workers_draw_different_random_numbers(rush):
     assert len(ids) == 4
 
 
+def _start_group(rush, tmp_path, worker_id_args: list[str]) -> subprocess.Popen:
+    """A worker group as a job script starts it: one `rush-hpc worker` process for several ids."""
+    from rush_hpc.credentials import write_credentials
+
+    credentials = tmp_path / "credentials.json"
+    write_credentials(str(credentials), rush.config, SECRET)
+    env = {**os.environ, "RUSH_HPC_CREDENTIALS": str(credentials), "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.Popen([sys.executable, "-m", "rush_hpc", "worker", "--network", rush.network,
+                             *worker_id_args, "--log-dir", str(tmp_path)], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _reap_group(rush, parent: subprocess.Popen) -> None:
+    """Leave nothing of a group behind: its children, every worker's process group, the parent."""
+    for child in psutil.Process(parent.pid).children() if parent.poll() is None else []:
+        child.kill()
+    for pid in [int(p) for p in rush.worker_info.get("pid", [])]:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if parent.poll() is None:
+        parent.kill()
+    parent.wait()
+
+
 def test_sigterm_to_a_group_ends_every_worker_terminated_and_leaves_nothing_running(rush, tmp_path):
     rush.store_worker_loop(wl_until_terminated, **FAST)
     ids = ["t-a", "t-b", "t-c"]
-    credentials = tmp_path / "credentials.json"
-    from rush_hpc.credentials import write_credentials
-
-    write_credentials(str(credentials), rush.config, SECRET)
-    env = {**os.environ, "RUSH_HPC_CREDENTIALS": str(credentials), "PYTHONPATH": os.pathsep.join(sys.path)}
-    parent = subprocess.Popen([sys.executable, "-m", "rush_hpc", "worker", "--network", rush.network,
-                               "--worker-id", ",".join(ids), "--log-dir", str(tmp_path)], env=env,
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = _start_group(rush, tmp_path, ["--worker-id", ",".join(ids)])
     try:
         rush.wait_for_workers(worker_ids=ids, timeout=60)
         family = [parent.pid] + [p.pid for p in psutil.Process(parent.pid).children(recursive=True)]
@@ -269,14 +288,7 @@ def test_a_worker_exits_like_an_interpreter(rush, monkeypatch, tmp_path, fork):
 def test_sigterm_during_a_groups_start_reaches_every_worker(rush, tmp_path):
     rush.store_worker_loop(wl_until_terminated, **FAST)
     ids = [f"early-{i}" for i in range(16)]
-    credentials = tmp_path / "credentials.json"
-    from rush_hpc.credentials import write_credentials
-
-    write_credentials(str(credentials), rush.config, SECRET)
-    env = {**os.environ, "RUSH_HPC_CREDENTIALS": str(credentials), "PYTHONPATH": os.pathsep.join(sys.path)}
-    parent = subprocess.Popen([sys.executable, "-m", "rush_hpc", "worker", "--network", rush.network,
-                               "--worker-id", ",".join(ids), "--log-dir", str(tmp_path)], env=env,
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = _start_group(rush, tmp_path, ["--worker-id", ",".join(ids)])
     group = psutil.Process(parent.pid)
     try:
         wait_until(group.children, 30, poll=0.0005, what="the first worker to be forked")
@@ -288,16 +300,7 @@ def test_sigterm_during_a_groups_start_reaches_every_worker(rush, tmp_path):
         assert parent.wait(15) == 0  # every worker got SIGTERM and ended (terminated) ...
         assert rush.worker_ids(state="running") == []  # ... none runs on
     finally:
-        for child in group.children() if parent.poll() is None else []:
-            child.kill()
-        for pid in [int(p) for p in rush.worker_info.get("pid", [])]:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if parent.poll() is None:
-            parent.kill()
-        parent.wait()
+        _reap_group(rush, parent)
 
 
 def test_two_threads_starting_at_once_share_one_fork_server_and_leave_no_zombie(rush):
@@ -339,14 +342,7 @@ def test_a_group_parent_does_not_pass_for_one_of_its_workers(rush, tmp_path):
 
     rush.store_worker_loop(wl_until_terminated, **FAST)
     ids = ["pg-a", "pg-b"]
-    credentials = tmp_path / "credentials.json"
-    from rush_hpc.credentials import write_credentials
-
-    write_credentials(str(credentials), rush.config, SECRET)
-    env = {**os.environ, "RUSH_HPC_CREDENTIALS": str(credentials), "PYTHONPATH": os.pathsep.join(sys.path)}
-    parent = subprocess.Popen([sys.executable, "-m", "rush_hpc", "worker", "--network", rush.network,
-                               "--worker-id", "pg-a", "--worker-id", "pg-b", "--log-dir", str(tmp_path)], env=env,
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = _start_group(rush, tmp_path, ["--worker-id", "pg-a", "--worker-id", "pg-b"])
     try:
         rush.wait_for_workers(worker_ids=ids, timeout=60)
         worker_pid = int(rush.worker_info.set_index("worker_id").loc["pg-a", "pid"])
@@ -357,16 +353,7 @@ def test_a_group_parent_does_not_pass_for_one_of_its_workers(rush, tmp_path):
         forged.kill()
         assert parent.poll() is None and psutil.pid_exists(worker_pid)
     finally:
-        for child in psutil.Process(parent.pid).children() if parent.poll() is None else []:
-            child.kill()
-        for pid in [int(p) for p in rush.worker_info.get("pid", [])]:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if parent.poll() is None:
-            parent.kill()
-        parent.wait()
+        _reap_group(rush, parent)
 
 
 # -- FINDING 10: a trusted forked worker that changed its process title cannot be killed ---------
