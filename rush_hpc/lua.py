@@ -451,8 +451,8 @@ return state
 # Read task rows, a bounded chunk per call so that Redis is never blocked for long: a range of an
 # append-only list (by index), or the ids the client gives (a snapshot it read of a queue that
 # workers pop from meanwhile, or of the running set). The state filter runs here, so rows of other
-# states never travel. Each row is one JSON string; the client joins them into one document to parse
-# (fast), and parses them one by one only when that fails (a malformed value written by someone else).
+# states never travel. Each row is one JSON string, which the client decodes on its own (rows.py: a
+# malformed value written by someone else spoils its own row only).
 # A finished task's row is its row of the finished list (the task hash keeps only its index): this
 # script returns the marker '#<index>#<id>' for it, and the client reads the rows of all markers of a
 # fetch in a few range reads of the finished list. Reading them here, one seek per task, held Redis

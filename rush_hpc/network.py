@@ -368,6 +368,7 @@ class RushNetwork:
 
     def _fetch_snapshot(self, collection: str, kind: str, states: Sequence[str] | None,
                         raw: list[bytes], refs: list[Any]) -> None:
+        """Append one collection's rows (and their pickle references) to ``raw`` and ``refs``."""
         ids = self.redis.lrange(collection, 0, -1) if kind == "list" else sorted(self.redis.smembers(collection))
         state_filter = ",".join(states) if states is not None else ""
         for first in range(0, len(ids), FETCH_CHUNK):
@@ -464,7 +465,7 @@ class RushNetwork:
         """Finished tasks (xs, ys and extra columns, worker_id, keys) in the order they finished.
 
         Incremental: only tasks finished since the last call are read from Redis (the finished list
-        holds ready-made rows: LRANGE in chunks, one json.loads per chunk); the rest comes from a
+        holds ready-made rows: LRANGE in chunks, decoded into columns); the rest comes from a
         cache whose frame is a view (pandas copy-on-write keeps your changes out of it). A row that
         cannot be decoded is reported and skipped, once.
         """
